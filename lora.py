@@ -1,0 +1,156 @@
+"""
+Hand-written LoRA with one global adapter switch (Hydra-RLHF, arXiv 2309.00754, sec. 3.2 "dynamic LoRA").
+
+Every targeted nn.Linear (or GPT-2 Conv1D) of a frozen base is wrapped by LoRALinear, which can hold several
+named adapter sets ("actor", "critic", ...). One process-wide switch says which set is live:
+
+    with lora.adapter("actor"):  ...   # base + actor LoRA
+    with lora.adapter(None):     ...   # LoRA off: exactly the frozen base (the reference / reward model)
+
+With LoRA off a wrapped layer returns base(x) untouched, so the output is bit-identical to the un-injected
+model. Nothing is ever merged implicitly; merge_and_unload() is the explicit export path.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+
+# -----------------------------------------------------------------------------
+# the switch: the only global state in the project
+
+_LIVE = None  # name of the live adapter set, or None (LoRA off)
+
+
+def live_adapter():
+    return _LIVE
+
+
+@contextlib.contextmanager
+def adapter(name):
+    """make adapter set `name` live (None = LoRA off) inside the block; the previous state comes back on exit,
+    exceptions included."""
+    global _LIVE
+    prev, _LIVE = _LIVE, name
+    try:
+        yield
+    finally:
+        _LIVE = prev
+
+
+def checkpoint_context():
+    """context_fn for torch.utils.checkpoint: activation checkpointing re-runs the forward during backward,
+    when the switch may be in another state; replay the state the forward saw, or gradients are wrong."""
+    name = _LIVE
+    return contextlib.nullcontext(), adapter(name)
+
+
+# -----------------------------------------------------------------------------
+# the layer
+
+DEFAULT_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # llama, mistral, qwen
+    "out_proj", "fc1", "fc2",  # opt
+    "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h",  # gpt-neox
+    "c_attn", "c_proj", "c_fc",  # gpt-2 (Conv1D)
+)
+
+
+def _is_conv1d(m):
+    # gpt-2's Conv1D stores weight as (in, out); found by name so we need not import it
+    return type(m).__name__ == "Conv1D"
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + dropout(x) @ A^T @ B^T * alpha / r, for the live adapter set; base(x) when none is live."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base = base
+        w = base.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if _is_conv1d(base) else (w.shape[1], w.shape[0])
+        self.r, self.scale = r, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+
+    def add_adapter(self, name):
+        # adapters are kept in fp32 even on a bf16 base: they are the weights that train
+        A = torch.empty(self.r, self.in_features, device=self.base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        B = torch.zeros(self.out_features, self.r, device=A.device, dtype=torch.float32)  # B = 0: a fresh adapter changes nothing
+        self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
+
+    def delta_weight(self, name):
+        return (self.lora_B[name] @ self.lora_A[name]) * self.scale  # (out, in)
+
+    def forward(self, x):
+        y = self.base(x)
+        name = _LIVE
+        if name is None:
+            return y  # exactly the frozen base
+        if name not in self.lora_A:
+            raise KeyError(f"adapter {name!r} is live but this layer only has {list(self.lora_A)}")
+        A, B = self.lora_A[name], self.lora_B[name]
+        return y + ((self.dropout(x).to(A.dtype) @ A.t() @ B.t()) * self.scale).to(y.dtype)
+
+
+# -----------------------------------------------------------------------------
+# injecting, parameters, state
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def inject(model, names, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
+    """wrap every Linear/Conv1D whose attribute name is in `targets` and give it the adapter sets `names`.
+    calling it again on an injected model only adds the new sets. returns the number of wrapped layers."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in targets and (isinstance(child, nn.Linear) or _is_conv1d(child)):
+                setattr(parent, child_name, LoRALinear(child, r, alpha, dropout))
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"no layer named any of {targets} found to put LoRA on; pass targets= for this architecture")
+    for layer in layers:
+        for name in names:
+            if name not in layer.lora_A:
+                layer.add_adapter(name)
+    return len(layers)
+
+
+def adapter_names(model):
+    layers = lora_layers(model)
+    return list(layers[0].lora_A) if layers else []
+
+
+def lora_parameters(model, name):
+    return [p for layer in lora_layers(model) for p in (layer.lora_A[name], layer.lora_B[name])]
+
+
+def lora_state_dict(model, name):
+    """the adapter set `name` alone (A and B of every wrapped layer), keyed by module path."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if f".lora_A.{name}" in k or f".lora_B.{name}" in k}
+
+
+def load_lora_state_dict(model, state, name):
+    own = lora_state_dict(model, name)
+    if set(own) != set(state):
+        missing, extra = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
+        raise ValueError(f"adapter {name!r} does not fit this model (missing {missing}, unexpected {extra})")
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def merge_and_unload(model, name):
+    """export only: fold adapter `name` into the base weights and remove every LoRA wrapper, so there is no
+    switch left for a merged adapter to survive. safe to call twice (the second call finds nothing)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                if name is not None:
+                    d = child.delta_weight(name)
+                    w = child.base.weight
+                    w += (d.t() if _is_conv1d(child.base) else d).to(w.dtype)
+                setattr(parent, child_name, child.base)
+    return model
