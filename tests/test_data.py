@@ -250,3 +250,59 @@ def test_collate_all_empty_responses_gives_R_zero():
     """if this fails, a batch of prompts alone (the rollout input) cannot be built with the same function."""
     ids, mask, P = collate([[1, 2], [3]], [[], []], pad_id=0)
     assert P == 2 and ids.shape == (2, 2) and mask.tolist() == [[1, 1], [0, 1]]
+
+# -----------------------------------------------------------------------------
+# summaries (reference texts for ROUGE)
+
+from data import load_summaries  # noqa: E402
+
+
+def test_summaries_read_prompt_or_post_blank_lines_counted_and_gz(tmp_path):
+    """if this fails, ROUGE references go missing, attach to the wrong text, or .gz files read as bytes."""
+    lines = [json.dumps({"post": "a long post", "summary": " short."}), "",
+             json.dumps({"prompt": "P: x\nTL;DR:", "post": "x", "summary": " y.", "id": 7})]  # prompt wins, extras ignored
+    rows, stats = load_summaries(write_lines(tmp_path / "s.jsonl", lines))
+    assert rows == [("a long post", " short."), ("P: x\nTL;DR:", " y.")]
+    assert stats == {"lines": 3, "blank": 1, "summaries": 2}
+    with gzip.open(tmp_path / "s.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    assert load_summaries(str(tmp_path / "s.jsonl.gz")) == (rows, stats)
+
+
+BAD_SUMMARY_LINES = [  # (what, the bad line, a phrase the message must contain)
+    ("malformed json", '{"post": "x", ', "malformed JSON"),
+    ("not an object", '["x", "y"]', "expected a JSON object"),
+    ("no text key", '{"summary": "y"}', "missing key prompt or post"),
+    ("no summary", '{"post": "x"}', "missing key summary"),
+    ("non-string", '{"post": "x", "summary": 3}', "'summary' is of type int"),
+    ("empty summary", '{"prompt": "x", "summary": "  "}', "empty summary"),
+    ("a pairs record", plain(), "missing key summary"),
+]
+
+
+@pytest.mark.parametrize("what,bad,phrase", BAD_SUMMARY_LINES, ids=[b[0] for b in BAD_SUMMARY_LINES])
+def test_bad_summary_line_names_path_and_line(tmp_path, what, bad, phrase):
+    """if this fails, a broken summaries file gives a traceback instead of the line to fix."""
+    good = json.dumps({"post": "x", "summary": "y"})
+    path = write_lines(tmp_path / "bad.jsonl", [good, "", bad, good])
+    with pytest.raises(DataError) as e:
+        load_summaries(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ") and phrase in msg and "\n" not in msg
+
+
+def test_summaries_whole_file_errors_name_the_path(tmp_path):
+    """if this fails, a missing, empty, blank-only or undecodable summaries file is reported without its path or line."""
+    with pytest.raises(DataError, match="no such file"):
+        load_summaries(str(tmp_path / "nope.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(empty))}: empty file"):
+        load_summaries(str(empty))
+    blank = write_lines(tmp_path / "blank.jsonl", ["", "  "])
+    with pytest.raises(DataError, match=rf"^{re.escape(blank)}: no summaries"):
+        load_summaries(blank)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"post": "caf\xe9", "summary": "y"}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(latin))}:1: undecodable bytes"):
+        load_summaries(str(latin))

@@ -1,0 +1,404 @@
+"""
+Memory and latency of the paper's methods, measured and estimated (Hydra-RLHF, arXiv 2309.00754, Table 2 and sec. 4).
+
+    python eval.py --bench                                   # tiny model: sft, lora-sft and the 4 PPO methods, a fresh process each
+    python eval.py --bench --model smollm2-135m-random       # SmolLM2-135M shapes, random init (no download)
+    python eval.py --bench --budget-mib 1024                 # per PPO method: the largest batch under 1 GiB, and its latency
+    python eval.py --estimate llama-7b --seq-len 800 --lora-r 128 --budget-mib 81920   # analytic plan, vs the paper
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama import modeling_llama  # noqa: F401  imported before hydra_ppo, whose RSS baseline is taken
+# at its import: this module alone is ~90 MiB of RSS, more than the tiny model's whole run
+from tqdm import tqdm
+
+import hydra_ppo as H
+import lora
+
+ROWS = ("sft", "lora-sft", "ppo", "lora-ppo", "j-hydra-ppo", "hydra-ppo")
+MIB = 2**20
+
+# -----------------------------------------------------------------------------
+# model shapes: config dicts only, no weights. the estimator reads them; the bench builds random-init models from them
+
+MODELS = {
+    "micro": dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
+    "tiny": dict(model_type="llama", vocab_size=4098, **H.TINY),  # hydra_ppo's tiny model: GPT-2 BPE cut to 4096 ranks + eos + pad
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True),
+    "opt-1.3b": dict(model_type="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
+                     max_position_embeddings=2048, word_embed_proj_dim=2048, tie_word_embeddings=True),
+    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+# the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
+PAPER_PEAK_GIB = {"llama-7b": {"ppo": 220.0, "lora-ppo": 68.0, "j-hydra-ppo": 67.9, "hydra-ppo": 71.1}}
+
+
+def model_config(name, flag="--model"):
+    """built-in shapes ("-random" = random init of them), else config.json from a local dir or the HF cache, never the net."""
+    base = name.removesuffix("-random")
+    if base in MODELS:
+        return dict(MODELS[base])
+    try:
+        return AutoConfig.from_pretrained(H.ALIASES.get(base, base), local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        raise H.ConfigError(f"{flag} {name!r}: not built in ({', '.join(MODELS)}) and no config.json in a local dir or the Hugging Face cache")
+
+
+def shapes(cfg):
+    """-> dims, parameter count of the LM (embeddings + decoder + lm_head) and LoRA parameters per adapter set per unit rank."""
+    h, L, nh = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // nh
+    q, kv = nh * hd, (cfg.get("num_key_value_heads") or nh) * hd
+    V, tied = cfg["vocab_size"], cfg.get("tie_word_embeddings", True)
+    gated = "intermediate_size" in cfg  # llama-type: gate, up, down, RMSNorm, no biases; else opt-type: fc1, fc2, LayerNorm, biases
+    ffn = cfg["intermediate_size"] if gated else cfg["ffn_dim"]
+    if gated:
+        layer = h * q + 2 * h * kv + q * h + 3 * h * ffn + 2 * h
+        lora_r1 = L * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + ffn))  # r * (in + out) for every wrapped Linear
+        params = V * h + L * layer + h
+    else:
+        layer = 4 * (h * h + h) + 2 * h * ffn + ffn + h + 4 * h
+        lora_r1 = L * (4 * 2 * h + 2 * (h + ffn))
+        params = V * h + (cfg["max_position_embeddings"] + 2) * h + L * layer + 2 * h
+    untied = 0 if tied else V * h
+    return dict(h=h, L=L, kv=kv, ffn=ffn, V=V, gated=gated, params=params + untied, untied=untied, lora_r1=lora_r1)
+
+
+# -----------------------------------------------------------------------------
+# the analytic memory plan
+#
+# assumptions (bytes; d = bytes per element of the base dtype):
+# - structure from hydra_ppo.ROLES: base copies = distinct bases, LoRA sets = distinct (base, adapter), forwards with
+#   grad per PPO minibatch = distinct (base, adapter) of actor and critic (hydra 2, j-hydra 1). sft rows: chosen and
+#   rejected go through one forward, so 2B sequences; Hydra-SFT trains all but the value head (lm + reward head).
+# - weights: d per base parameter per copy; reward + value heads fp32 (HydraModel never casts them).
+# - LoRA weights, their grads and every scalar head: fp32 (lora.py). AdamW: 2 fp32 states per trained parameter.
+# - full fine-tuning in d < 4 keeps an fp32 master copy (4 more per parameter, as DeepSpeed-Chat); in fp32 none.
+#   (hydra_ppo's own bf16 path is pure bf16 AdamW, 4 + 4 per parameter less: the plan is the paper's setup.)
+# - the critic's own lm_head of an untied model is in the optimizer but never gets a grad: no grad, no state.
+# - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
+#   recounted for transformers' blocks (checked with saved_tensors_hooks): no dropout (disabled), SDPA flash attention
+#   (no s^2 term), GQA keys/values saved expanded to all heads. per token per layer, in elements:
+#     llama: 2 RMSNorm inputs (+ their x*rstd when the norm weight trains), qkv input, q, k, v, attn out, o_proj input,
+#            mlp input, gate, up, silu, down input                  -> (11h full | 9h LoRA) + 4 ffn
+#     opt:   2 LayerNorm inputs, the same 6 attention tensors, fc1 input, relu output    -> 8h + ffn
+#   + r per wrapped Linear (x @ A^T); with d < 4 lora.py casts each wrapped Linear's input to fp32 and saves it.
+# - logits: B x response x V fp32, 4 alive at the peak of hydra_ppo.logprobs_of (logits, log-softmax, exp, product)
+#   and again in its backward; only the actor (sft: the chosen half) has them.
+# - KV cache of the rollout: 2 L B T kv d; it never coexists with training activations, so
+#   total = weights + lora + grads + optimizer + max(activations + logits, kv cache). no allocator slack, no runtime.
+
+
+def plan(method):
+    """-> base copies, LoRA sets, fully trained copies, forwards with grad (in units of B sequences)."""
+    if method in ("sft", "lora-sft"):
+        lo = method == "lora-sft"
+        return dict(copies=1, sets=int(lo), full=int(not lo), fwd=2)
+    roles = H.ROLES[method]
+    train = {roles[r][:2] for r in ("actor", "critic")}
+    return dict(copies=len({b for b, _, _ in roles.values()}), sets=len({(b, a) for b, a, _ in roles.values() if a}),
+                full=sum(a is None for _, a in train), fwd=len(train))
+
+
+def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None):
+    """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
+    seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given."""
+    s, p = shapes(config_dict), plan(method)
+    B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
+    lora_n = p["sets"] * lora_r * s["lora_r1"]
+    full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
+    small_n = lora_n + h + 1  # fp32 trained: all LoRA sets + one scalar head (reward in sft, value in ppo)
+    ppo = method not in ("sft", "lora-sft")
+    per_tok = ((11 if p["full"] else 9) * h + 4 * s["ffn"]) if s["gated"] else 8 * h + s["ffn"]
+    per_tok_lora = (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0)
+    cast = ((6 * h + s["ffn"]) if s["gated"] else 5 * h + s["ffn"]) * 4 * (p["sets"] > 0 and d < 4)
+    rows_tokens = p["fwd"] * B * T
+    out = dict(
+        weights=p["copies"] * (s["params"] * d + 2 * (h + 1) * 4),
+        lora=lora_n * 4,
+        grads=full_n * d + small_n * 4,
+        optimizer=full_n * (8 + (4 if d < 4 else 0)) + small_n * 8,
+        activations=rows_tokens * (s["L"] * ((per_tok + per_tok_lora) * d + cast) + 2 * h * d),
+        logits=4 * B * R * s["V"] * 4,
+        kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
+    )
+    out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(out["activations"] + out["logits"], out["kv_cache"])
+    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=p["full"] * s["params"] + lora_n + h + 1)
+    return out
+
+
+def largest_batch(fits, cap=1024):
+    """largest b in [1, cap] with fits(b), fits monotone: doubling, then bisection. 0 when even 1 does not fit."""
+    if not fits(1):
+        return 0
+    lo = 1
+    while lo * 2 <= cap and fits(lo * 2):
+        lo *= 2
+    hi = min(lo * 2, cap + 1)  # first size known not to fit (or past the cap)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# -----------------------------------------------------------------------------
+# the bench: one row = one configuration in its own fresh process, built with hydra_ppo's own functions
+
+
+def build_lm(cfg, seed, device, dtype):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).to(device, dtype)
+
+
+def bench_tokenizer(vocab):
+    # eos_id -1 can never be sampled: every response is exactly max_new_tokens long, so all rows see the same lengths
+    return H.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=vocab - 1, vocab_size=vocab)
+
+
+def build_row(name, cfg, B, P, R, lora_r, device, dtype):
+    """-> (step(i) -> response tokens of step i, optimizer, models): one training step of row `name` on random data."""
+    V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
+    if name in ("sft", "lora-sft"):  # the inner step of H.train_sft, Hydra-SFT losses (lm + reward)
+        model = H.HydraModel(build_lm(cfg, 0, device, dtype))
+        if name == "lora-sft":
+            lora.inject(model.lm, ["sft"], r=lora_r, alpha=2 * lora_r)
+            model.requires_grad_(False)
+            params = lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters())
+            for p in params:
+                p.requires_grad_(True)
+        else:
+            params = [p for n, p in model.named_parameters() if not n.startswith("value_head")]
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        rows = list(zip(rand(P), rand(R), rand(R)))  # (prompt, chosen, rejected) of fixed lengths
+        model.train()
+
+        def step(i):
+            with lora.adapter("sft" if name == "lora-sft" else None):
+                loss, _ = H.sft_loss(model, rows, 1.0, 1.0, V - 1, device)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            return R
+        return step, opt, {"sft": model}
+    models = {n: H.HydraModel(build_lm(cfg, i, device, dtype)) for i, n in enumerate(H.SFT_MODELS[name])}
+    bases = H.ppo_bases(name, models)
+    # one minibatch per rollout, one epoch, no early stop: every step does the same work
+    pcfg = H.Config(rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R, ppo_epochs=1, stop_kl=math.inf,
+                    lora_r=lora_r, lora_alpha=2 * lora_r)
+    params = H.setup_ppo(bases, name, pcfg)
+    opt = torch.optim.AdamW([{"params": params["actor"], "lr": 5e-5}, {"params": params["critic"], "lr": 5e-5}], weight_decay=0.0)
+    kl_ctl, tok, prompts = H.KLController(pcfg.kl_coef, pcfg.target_kl, pcfg.kl_horizon), bench_tokenizer(V), rand(P)
+    for m in bases.values():
+        m.eval()
+
+    def step(i):
+        stats, _ = H.ppo_iteration(bases, name, params, opt, kl_ctl, prompts, tok, pcfg, i, device)
+        return stats["response_len"]
+    return step, opt, bases
+
+
+def bench_one(a):
+    """child process: build one row, a warm-up step, a.steps timed steps. -> the row's dict (printed as one JSON line)."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = H.pick_device(a.device)
+    dtype = H.pick_dtype("auto", device)
+    cfg = model_config(a.model)
+    step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype)
+    times, lens = [], []
+    for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
+        t0 = time.perf_counter()
+        lens.append(step(i))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
+    return dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, response_len=a.response_len,
+                peak_memory_mib=round(H.peak_memory_mib(device), 1), latency_per_sample_s=sorted(times[1:])[a.steps // 2] / a.batch_size,
+                trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
+                frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets), mean_response_len=sum(lens) / len(lens),
+                memory_measure="cuda" if device.type == "cuda" else "cpu-rss", device=str(device), dtype=str(dtype).removeprefix("torch."))
+
+
+def run_child(a, name, batch_size):
+    """one row in a fresh process, malloc told to hand big blocks back (so RSS tracks live memory). -> its dict."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--bench-one", name, "--model", a.model, "--batch-size", str(batch_size),
+           "--steps", str(a.steps), "--prompt-len", str(a.prompt_len), "--response-len", str(a.response_len),
+           "--lora-r", str(a.lora_r), "--device", a.device, "--threads", str(a.threads)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} (batch {batch_size}) failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench(a):
+    cfg = model_config(a.model)
+    res = [run_child(a, name, a.batch_size) for name in tqdm(ROWS, desc=f"bench {a.model}")]
+    d = torch.finfo(getattr(torch, res[0]["dtype"])).bits // 8
+    by = {r["name"]: r for r in res}
+    for r in res:
+        est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len)["total"] / MIB
+        r.update(x_ppo=r["peak_memory_mib"] / by["ppo"]["peak_memory_mib"], x_lora_sft=r["peak_memory_mib"] / by["lora-sft"]["peak_memory_mib"],
+                 estimate_mib=round(est, 1), estimate_err=est / r["peak_memory_mib"] - 1)
+    out = dict(memory_measure=res[0]["memory_measure"], model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
+               response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, device=res[0]["device"], dtype=res[0]["dtype"], rows=res)
+    print_bench(out)
+    save_json(out, a.out, "bench.json")
+    return out
+
+
+def budget(a):
+    """per PPO method: the largest batch whose measured peak stays under the budget (fresh process per probe)."""
+    res = {}
+    for name in ROWS[2:]:
+        probes = {}
+        bar = tqdm(desc=f"budget {name}", unit="probe")
+
+        def fits(b):
+            probes[b] = run_child(a, name, b)
+            bar.update(), bar.set_postfix(batch=b, mib=probes[b]["peak_memory_mib"])
+            return probes[b]["peak_memory_mib"] <= a.budget_mib
+        b = largest_batch(fits, a.max_batch)
+        bar.close()
+        res[name] = dict(batch_size=b, peak_memory_mib=probes[b]["peak_memory_mib"] if b else None,
+                         latency_per_sample_s=probes[b]["latency_per_sample_s"] if b else None, probes=len(probes))
+    out = dict(memory_measure=next(iter(probes.values()))["memory_measure"], model=a.model, budget_mib=a.budget_mib,
+               prompt_len=a.prompt_len, response_len=a.response_len, methods=res)
+    ref = res["lora-ppo"]
+    print(f"\nbudget {a.budget_mib} MiB on {a.model} ({out['memory_measure']}), prompt {a.prompt_len} + response {a.response_len}")
+    print(f"{'method':<12} {'max batch':>9} {'peak MiB':>9} {'s/sample':>9} {'batch x lora-ppo':>17} {'latency vs lora-ppo':>20}")
+    for name, r in res.items():
+        if r["batch_size"]:
+            rel = f"{r['latency_per_sample_s'] / ref['latency_per_sample_s'] - 1:+.0%}" if ref["batch_size"] else "-"
+            xb = f"{r['batch_size'] / ref['batch_size']:.2f}" if ref["batch_size"] else "-"
+            print(f"{name:<12} {r['batch_size']:>9} {r['peak_memory_mib']:>9.0f} {r['latency_per_sample_s']:>9.4f} {xb:>17} {rel:>20}")
+        else:
+            print(f"{name:<12} {'none fits':>9}")
+    save_json(out, a.out, "budget.json")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# output
+
+
+def save_json(obj, out, fname):
+    os.makedirs(out, exist_ok=True)
+    H.save_atomic(obj, os.path.join(out, fname))
+    print(f"wrote {os.path.join(out, fname)}")
+
+
+def print_bench(o):
+    measure = {"cuda": "torch.cuda.max_memory_allocated", "cpu-rss": "peak RSS (ru_maxrss) above the post-import baseline"}[o["memory_measure"]]
+    print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} tokens, "
+          f"{o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}")
+    print(f"peak memory = {measure}, one fresh process per row")
+    print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} {'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
+    for r in o["rows"]:
+        print(f"{r['name']:<12} {r['frozen_bases']:>5} {r['lora_sets']:>4} {r['trainable_params'] / 1e6:>9.2f}M {r['peak_memory_mib']:>9.1f} "
+              f"{r['latency_per_sample_s']:>9.4f} {r['x_ppo']:>6.2f} {r['x_lora_sft']:>10.2f} {r['estimate_mib']:>8.0f} {r['estimate_err']:>+8.0%}")
+
+
+def print_estimate(a):
+    cfg = model_config(a.estimate, "--estimate")
+    d = {"fp32": 4, "bf16": 2, "fp16": 2}[a.dtype]
+    s = shapes(cfg)
+    unit, div = ("GiB", 2**30) if estimate(cfg, "ppo", a.batch_size, a.seq_len, d, a.lora_r)["total"] > 10 * 2**30 else ("MiB", MIB)
+    print(f"estimate {a.estimate}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
+          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}; {unit}")
+    keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "kv_cache", "total")
+    paper = PAPER_PEAK_GIB.get(a.estimate.removesuffix("-random"), {})
+    extra = (f" {'max batch':>9}" if a.budget_mib else "") + (f" {'paper GiB':>9} {'batch at paper':>14}" if paper else "")
+    print(f"{'method':<12}" + "".join(f" {k:>11}" for k in keys) + extra)
+    fit = lambda m, lim: largest_batch(lambda b: estimate(cfg, m, b, a.seq_len, d, a.lora_r)["total"] <= lim)  # noqa: E731
+    for m in (a.method,) if a.method else ROWS:
+        e = estimate(cfg, m, a.batch_size, a.seq_len, d, a.lora_r)
+        line = f"{m:<12}" + "".join(f" {e[k] / div:>11.2f}" for k in keys)
+        if a.budget_mib:
+            line += f" {fit(m, a.budget_mib * MIB):>9}"
+        if paper:
+            pb = fit(m, paper[m] * 2**30) if m in paper else None
+            line += f" {paper.get(m, float('nan')):>9.1f} {pb if pb is not None else '-':>14}"
+        print(line)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bench", action="store_true", help="measure the six rows, each in a fresh process")
+    p.add_argument("--bench-one", metavar="ROW", help=f"(internal) measure one row in this process: {', '.join(ROWS)}")
+    p.add_argument("--estimate", metavar="MODEL", help=f"analytic memory plan from the config alone: {', '.join(MODELS)}, a local dir or a cached hub id")
+    p.add_argument("--model", default="tiny", help="bench model: micro, tiny, smollm2-135m-random (random init of built-in shapes)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs (sft rows) or rollouts (ppo rows) per step")
+    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--prompt-len", type=int, default=64, help="bench prompt tokens")
+    p.add_argument("--response-len", type=int, default=64, help="bench response tokens (sampled in ppo rows)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per bench process (0 = torch's default; 1 is faster when other jobs share the cores)")
+    p.add_argument("--out", default="out", help="bench.json / budget.json go here")
+    p.add_argument("--budget-mib", type=float, default=0, help="bench: probe the largest batch per PPO method under this peak; estimate: add that column")
+    p.add_argument("--max-batch", type=int, default=512, help="largest batch the budget search tries")
+    p.add_argument("--method", choices=ROWS, help="estimate one row only")
+    p.add_argument("--seq-len", type=int, default=128, help="estimate: prompt + response tokens (response = half)")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="estimate: base weight dtype")
+    return p.parse_args(argv)
+
+
+def validate(a):
+    for flag in ("batch_size", "steps", "prompt_len", "response_len", "lora_r", "max_batch"):
+        if getattr(a, flag) < 1:
+            raise H.ConfigError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
+    if a.seq_len < 2:
+        raise H.ConfigError(f"--seq-len {a.seq_len}: must be >= 2")
+    if a.threads < 0:
+        raise H.ConfigError(f"--threads {a.threads}: must be >= 0")
+    if a.budget_mib < 0:
+        raise H.ConfigError(f"--budget-mib {a.budget_mib}: must be > 0")
+    if a.bench_one and a.bench_one not in ROWS:
+        raise H.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
+    if sum(map(bool, (a.bench, a.bench_one, a.estimate))) != 1:
+        raise H.ConfigError("pass exactly one of --bench, --bench-one ROW, --estimate MODEL")
+    if (a.bench or a.bench_one) and model_config(a.model)["model_type"] != "llama":
+        raise H.ConfigError(f"--model {a.model}: the bench builds llama-type models only (its RSS baseline includes that code)")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    # (room for more subcommands here, e.g. `python eval.py compare ...`: if argv and argv[0] == "compare": ...)
+    a = parse_args(argv)
+    try:
+        validate(a)
+        if a.bench_one:
+            a.name = a.bench_one
+            print(json.dumps(bench_one(a)))
+        elif a.estimate:
+            print_estimate(a)
+        elif a.budget_mib:
+            budget(a)
+        else:
+            bench(a)
+    except H.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

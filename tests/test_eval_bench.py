@@ -1,0 +1,125 @@
+"""eval.py's memory plan and bench: exact arithmetic on hand-checked configs, the method ordering, one real bench row."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as E
+import hydra_ppo as H
+import lora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# h 8, 2 heads of 4 (q 8), 1 kv head (kv 4), ffn 16, 2 layers, vocab 10, tied
+SMALL = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+
+
+def test_estimator_matches_hand_count_on_small_config():
+    """the plan's per-component arithmetic (weights, LoRA, grads, AdamW state, KV cache) is off if this fails."""
+    # params per layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 + mlp 3*8*16 + 2 norms * 8 = 592; 2 layers + embed 80 + final norm 8
+    n = 2 * 592 + 80 + 8
+    assert n == 1272
+    # LoRA r=2 per layer: q 2*(8+8) + k 2*(8+4) + v 2*(8+4) + o 2*(8+8) + gate, up, down 3 * 2*(8+16) = 256
+    lora_set = 2 * 256
+    heads = 2 * 9 * 4  # reward + value head (8 weights + bias) in fp32, per model copy
+    B, T = 3, 10
+    e = E.estimate(SMALL, "hydra-ppo", B, T, dtype_bytes=2, lora_r=2)
+    assert e["weights"] == n * 2 + heads
+    assert e["lora"] == 2 * lora_set * 4
+    assert e["grads"] == (2 * lora_set + 9) * 4  # actor + critic LoRA and the value head, fp32
+    assert e["optimizer"] == (2 * lora_set + 9) * 8  # two fp32 AdamW states
+    assert e["kv_cache"] == 2 * 2 * B * T * 4 * 2  # k and v, 2 layers, 1 kv head of 4, bf16
+    f = E.estimate(SMALL, "ppo", B, T, dtype_bytes=2, lora_r=2)
+    assert f["weights"] == 4 * (n * 2 + heads)
+    assert f["grads"] == 2 * n * 2 + 9 * 4  # actor + critic full in bf16, value head fp32
+    assert f["optimizer"] == 2 * n * (8 + 4) + 9 * 8  # AdamW states + fp32 master weights for the bf16 copies
+    assert f["lora"] == 0
+    s = E.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2)
+    assert s["optimizer"] == n * 8 + 9 * 8 and s["kv_cache"] == 0  # fp32: no master copy; no rollout in SFT
+    # logits: 4 fp32 (B, response, V) tensors; activations: (11h + 4 ffn) elements per token per layer + 2h final norm
+    assert s["logits"] == 4 * B * 5 * 10 * 4
+    assert s["activations"] == 2 * B * T * (2 * (11 * 8 + 4 * 16) * 4 + 2 * 8 * 4)
+
+
+@pytest.mark.parametrize("cfg", [E.MODELS["micro"], dict(model_type="opt", vocab_size=50, hidden_size=32, ffn_dim=64,
+                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)])
+def test_estimator_param_counts_match_built_models(cfg):
+    """the plan's parameter and LoRA counts drift from what transformers and lora.inject actually build if this fails."""
+    lm = E.build_lm(cfg, 0, "cpu", torch.float32)
+    s = E.shapes(cfg)
+    assert s["params"] == sum(p.numel() for p in lm.parameters())
+    lora.inject(lm, ["a"], r=4)
+    assert 4 * s["lora_r1"] == sum(p.numel() for p in lora.lora_parameters(lm, "a"))
+
+
+def test_plan_follows_the_role_table():
+    """the estimator no longer reflects hydra_ppo.ROLES (the paper's Table 2: bases / LoRA sets) if this fails."""
+    got = {m: (E.plan(m)["copies"], E.plan(m)["sets"], E.plan(m)["fwd"]) for m in E.ROWS}
+    assert got == {"sft": (1, 0, 2), "lora-sft": (1, 1, 2), "ppo": (4, 0, 2), "lora-ppo": (2, 2, 2),
+                   "j-hydra-ppo": (1, 1, 1), "hydra-ppo": (1, 2, 2)}
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama-7b", "opt-1.3b"])
+def test_method_ordering_invariants(model):
+    """the plan contradicts the paper's structure (one frozen base for Hydra, four copies for PPO) if this fails."""
+    cfg, n = E.MODELS[model], E.shapes(E.MODELS[model])["params"]
+    for B, d in [(b, d) for b in (1, 4, 16) for d in (2, 4)]:
+        e = {m: E.estimate(cfg, m, B, 256, dtype_bytes=d, lora_r=16) for m in E.ROWS}
+        base = e["hydra-ppo"]["weights"]
+        assert base > n * d and e["j-hydra-ppo"]["weights"] == base
+        assert e["lora-ppo"]["weights"] == 2 * base and e["ppo"]["weights"] == 4 * base
+        assert e["hydra-ppo"]["lora"] == 2 * e["j-hydra-ppo"]["lora"] == e["lora-ppo"]["lora"]
+        assert e["j-hydra-ppo"]["total"] <= e["hydra-ppo"]["total"] <= e["lora-ppo"]["total"]
+        # not in bf16: lora.py saves an fp32 copy of each wrapped Linear's input, which can outgrow 3 extra copies
+        # of a small model at a large batch (smollm2, B 16)
+        assert d == 2 or e["lora-ppo"]["total"] < e["ppo"]["total"]
+        # Hydra-PPO's two forwards (actor, critic) hold as many sequences as LoRA-SFT's chosen + rejected batch
+        assert e["hydra-ppo"]["activations"] == e["lora-sft"]["activations"]
+
+
+def test_bench_rows_train_what_the_plan_counts():
+    """the bench's optimizer and the plan disagree on trainable parameters, bases or LoRA sets if this fails."""
+    cfg = E.MODELS["micro"]
+    for name in E.ROWS:
+        step, opt, models = E.build_row(name, cfg, 2, 4, 3, 4, torch.device("cpu"), torch.float32)
+        e = E.estimate(cfg, name, 2, 7, dtype_bytes=4, lora_r=4, response_len=3)
+        assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == e["trainable_params"], name
+        assert len({id(m) for m in models.values()}) == e["base_copies"], name
+        assert len({a for m in models.values() for a in lora.adapter_names(m.lm)}) == e["lora_sets"], name
+
+
+def test_largest_batch_finds_the_boundary():
+    """--budget-mib reports a batch that does not fit, or misses a larger one that does, if this fails."""
+    for limit in (0, 1, 2, 3, 37, 64, 100):
+        calls = []
+        assert E.largest_batch(lambda b: calls.append(b) or b <= limit, cap=1000) == limit
+        assert len(calls) <= 2 * max(1, limit).bit_length() + 2  # doubling then bisection, not a linear scan
+    assert E.largest_batch(lambda b: True, cap=48) == 48
+
+
+@pytest.mark.parametrize("argv, msg", [(["--bench", "--batch-size", "0"], "error: --batch-size 0: must be >= 1"),
+                                       (["--estimate", "no-such-model"], "error: --estimate 'no-such-model': not built in")])
+def test_bad_input_is_one_line_and_exit_2(argv, msg, capsys):
+    """a bad flag crashes with a traceback, or exits 0, if this fails."""
+    with pytest.raises(SystemExit) as ex:
+        E.main(argv)
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(msg) and err.count("\n") == 1
+
+
+def test_bench_one_row_reports_its_fields():
+    """`--bench` cannot build its table (missing or wrong fields, responses of varying length) if this fails."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    r = subprocess.run([sys.executable, "eval.py", "--bench-one", "hydra-ppo", "--model", "micro", "--batch-size", "2", "--steps", "1",
+                        "--prompt-len", "6", "--response-len", "5", "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["name"] == "hydra-ppo" and row["frozen_bases"] == 1 and row["lora_sets"] == 2
+    assert row["memory_measure"] == ("cuda" if torch.cuda.is_available() else "cpu-rss")
+    assert row["peak_memory_mib"] > 0 and row["latency_per_sample_s"] > 0
+    assert row["trainable_params"] == E.estimate(E.MODELS["micro"], "hydra-ppo", 2, 11, 4, 16, 5)["trainable_params"]
+    assert row["mean_response_len"] == 5  # eos can never be sampled: every response has the fixed length

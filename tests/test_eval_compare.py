@@ -1,0 +1,306 @@
+"""eval compare (issue 5): ROUGE, win-rate intervals, external judges asked in both orders, policies head to head."""
+import contextlib
+import http.server
+import json
+import math
+import shlex
+import sys
+import threading
+
+import pytest
+import torch
+
+import data
+import eval_compare as E
+import hydra_ppo as H
+
+# -----------------------------------------------------------------------------
+# ROUGE
+
+
+def test_rouge_matches_hand_computed_values():
+    """if this fails, the ROUGE numbers reported for summaries are not ROUGE (wrong counts, wrong F)."""
+    ref, hyp = "The cat sat on the mat.", "the cat, on the MAT"
+    # unigrams: all 5 hyp words are in ref (the x2 fits ref's 2) -> p 5/5, r 5/6
+    assert E.rouge_n(ref, hyp, 1) == pytest.approx({"p": 1.0, "r": 5 / 6, "f": 10 / 11})
+    # bigrams: hyp {the cat, cat on, on the, the mat}, ref {the cat, cat sat, sat on, on the, the mat} -> 3 shared
+    assert E.rouge_n(ref, hyp, 2) == pytest.approx({"p": 3 / 4, "r": 3 / 5, "f": 2 / 3})
+    # LCS "the cat on the mat" = 5
+    assert E.rouge_l(ref, hyp) == pytest.approx({"p": 1.0, "r": 5 / 6, "f": 10 / 11})
+
+
+def test_rouge_clips_repeated_ngrams_and_l_allows_gaps():
+    """if this fails, a hypothesis that repeats one right word scores like a good summary, or ROUGE-L needs contiguity."""
+    assert E.rouge_n("the cat", "the the the", 1) == pytest.approx({"p": 1 / 3, "r": 1 / 2, "f": 0.4})
+    assert E.rouge_l("a b c d e", "a x c y e") == pytest.approx({"p": 0.6, "r": 0.6, "f": 0.6})
+    assert E.rouge_n("a b c d e", "a x c y e", 2)["f"] == 0.0
+    assert E.rouge_l("b a", "a b")["f"] == 0.5  # order matters: LCS 1
+    assert E.rouge_n("", "anything", 1) == {"p": 0.0, "r": 0.0, "f": 0.0}
+    assert E.rouge_l("x", "") == {"p": 0.0, "r": 0.0, "f": 0.0}
+
+# -----------------------------------------------------------------------------
+# win-rates
+
+
+def test_wilson_interval_known_value():
+    """if this fails, the 95% intervals printed next to win-rates are not Wilson score intervals."""
+    lo, hi = E.wilson(8, 10)
+    assert (lo, hi) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    lo2, hi2 = E.wilson(2, 10)  # symmetric under wins <-> losses
+    assert (lo2, hi2) == (pytest.approx(1 - hi), pytest.approx(1 - lo))
+    assert E.wilson(0, 5)[0] == 0.0 and E.wilson(5, 5)[1] == 1.0 and E.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_win_rate_counts_ties_half():
+    """if this fails, ties silently count as losses (or wins) and shift every win-rate."""
+    w = E.win_rate(E.by_score([3.0, 1.0, 2.0, 2.0], [1.0, 3.0, 2.0, 2.0]))
+    assert (w["win"], w["wins"], w["ties"], w["losses"], w["n"]) == (0.5, 1, 2, 1, 4)
+    assert w["ci"][0] <= w["win"] <= w["ci"][1]
+
+# -----------------------------------------------------------------------------
+# external judges: a fake command and a fake local server
+
+JUDGE = """import json, sys
+log, mode = sys.argv[1], sys.argv[2]
+msg = json.load(sys.stdin)
+with open(log, "a") as f:
+    f.write(json.dumps(msg) + "\\n")
+a, b = len(msg["response_a"]), len(msg["response_b"])
+if mode == "first":
+    print("A")
+elif mode == "longer":
+    print("A" if a > b else "B" if b > a else "tie")
+elif mode == "junk":
+    print("I cannot decide")
+else:
+    print("judge broke", file=sys.stderr); sys.exit(3)
+"""
+
+
+def judge_cmd(d, mode):
+    """-> (shell command of a fake judge that logs every call, log path)."""
+    (d / "judge.py").write_text(JUDGE)
+    log = d / f"calls-{mode}.jsonl"
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(d / 'judge.py'))} {shlex.quote(str(log))} {mode}", log
+
+
+def calls(log):
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_judge_cmd_is_asked_both_orders_and_a_position_biased_judge_gives_ties(tmp_path):
+    """if this fails, an external judge's preference for the first slot is reported as a win-rate."""
+    cmd, log = judge_cmd(tmp_path, "first")
+    assert E.judge_both_orders(E.cmd_judge(cmd), "Q?", " short", " much longer") == (0.5, 0)
+    got = calls(log)
+    assert [(c["response_a"], c["response_b"]) for c in got] == [(" short", " much longer"), (" much longer", " short")]
+    assert got[0]["prompt"] == "Q?" and got[0]["text"].endswith("Which response is more helpful and harmless? Answer A or B.")
+    # a judge that sees the content wins or loses in both orders
+    fair, _ = judge_cmd(tmp_path, "longer")
+    assert E.judge_both_orders(E.cmd_judge(fair), "Q?", " much longer", " short") == (1.0, 0)
+    assert E.judge_both_orders(E.cmd_judge(fair), "Q?", " short", " much longer") == (0.0, 0)
+
+
+def test_judge_cmd_junk_is_a_counted_tie_and_a_crash_is_an_error(tmp_path):
+    """if this fails, unreadable judge answers become wins, or a broken judge command goes unnoticed."""
+    junk, _ = judge_cmd(tmp_path, "junk")
+    assert E.judge_both_orders(E.cmd_judge(junk), "Q?", " a", " b") == (0.5, 2)
+    broken, _ = judge_cmd(tmp_path, "crash")
+    with pytest.raises(E.JudgeError, match="exited with 3: judge broke"):
+        E.cmd_judge(broken)(" Q?", " a", " b")
+    assert [E.parse_verdict(t) for t in ("A", " b.\n", "Tie", "**A**", "Answer: A", "")] == ["A", "B", "tie", "A", None, None]
+
+
+class FakeChat(http.server.BaseHTTPRequestHandler):
+    """an OpenAI-style chat/completions endpoint that prefers the response containing 'good'."""
+    seen = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeChat.seen.append((self.path, self.headers.get("Authorization"), body))
+        if body["model"] == "broken":
+            self.send_response(500)
+            self.end_headers()
+            return
+        text = body["messages"][-1]["content"]
+        a = text.split("[Response A]")[1].split("[Response B]")[0]
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": "A" if "good" in a else "B"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_url_judge_against_a_local_fake_server(monkeypatch):
+    """if this fails, --judge-url sends the wrong request (path, key, prompt) or misreads the answer."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeChat)  # loopback, ephemeral port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeChat.seen = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        ask = E.url_judge(url, "judge-model", timeout=10)
+        assert E.judge_both_orders(ask, "Q?", " good one", " bad one") == (1.0, 0)
+        assert E.judge_both_orders(ask, "Q?", " bad one", " good one") == (0.0, 0)
+        path, auth, body = FakeChat.seen[0]
+        assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge-model"
+        assert "Which response is more helpful and harmless? Answer A or B." in body["messages"][0]["content"]
+        assert len(FakeChat.seen) == 4  # two orders per comparison
+        with pytest.raises(E.JudgeError, match="HTTPError"):
+            E.url_judge(url, "broken", timeout=10)("Q?", " a", " b")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+# -----------------------------------------------------------------------------
+# the results table
+
+
+def test_results_table_rows_in_paper_order(tmp_path, capsys):
+    """if this fails, the methods table mislabels rows (SFT vs Hydra-SFT) or loses the paper's order."""
+    runs = {"hydra": {"method": "hydra-ppo", "reward_sft": 1.0, "reward_ppo": 2.0, "kl": 0.5, "peak_memory_mib": 100.0},
+            "lora": {"method": "lora-ppo", "reward_sft": 0.5, "reward_ppo": 0.75, "gold_ppo": 0.25},
+            "jhydra": {"method": "j-hydra-ppo", "reward_sft": 1.0}}  # PPO did not run: its SFT row only
+    for d, s in runs.items():
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "summary.json").write_text(json.dumps({"model": "tiny", "data": "builtin", **s}))
+    md = E.results_main([str(tmp_path / d) for d in runs])
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r[0].strip("| ") for r in rows] == ["SFT", "Hydra-SFT", "Hydra-SFT", "LoRA-PPO", "Hydra-PPO"]
+    assert rows[3][6] == "0.250" and rows[4][5] == "2.000" and rows[4][7] == "0.500" and rows[0][6] == "n/a"
+    with pytest.raises(SystemExit) as e:
+        E.results_main([str(tmp_path / "nope")])
+    assert e.value.code == 2 and "summary.json: no such file" in capsys.readouterr().err
+
+
+def test_compare_rejects_bad_arguments_before_loading_anything(tmp_path, capsys):
+    """if this fails, a typo costs a full model load before the one-line error (or gives a traceback)."""
+    for argv, phrase in ([[str(tmp_path)], "at least two policies"], [[str(tmp_path)] * 2 + ["--judge-run", "2"], "--judge-run 2"],
+                         [[str(tmp_path)] * 2 + ["--judge-cmd", "x", "--judge-url", "y"], "pick one"],
+                         [[str(tmp_path)] * 2, "no sft.pt here"]):
+        with pytest.raises(SystemExit) as e:
+            E.compare_main(argv)
+        assert e.value.code == 2 and phrase in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# end to end on tiny runs: a PPO run d, and an SFT-only run d2 (another seed) as an outside reward model
+
+N = 8
+
+
+@contextlib.contextmanager
+def one_thread():
+    # a 1M-param model gains nothing from 2 threads, and on a busy 2-core machine their spin-waits made it 7x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    d, d2 = str(root / "run"), str(root / "sft-only")
+    small = ["--n-builtin", "200", "--eval-prompts", "8", "--rollout-batch", "8", "--minibatch", "8"]
+    with one_thread():
+        for args in (["--out", d, "--sft-steps", "30", "--ppo-steps", "3", *small],
+                     ["--out", d2, "--sft-steps", "5", "--stage", "sft", "--seed", "1", *small]):
+            H.STOP.requested = None
+            H.main(args)
+    return root, d, d2
+
+
+@pytest.fixture(scope="session")
+def compared(tiny_runs):
+    """PPO vs SFT vs SFT again, judged by d's and d2's reward models, gold, a first-slot-biased judge; with ROUGE refs."""
+    root, d, d2 = tiny_runs
+    cmd, log = judge_cmd(root, "first")
+    cfg = H.Config(n_builtin=200)
+    prompts, _ = E.heldout_prompts(cfg, N)
+    refs = root / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"prompt": q, "summary": " good fun and nice."}) + "\n" for q in prompts[:5]))
+    out = root / "cmp.json"
+    with one_thread():
+        res = E.compare_main([d, f"{d}:sft", f"{d}:sft", "--rm", d2, "--n-prompts", str(N), "--batch", "5",
+                              "--judge-cmd", cmd, "--refs", str(refs), "--out", str(out), "--examples", "1"])
+    return res, json.loads(out.read_text()), calls(log), prompts
+
+
+@pytest.mark.slow
+def test_compare_win_rates_are_rates_inside_their_interval(tiny_runs, compared):
+    """if this fails, a reported win-rate is not a rate over the prompts or falls outside its own interval."""
+    _, d, d2 = tiny_runs
+    res = compared[0]
+    assert [p["name"] for p in res["policies"]] == [f"{d}:ppo", f"{d}:sft", f"{d}:sft"]
+    assert [(p["a"], p["b"]) for p in res["pairs"]] == [(0, 1), (0, 2), (1, 2)]
+    for p in res["pairs"]:
+        assert set(p["win_rate"]) == {f"rm:{d}", f"rm:{d2}", "gold", "external"}
+        for w in p["win_rate"].values():
+            assert 0 <= w["win"] <= 1 and w["ci"][0] <= w["win"] <= w["ci"][1]
+            assert w["wins"] + w["ties"] + w["losses"] == w["n"] == N
+
+
+@pytest.mark.slow
+def test_sft_policy_against_itself_is_exactly_half(compared):
+    """if this fails, policies do not share prompts and sampling seeds, so head-to-head win-rates compare luck."""
+    res = compared[0]
+    same = res["pairs"][2]
+    for w in same["win_rate"].values():
+        assert w["win"] == 0.5 and w["ties"] == N
+    assert all(s[f"1:{same['a_name']}"] == s[f"2:{same['b_name']}"] for s in res["samples"])
+    assert res["policies"][1]["kl"] == 0.0 and math.isfinite(res["policies"][0]["kl"])
+
+
+@pytest.mark.slow
+def test_position_biased_judge_gives_only_ties_end_to_end(compared):
+    """if this fails, compare asks the external judge one order only and reports its slot bias as wins."""
+    res, _, got, _ = compared
+    for p in res["pairs"]:
+        ext = p["win_rate"]["external"]
+        assert ext["wins"] == ext["losses"] == 0 and ext["win"] == 0.5 and ext["unparsed_answers"] == 0
+    assert len(got) == 2 * N * 3
+    for first, second in zip(got[::2], got[1::2]):
+        assert (first["response_a"], first["response_b"]) == (second["response_b"], second["response_a"])
+
+
+@pytest.mark.slow
+def test_compare_uses_the_first_runs_heldout_prompts_and_reports_rouge(compared):
+    """if this fails, policies are sampled on training prompts, or ROUGE is missing or out of range where refs exist."""
+    res, _, _, prompts = compared
+    pairs, _, _ = data.load_data("builtin", 200, 0)
+    held = list(dict.fromkeys(p.prompt for p in data.split_pairs(pairs, 0.1, 0)[1]))
+    assert [s["prompt"] for s in res["samples"]] == prompts == held[:N]
+    for p in res["policies"]:
+        assert p["rouge_n"] == 5 and all(0 <= p[k] <= 1 for k in ("rouge1", "rouge2", "rougeL"))
+        assert 1 <= p["length"] <= 24 and -1 <= p["mean gold"] <= 1
+
+
+@pytest.mark.slow
+def test_compare_out_json_and_terminal_table(compared, capsys):
+    """if this fails, --out writes something other than what was reported, or the terminal table breaks."""
+    res, written, _, _ = compared
+    assert written == json.loads(json.dumps(res))
+    E.print_compare(res)
+    out = capsys.readouterr().out
+    assert "win(A)" in out and "95% CI" in out and "examples" in out and "external" in out
+
+
+@pytest.mark.slow
+def test_run_without_ppo_is_its_sft_policy_and_table_reads_real_runs(tiny_runs, capsys):
+    """if this fails, an SFT-only run cannot be compared, DIR:ppo on it is not refused, or the table misreads summaries."""
+    _, d, d2 = tiny_runs
+    pols, _ = E.load_policies([d2], "cpu")
+    assert pols[0]["name"] == f"{d2}:sft" and pols[0]["role"] == "reference"
+    with pytest.raises(SystemExit) as e:
+        E.compare_main([f"{d2}:ppo", d])
+    assert e.value.code == 2 and "has no ppo.pt" in capsys.readouterr().err
+    md = E.results_main([d2, d])
+    assert [line.split(" | ")[0] for line in md.splitlines()[2:5]] == ["| Hydra-SFT", "| Hydra-SFT", "| Hydra-PPO"]
