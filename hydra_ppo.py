@@ -49,6 +49,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of data order, init and sampling"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0 = 1 for tiny, whose small matmuls gain nothing from more and lose a lot on shared cores; torch's default otherwise)"})
     fresh: bool = field(default=False, metadata={"help": "ignore checkpoints in OUT and start over (default: resume)"})
     # data
     n_builtin: int = field(default=2000, metadata={"help": "pairs generated for the built-in task"})
@@ -130,6 +131,7 @@ def validate(cfg):
     for name in ("sft_steps", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch", "max_new_tokens", "max_prompt",
                  "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
         checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
+    checks.append((cfg.threads >= 0, f"--threads {cfg.threads}: must be >= 0"))
     for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight"):
         checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
     checks.append((cfg.rollout_batch % cfg.minibatch == 0, f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))
@@ -171,6 +173,9 @@ def log_metrics(out, record):
     if is_writer():
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        wandb = sys.modules.get("wandb")  # only when --wandb imported and started it
+        if wandb is not None and wandb.run is not None:
+            wandb.log({f"{record['stage']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
 
 
 def trim_metrics(out, stage, step):
@@ -999,7 +1004,15 @@ def run(cfg):
     t_start = time.time()
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.threads or cfg.model == "tiny":
+        torch.set_num_threads(cfg.threads or 1)
     os.makedirs(cfg.out, exist_ok=True)
+    if cfg.wandb and is_writer():
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
+        wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
     if cfg.fresh and is_writer():
         for f in ("ckpt.pt", "sft.pt", "metrics.jsonl", "summary.json"):
             if os.path.exists(os.path.join(cfg.out, f)):
