@@ -115,14 +115,12 @@ def _split_hh(transcript: str, key: str, where: str) -> tuple[str, str]:
     return transcript[:i], transcript[i:]
 
 
-def load_pairs(path: str) -> tuple[list[Pair], dict]:
-    """read pairs from a .jsonl/.jsonl.gz file; returns (pairs, stats). every dropped line is counted."""
+def _json_records(path: str):
+    """-> [(where, record or None for a blank line)]; every bad line is a DataError naming PATH:LINE."""
     lines = _read_lines(path)
     if not lines:
         raise DataError(f"{path}: empty file; expected one JSON object per line")
-    stats = {"lines": len(lines), "blank": 0, "hh": 0, "plain": 0,
-             "dropped_identical": 0, "dropped_prompt_mismatch": 0, "pairs": 0}
-    pairs = []
+    out = []
     for lineno, raw in enumerate(lines, 1):
         where = f"{path}:{lineno}"
         try:
@@ -131,7 +129,7 @@ def load_pairs(path: str) -> tuple[list[Pair], dict]:
             raise DataError(f"{where}: undecodable bytes at byte {e.start + 1} ({e.reason}); "
                             "expected UTF-8 text") from None
         if not text.strip():
-            stats["blank"] += 1
+            out.append((where, None))
             continue
         try:
             rec = json.loads(text)
@@ -140,6 +138,20 @@ def load_pairs(path: str) -> tuple[list[Pair], dict]:
                             "expected one JSON object per line") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: got a JSON {type(rec).__name__}; expected a JSON object")
+        out.append((where, rec))
+    return out
+
+
+def load_pairs(path: str) -> tuple[list[Pair], dict]:
+    """read pairs from a .jsonl/.jsonl.gz file; returns (pairs, stats). every dropped line is counted."""
+    records = _json_records(path)
+    stats = {"lines": len(records), "blank": 0, "hh": 0, "plain": 0,
+             "dropped_identical": 0, "dropped_prompt_mismatch": 0, "pairs": 0}
+    pairs = []
+    for where, rec in records:
+        if rec is None:
+            stats["blank"] += 1
+            continue
         fmt = "plain" if "prompt" in rec else "hh"
         keys = ["prompt", "chosen", "rejected"] if fmt == "plain" else ["chosen", "rejected"]
         missing = [k for k in keys if k not in rec]
@@ -232,33 +244,6 @@ def collate(prompts: list[list[int]], responses: list[list[int]],
 # summaries: reference texts for ROUGE (TL;DR-style comparisons load as pairs above)
 
 SUMMARY_KEYS_HELP = "expected keys post or prompt (the text), summary (its reference summary)"
-
-
-def _json_records(path: str):
-    """-> [(where, record or None for a blank line)], with load_pairs' line discipline (PATH:LINE messages)."""
-    lines = _read_lines(path)
-    if not lines:
-        raise DataError(f"{path}: empty file; expected one JSON object per line")
-    out = []
-    for lineno, raw in enumerate(lines, 1):
-        where = f"{path}:{lineno}"
-        try:
-            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: undecodable bytes at byte {e.start + 1} ({e.reason}); "
-                            "expected UTF-8 text") from None
-        if not text.strip():
-            out.append((where, None))
-            continue
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); "
-                            "expected one JSON object per line") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: got a JSON {type(rec).__name__}; expected a JSON object")
-        out.append((where, rec))
-    return out
 
 
 def load_summaries(path: str) -> tuple[list[tuple[str, str]], dict]:

@@ -7,6 +7,7 @@ Memory and latency of the paper's methods, measured and estimated (Hydra-RLHF, a
     python eval.py --estimate llama-7b --seq-len 800 --lora-r 128 --budget-mib 81920   # analytic plan, vs the paper
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -85,17 +86,19 @@ def shapes(cfg):
 # - weights: d per base parameter per copy; reward + value heads fp32 (HydraModel never casts them).
 # - LoRA weights, their grads and every scalar head: fp32 (lora.py). AdamW: 2 fp32 states per trained parameter.
 # - full fine-tuning in d < 4 keeps an fp32 master copy (4 more per parameter, as DeepSpeed-Chat); in fp32 none.
-#   (hydra_ppo's own bf16 path is pure bf16 AdamW, 4 + 4 per parameter less: the plan is the paper's setup.)
+#   (hydra_ppo's own bf16 path is pure bf16 AdamW: bf16 states, no master, 8 per parameter less than this plan.)
 # - the critic's own lm_head of an untied model is in the optimizer but never gets a grad: no grad, no state.
 # - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
-#   recounted for transformers' blocks (checked with saved_tensors_hooks): no dropout (disabled), SDPA flash attention
-#   (no s^2 term), GQA keys/values saved expanded to all heads. per token per layer, in elements:
-#     llama: 2 RMSNorm inputs (+ their x*rstd when the norm weight trains), qkv input, q, k, v, attn out, o_proj input,
-#            mlp input, gate, up, silu, down input                  -> (11h full | 9h LoRA) + 4 ffn
-#     opt:   2 LayerNorm inputs, the same 6 attention tensors, fc1 input, relu output    -> 8h + ffn
+#   recounted for transformers' blocks (saved_tensors_hooks, one storage counted once): no dropout (disabled), SDPA
+#   flash attention (no s^2 term; its output is also o_proj's input), GQA keys/values saved expanded to all heads.
+#   per token per layer, in elements:
+#     llama: 2 RMSNorms' input and output (+ x*rstd each when the norm weight trains), q, k, v, attn out,
+#            gate, up, silu, down input                             -> (10h full | 8h LoRA) + 4 ffn
+#     opt:   2 LayerNorms' input and output, q, k, v, attn out, relu output (= fc2 input)   -> 8h + ffn
 #   + r per wrapped Linear (x @ A^T); with d < 4 lora.py casts each wrapped Linear's input to fp32 and saves it.
-# - logits: B x response x V fp32, 4 alive at the peak of hydra_ppo.logprobs_of (logits, log-softmax, exp, product)
-#   and again in its backward; only the actor (sft: the chosen half) has them.
+#   with activation checkpointing (grad_ckpt) a layer keeps only its input (h), and backward recomputes one layer.
+# - logits: B x response x V fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad
+#   coming into it, the grad it passes on); only the actor (sft: the chosen half) has them.
 # - KV cache of the rollout: 2 L B T kv d; it never coexists with training activations, so
 #   total = weights + lora + grads + optimizer + max(activations + logits, kv cache). no allocator slack, no runtime.
 
@@ -111,7 +114,7 @@ def plan(method):
                 full=sum(a is None for _, a in train), fwd=len(train))
 
 
-def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None):
+def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False):
     """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
     seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given."""
     s, p = shapes(config_dict), plan(method)
@@ -120,17 +123,18 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
     small_n = lora_n + h + 1  # fp32 trained: all LoRA sets + one scalar head (reward in sft, value in ppo)
     ppo = method not in ("sft", "lora-sft")
-    per_tok = ((11 if p["full"] else 9) * h + 4 * s["ffn"]) if s["gated"] else 8 * h + s["ffn"]
+    per_tok = ((10 if p["full"] else 8) * h + 4 * s["ffn"]) if s["gated"] else 8 * h + s["ffn"]
     per_tok_lora = (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0)
     cast = ((6 * h + s["ffn"]) if s["gated"] else 5 * h + s["ffn"]) * 4 * (p["sets"] > 0 and d < 4)
-    rows_tokens = p["fwd"] * B * T
+    layer = (per_tok + per_tok_lora) * d + cast  # bytes one layer saves per token
+    saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
     out = dict(
         weights=p["copies"] * (s["params"] * d + 2 * (h + 1) * 4),
         lora=lora_n * 4,
         grads=full_n * d + small_n * 4,
         optimizer=full_n * (8 + (4 if d < 4 else 0)) + small_n * 8,
-        activations=rows_tokens * (s["L"] * ((per_tok + per_tok_lora) * d + cast) + 2 * h * d),
-        logits=4 * B * R * s["V"] * 4,
+        activations=p["fwd"] * B * T * (saved + 2 * h * d),
+        logits=3 * B * R * s["V"] * 4,
         kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
     )
     out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(out["activations"] + out["logits"], out["kv_cache"])
@@ -166,7 +170,7 @@ def bench_tokenizer(vocab):
     return H.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=vocab - 1, vocab_size=vocab)
 
 
-def build_row(name, cfg, B, P, R, lora_r, device, dtype):
+def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     """-> (step(i) -> response tokens of step i, optimizer, models): one training step of row `name` on random data."""
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
@@ -180,6 +184,8 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype):
                 p.requires_grad_(True)
         else:
             params = [p for n, p in model.named_parameters() if not n.startswith("value_head")]
+        if grad_ckpt:
+            H.enable_checkpointing(model.lm)
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
         rows = list(zip(rand(P), rand(R), rand(R)))  # (prompt, chosen, rejected) of fixed lengths
         model.train()
@@ -195,9 +201,10 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype):
         return step, opt, {"sft": model}
     models = {n: H.HydraModel(build_lm(cfg, i, device, dtype)) for i, n in enumerate(H.SFT_MODELS[name])}
     bases = H.ppo_bases(name, models)
-    # one minibatch per rollout, one epoch, no early stop: every step does the same work
+    # one minibatch per rollout, one epoch, no early stop: every step does the same work. score_norm "sft" takes a
+    # std over the batch's scores (NaN at batch 1); the bench does not need it, a scalar shift costs no memory
     pcfg = H.Config(rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R, ppo_epochs=1, stop_kl=math.inf,
-                    lora_r=lora_r, lora_alpha=2 * lora_r)
+                    lora_r=lora_r, lora_alpha=2 * lora_r, grad_ckpt=grad_ckpt, score_norm="none")
     params = H.setup_ppo(bases, name, pcfg)
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": 5e-5}, {"params": params["critic"], "lr": 5e-5}], weight_decay=0.0)
     kl_ctl, tok, prompts = H.KLController(pcfg.kl_coef, pcfg.target_kl, pcfg.kl_horizon), bench_tokenizer(V), rand(P)
@@ -217,7 +224,7 @@ def bench_one(a):
     device = H.pick_device(a.device)
     dtype = H.pick_dtype("auto", device)
     cfg = model_config(a.model)
-    step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype)
+    step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype, a.grad_ckpt)
     times, lens = [], []
     for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
         t0 = time.perf_counter()
@@ -233,11 +240,16 @@ def bench_one(a):
                 memory_measure="cuda" if device.type == "cuda" else "cpu-rss", device=str(device), dtype=str(dtype).removeprefix("torch."))
 
 
+def code_version():
+    # hydra_ppo.py and lora.py change under the bench: record which versions a table measured
+    return {os.path.basename(m.__file__): hashlib.sha256(open(m.__file__, "rb").read()).hexdigest()[:12] for m in (H, lora)}
+
+
 def run_child(a, name, batch_size):
     """one row in a fresh process, malloc told to hand big blocks back (so RSS tracks live memory). -> its dict."""
     cmd = [sys.executable, os.path.abspath(__file__), "--bench-one", name, "--model", a.model, "--batch-size", str(batch_size),
            "--steps", str(a.steps), "--prompt-len", str(a.prompt_len), "--response-len", str(a.response_len),
-           "--lora-r", str(a.lora_r), "--device", a.device, "--threads", str(a.threads)]
+           "--lora-r", str(a.lora_r), "--device", a.device, "--threads", str(a.threads)] + ["--grad-ckpt"] * a.grad_ckpt
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -251,11 +263,12 @@ def bench(a):
     d = torch.finfo(getattr(torch, res[0]["dtype"])).bits // 8
     by = {r["name"]: r for r in res}
     for r in res:
-        est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len)["total"] / MIB
+        est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len, a.grad_ckpt)["total"] / MIB
         r.update(x_ppo=r["peak_memory_mib"] / by["ppo"]["peak_memory_mib"], x_lora_sft=r["peak_memory_mib"] / by["lora-sft"]["peak_memory_mib"],
                  estimate_mib=round(est, 1), estimate_err=est / r["peak_memory_mib"] - 1)
     out = dict(memory_measure=res[0]["memory_measure"], model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
-               response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, device=res[0]["device"], dtype=res[0]["dtype"], rows=res)
+               response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, grad_ckpt=a.grad_ckpt, device=res[0]["device"], dtype=res[0]["dtype"],
+               code=code_version(), rows=res)
     print_bench(out)
     save_json(out, a.out, "bench.json")
     return out
@@ -277,9 +290,10 @@ def budget(a):
         res[name] = dict(batch_size=b, peak_memory_mib=probes[b]["peak_memory_mib"] if b else None,
                          latency_per_sample_s=probes[b]["latency_per_sample_s"] if b else None, probes=len(probes))
     out = dict(memory_measure=next(iter(probes.values()))["memory_measure"], model=a.model, budget_mib=a.budget_mib,
-               prompt_len=a.prompt_len, response_len=a.response_len, methods=res)
+               prompt_len=a.prompt_len, response_len=a.response_len, grad_ckpt=a.grad_ckpt, code=code_version(), methods=res)
     ref = res["lora-ppo"]
-    print(f"\nbudget {a.budget_mib} MiB on {a.model} ({out['memory_measure']}), prompt {a.prompt_len} + response {a.response_len}")
+    print(f"\nbudget {a.budget_mib:g} MiB on {a.model} ({out['memory_measure']}), prompt {a.prompt_len} + response {a.response_len}"
+          + ", activation checkpointing" * a.grad_ckpt)
     print(f"{'method':<12} {'max batch':>9} {'peak MiB':>9} {'s/sample':>9} {'batch x lora-ppo':>17} {'latency vs lora-ppo':>20}")
     for name, r in res.items():
         if r["batch_size"]:
@@ -305,7 +319,7 @@ def save_json(obj, out, fname):
 def print_bench(o):
     measure = {"cuda": "torch.cuda.max_memory_allocated", "cpu-rss": "peak RSS (ru_maxrss) above the post-import baseline"}[o["memory_measure"]]
     print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} tokens, "
-          f"{o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}")
+          f"{o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}" + ", activation checkpointing" * o["grad_ckpt"])
     print(f"peak memory = {measure}, one fresh process per row")
     print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} {'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
     for r in o["rows"]:
@@ -317,22 +331,24 @@ def print_estimate(a):
     cfg = model_config(a.estimate, "--estimate")
     d = {"fp32": 4, "bf16": 2, "fp16": 2}[a.dtype]
     s = shapes(cfg)
-    unit, div = ("GiB", 2**30) if estimate(cfg, "ppo", a.batch_size, a.seq_len, d, a.lora_r)["total"] > 10 * 2**30 else ("MiB", MIB)
+    est = lambda m, b: estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
+    unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
     print(f"estimate {a.estimate}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
-          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}; {unit}")
+          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt + f"; {unit}")
     keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "kv_cache", "total")
     paper = PAPER_PEAK_GIB.get(a.estimate.removesuffix("-random"), {})
     extra = (f" {'max batch':>9}" if a.budget_mib else "") + (f" {'paper GiB':>9} {'batch at paper':>14}" if paper else "")
     print(f"{'method':<12}" + "".join(f" {k:>11}" for k in keys) + extra)
-    fit = lambda m, lim: largest_batch(lambda b: estimate(cfg, m, b, a.seq_len, d, a.lora_r)["total"] <= lim)  # noqa: E731
+    fit = lambda m, lim: largest_batch(lambda b: est(m, b)["total"] <= lim)  # noqa: E731
     for m in (a.method,) if a.method else ROWS:
-        e = estimate(cfg, m, a.batch_size, a.seq_len, d, a.lora_r)
+        e = est(m, a.batch_size)
         line = f"{m:<12}" + "".join(f" {e[k] / div:>11.2f}" for k in keys)
         if a.budget_mib:
             line += f" {fit(m, a.budget_mib * MIB):>9}"
         if paper:
-            pb = fit(m, paper[m] * 2**30) if m in paper else None
-            line += f" {paper.get(m, float('nan')):>9.1f} {pb if pb is not None else '-':>14}"
+            pb = fit(m, paper[m] * 2**30) if m in paper else 0
+            at = f"{pb} ({est(m, pb)['total'] / 2**30:.1f})" if pb else "-"  # the largest batch whose plan stays under it
+            line += f" {paper.get(m, float('nan')):>9.1f} {at:>14}"
         print(line)
 
 
@@ -353,6 +369,7 @@ def parse_args(argv):
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads per bench process (0 = torch's default; 1 is faster when other jobs share the cores)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (hydra_ppo --grad-ckpt) in bench and estimate")
     p.add_argument("--out", default="out", help="bench.json / budget.json go here")
     p.add_argument("--budget-mib", type=float, default=0, help="bench: probe the largest batch per PPO method under this peak; estimate: add that column")
     p.add_argument("--max-batch", type=int, default=512, help="largest batch the budget search tries")
@@ -371,7 +388,7 @@ def validate(a):
     if a.threads < 0:
         raise H.ConfigError(f"--threads {a.threads}: must be >= 0")
     if a.budget_mib < 0:
-        raise H.ConfigError(f"--budget-mib {a.budget_mib}: must be > 0")
+        raise H.ConfigError(f"--budget-mib {a.budget_mib:g}: must be >= 0 (0 = no budget search)")
     if a.bench_one and a.bench_one not in ROWS:
         raise H.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
     if sum(map(bool, (a.bench, a.bench_one, a.estimate))) != 1:

@@ -163,9 +163,10 @@ def load_policies(specs, device):
 
 
 def heldout_prompts(cfg, n):
-    pairs, gold_fn, _ = data.load_data(cfg.data, cfg.n_builtin, cfg.seed)
-    _, held = data.split_pairs(pairs, cfg.heldout_frac, cfg.seed)
-    return list(dict.fromkeys(p.prompt for p in held))[:n], gold_fn
+    """the first n held-out prompts of a run's own split; repeats kept, as the data weights them (the built-in
+    task has 16 distinct prompts, so a win-rate over distinct prompts alone would rest on 16 samples)."""
+    _, held, gold_fn, _ = H.split_data(cfg)
+    return [p.prompt for p in held][:n], gold_fn
 
 
 def _device(bases):
@@ -177,18 +178,8 @@ def sample(pol, prompts, seed, bs):
     """one policy's responses, with its run's tokenizer, temperature and length, and the seeds all policies share.
     -> (token lists, texts, stopped-at-EOS flags, per-response KL to the run's reference)."""
     bases, cfg, tok, _ = pol["run"]
-    base, adapter, _ = H.ROLES[cfg.method][pol["role"]]
-    dev = _device(bases)
     pids = [tok.encode(tok.format_prompt(p))[-cfg.max_prompt:] for p in prompts]
-    resp, kls = [], []
-    for i in range(0, len(pids), bs):
-        g = H.generator(dev, H.step_seed(seed, "compare", i))
-        r = H.generate(bases[base], adapter, pids[i:i + bs], tok, cfg.max_new_tokens, cfg.temperature, g)
-        ids, mask, P = data.collate(pids[i:i + bs], r, tok.pad_id)
-        ids, mask = ids.to(dev), mask.to(dev)
-        o = H.run_roles(bases, cfg.method, (pol["role"], "reference"), ids, mask, P, cfg.temperature)
-        kls += ((o[pol["role"]][0] - o["reference"][0]) * mask[:, P:]).sum(-1).tolist()  # sum over response tokens
-        resp += r
+    resp, _, kls = H.sample_policy(bases, cfg.method, pol["role"], pids, tok, cfg, seed, stage="compare", bs=bs)
     return resp, [tok.decode(r) for r in resp], [bool(r) and r[-1] == tok.eos_id for r in resp], kls
 
 

@@ -423,7 +423,8 @@ def last_token_index(mask):
 def logprobs_of(logits, tokens, temperature=1.0):
     """log p(token) under logits / temperature: (B, R, V), (B, R) -> (B, R) log-probs and (B, R) entropy."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():  # logged, not trained: keeps two more (B, R, V) tensors out of the autograd graph
+        entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
@@ -686,17 +687,22 @@ def batch_indices(n, batch, seed, step):
     return torch.randperm(n, generator=g)[k * batch:(k + 1) * batch].tolist()
 
 
+def sft_parameters(model, use_lora, r, alpha):
+    """what Hydra-SFT trains: everything but the value head, or (LoRA SFT) an "sft" adapter and the reward head."""
+    if not use_lora:
+        return [p for n, p in model.named_parameters() if not n.startswith("value_head")]
+    lora.inject(model.lm, ["sft"], r=r, alpha=alpha)
+    model.requires_grad_(False)
+    params = lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=None):
     """Hydra-SFT (lm_w, rm_w > 0), plain SFT (rm_w = 0) or a reward model (lm_w = 0). resumable."""
     lr = cfg.sft_lr or (1e-3 if cfg.model == "tiny" else 1e-5)
-    if cfg.sft_lora:
-        lora.inject(model.lm, ["sft"], r=cfg.lora_r, alpha=cfg.lora_alpha)
-        model.requires_grad_(False)
-        params = lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters())
-        for p in params:
-            p.requires_grad_(True)
-    else:
-        params = [p for n, p in model.named_parameters() if not n.startswith("value_head")]
+    params = sft_parameters(model, cfg.sft_lora, cfg.lora_r, cfg.lora_alpha)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     step, last_loss, skipped = 0, float("nan"), 0
     if start is not None:
@@ -819,15 +825,23 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
     values = torch.cat([pad(o["critic"]) for o in old])
     raw_score = torch.cat([o["reward"] for o in old])
     has_eos = torch.tensor([r[-1] == tok.eos_id for r in responses], device=device)
+    for name, x in (("reward-model scores", raw_score), ("log-probs", logp), ("reference log-probs", ref_logp), ("values", values)):
+        check_finite(x, name, step + 1)  # before anything (the score normaliser included) is fitted on them
     if cfg.score_norm == "sft" and "mean" not in norm:  # the first rollout is SFT samples: actor == reference
         norm.update(mean=raw_score.mean().item(), std=raw_score.std().item() + 1e-6)
+        if cfg.value_init == "reward":  # a value head copied from the reward head moves to the normalised scale too
+            vh = models[roles["critic"][0]].value_head
+            with torch.no_grad():
+                vh.weight.div_(norm["std"])
+                vh.bias.sub_(norm["mean"]).div_(norm["std"])
+            values = (values - norm["mean"]) / norm["std"] * rmask  # what the rescaled head gives (it is linear)
     score = (raw_score - norm["mean"]) / norm["std"] if cfg.score_norm == "sft" else raw_score
     score = score.clamp(-cfg.score_clip, cfg.score_clip) + cfg.missing_eos_penalty * (~has_eos).float()
     with torch.no_grad():
         rewards, kl = kl_rewards(score, logp, ref_logp, rmask, kl_ctl.value)
         adv, returns = gae(rewards, values * rmask, rmask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, rmask)
-    for name, x in (("reward-model scores", raw_score), ("log-probs", logp), ("rewards", rewards), ("advantages", adv), ("values", values)):
+    for name, x in (("rewards", rewards), ("advantages", adv)):
         check_finite(x, name, step + 1)
     # 5. epochs x minibatches
     log = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "entropy")}
@@ -840,13 +854,21 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
             m = rmask[sl, :w]
             for mod in models.values():
                 mod.train()
-            new = run_roles(models, method, ("actor", "critic"), ids, mask, P, cfg.temperature)
-            pg, s = policy_loss(new["actor"][0], logp[sl, :w], adv[sl, :w], m, cfg.clip)
-            vf = value_loss(new["critic"], values[sl, :w], returns[sl, :w], m, cfg.value_clip)
-            loss = pg + cfg.vf_coef * vf
-            check_finite(loss, "ppo loss", step + 1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # one forward per distinct (base, adapter); when actor and critic do not share one (all but J-Hydra),
+            # backward each loss on its own so only one set of activations is alive at a time (same gradients)
+            new = {}
+            for group in (("actor", "critic"),) if roles["actor"][:2] == roles["critic"][:2] else (("actor",), ("critic",)):
+                new.update(run_roles(models, method, group, ids, mask, P, cfg.temperature))
+                loss = 0.0
+                if "actor" in group:
+                    pg, s = policy_loss(new["actor"][0], logp[sl, :w], adv[sl, :w], m, cfg.clip)
+                    loss = loss + pg
+                if "critic" in group:
+                    vf = value_loss(new["critic"], values[sl, :w], returns[sl, :w], m, cfg.value_clip)
+                    loss = loss + cfg.vf_coef * vf
+                check_finite(loss, "ppo loss", step + 1)
+                loss.backward()
             # clip per role: the critic's gradient scale must not shrink the actor's step
             norms = [torch.nn.utils.clip_grad_norm_(ps, cfg.max_grad_norm) for ps in params.values()]
             check_finite(torch.stack(norms), "ppo gradient norm", step + 1)
@@ -992,6 +1014,28 @@ def split_data(cfg):
     return train, held, gold_fn, dstats
 
 
+def check_memory_plan(cfg, device, dtype):
+    """on a GPU, before loading a real model: print eval.py's analytic plan and refuse early when it cannot fit."""
+    if device.type != "cuda" or cfg.model == "tiny":
+        return
+    import eval as E  # lazy: eval.py imports this file
+    try:
+        conf = E.model_config(cfg.model)
+    except ConfigError as e:
+        print(f"memory plan: skipped ({e})")
+        return
+    T = cfg.max_prompt + cfg.max_new_tokens
+    need = max(E.estimate(conf, m, b, T, torch.finfo(dtype).bits // 8, cfg.lora_r, cfg.max_new_tokens)["total"]
+               for m, b in (("lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch), (cfg.method, cfg.minibatch)))
+    free, _ = torch.cuda.mem_get_info(device)
+    print(f"memory plan (eval.py --estimate): about {need / 2**30:.1f} GiB at the peak; {free / 2**30:.1f} GiB free on {device}")
+    if need > free and cfg.grad_ckpt:
+        print("memory plan: the estimate assumes no activation checkpointing; going on with --grad-ckpt")
+    elif need > free:
+        raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: "
+                          f"try --sft-lora, --grad-ckpt, smaller --minibatch/--sft-batch/--max-new-tokens, or --method hydra-ppo")
+
+
 def build_sft_models(cfg, dtype, device):
     models, tok = {}, None
     for i, name in enumerate(SFT_MODELS[cfg.method]):
@@ -1019,6 +1063,7 @@ def run(cfg):
                 os.remove(os.path.join(cfg.out, f))
     train_pairs, held_pairs, gold_fn, dstats = split_data(cfg)
     print(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
+    check_memory_plan(cfg, device, dtype)
     models, tok = build_sft_models(cfg, dtype, device)
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
     print(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device} in {dtype}; method {cfg.method}")

@@ -192,3 +192,38 @@ def test_checkpoint_from_another_method_is_refused(reference_run, tmp_path, caps
     shutil.copytree(reference_run, out)
     code, err = _main(["--out", out, "--method", "lora-ppo"] + SMALL, capsys)
     assert code == 2 and "is from another run" in err and "method='hydra-ppo'" in err
+
+
+def test_gpu_memory_plan_refuses_early_when_the_method_cannot_fit(monkeypatch, capsys):
+    """if this fails, a too-big run on a GPU loads 14 GB of weights before dying of OOM instead of refusing at once."""
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * gib, 80 * gib))
+    cuda = torch.device("cuda")
+    full = H.Config(model="llama-7b", method="ppo", sft_lora=True, minibatch=4)
+    with pytest.raises(H.ConfigError, match="needs about .* GiB, 80.0 GiB is free"):
+        H.check_memory_plan(full, cuda, torch.bfloat16)
+    H.check_memory_plan(H.Config(model="llama-7b", method="hydra-ppo", sft_lora=True, sft_batch=2, minibatch=2), cuda, torch.bfloat16)
+    assert "memory plan (eval.py --estimate)" in capsys.readouterr().out
+
+
+def test_lora_sft_merges_before_ppo_and_the_run_completes(tmp_path):
+    """if this fails, --sft-lora (the path for bases too big to fine-tune) breaks or leaves the SFT adapter live in PPO."""
+    out = str(tmp_path)
+    assert _main(["--out", out, "--sft-lora", "--sft-lr", "1e-2"] + SMALL)[0] == 0
+    sd = H.load_file(os.path.join(out, "sft.pt"))["models"]["hydra"]
+    assert not any("lora_" in k for k in sd)  # merged and unloaded: PPO's LoRA-off is the LoRA-SFT model
+    s = _summary(out)
+    assert s["rm_accuracy"] > 0.5 and s["kl"] >= 0
+
+
+def test_stage_ppo_without_sft_checkpoint_names_what_to_run(tmp_path, capsys):
+    """if this fails, --stage ppo on an empty --out starts PPO from an untrained base, or dies with a traceback."""
+    code, err = _main(["--out", str(tmp_path), "--stage", "ppo"] + SMALL, capsys)
+    assert code == 2 and "run --stage sft" in err
+
+
+def test_hh_prompt_becomes_chat_messages():
+    """if this fails, a chat model sees raw 'Human:/Assistant:' text instead of its own template."""
+    msgs = H.hh_to_messages("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:")
+    assert msgs == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "how are you?"}]

@@ -39,9 +39,12 @@ def test_estimator_matches_hand_count_on_small_config():
     assert f["lora"] == 0
     s = E.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2)
     assert s["optimizer"] == n * 8 + 9 * 8 and s["kv_cache"] == 0  # fp32: no master copy; no rollout in SFT
-    # logits: 4 fp32 (B, response, V) tensors; activations: (11h + 4 ffn) elements per token per layer + 2h final norm
-    assert s["logits"] == 4 * B * 5 * 10 * 4
-    assert s["activations"] == 2 * B * T * (2 * (11 * 8 + 4 * 16) * 4 + 2 * 8 * 4)
+    # logits: 3 fp32 (B, response, V) tensors; activations: (10h + 4 ffn) elements per token per layer + 2h final norm
+    assert s["logits"] == 3 * B * 5 * 10 * 4
+    assert s["activations"] == 2 * B * T * (2 * (10 * 8 + 4 * 16) * 4 + 2 * 8 * 4)
+    # activation checkpointing: each layer keeps its input (h), one layer is recomputed in backward
+    c = E.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2, grad_ckpt=True)
+    assert c["activations"] == 2 * B * T * (2 * 8 * 4 + (10 * 8 + 4 * 16) * 4 + 2 * 8 * 4)
 
 
 @pytest.mark.parametrize("cfg", [E.MODELS["micro"], dict(model_type="opt", vocab_size=50, hidden_size=32, ffn_dim=64,
@@ -53,6 +56,31 @@ def test_estimator_param_counts_match_built_models(cfg):
     assert s["params"] == sum(p.numel() for p in lm.parameters())
     lora.inject(lm, ["a"], r=4)
     assert 4 * s["lora_r1"] == sum(p.numel() for p in lora.lora_parameters(lm, "a"))
+
+
+@pytest.mark.parametrize("row", ["sft", "lora-sft"])
+def test_activation_count_matches_saved_tensors(row):
+    """the plan's activation bytes drift from what autograd keeps for transformers' blocks if this fails."""
+    cfg = dict(E.MODELS["micro"], hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2)
+    model = H.HydraModel(E.build_lm(cfg, 0, "cpu", torch.float32))
+    if row == "lora-sft":
+        lora.inject(model.lm, ["sft"], r=4)
+        model.requires_grad_(False)
+        for p in lora.lora_parameters(model.lm, "sft"):
+            p.requires_grad_(True)
+    B, T = 3, 32
+    params, saved = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+    keep = []  # hold every saved tensor so no address is reused while counting
+
+    def pack(x):
+        keep.append(x)
+        if x.untyped_storage().data_ptr() not in params:
+            saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), lora.adapter("sft" if row == "lora-sft" else None):
+        model.hidden(torch.randint(0, 60, (2 * B, T)), torch.ones(2 * B, T, dtype=torch.long))  # chosen + rejected
+    est = E.estimate(cfg, row, B, T, dtype_bytes=4, lora_r=4)["activations"]
+    assert abs(sum(saved.values()) / est - 1) < 0.1
 
 
 def test_plan_follows_the_role_table():

@@ -283,3 +283,16 @@ def test_missing_eos_penalty_lowers_the_score_of_unfinished_responses(tiny_lm):
     # same rollouts (same seeds); the penalty shows up in the value loss targets, not in the raw score
     assert outs[0][1] == outs[1][1] and outs[0][0]["score"] == outs[1][0]["score"]
     assert outs[0][0]["vf_loss"] != outs[1][0]["vf_loss"]
+
+
+def test_value_head_copied_from_reward_head_is_put_on_the_normalised_score_scale(tiny_lm):
+    """if this fails, the critic starts on the raw reward scale while its targets are normalised (explained var ~ -10)."""
+    cfg = _cfg(value_init="reward")
+    models, params, opt = _setup("hydra-ppo", tiny_lm, cfg)
+    m = models["hydra"]
+    w0, b0 = m.reward_head.weight.detach().clone(), m.reward_head.bias.detach().clone()
+    norm = {}
+    H.ppo_iteration(models, "hydra-ppo", params, torch.optim.SGD(params["actor"], lr=0.0), H.KLController(cfg.kl_coef),
+                    _prompts(cfg.rollout_batch), _tok(), cfg, 0, torch.device("cpu"), norm)
+    assert torch.allclose(m.value_head.weight, w0 / norm["std"]) and torch.allclose(m.value_head.bias, (b0 - norm["mean"]) / norm["std"])
+    assert torch.equal(m.reward_head.weight, w0)  # the reward model itself is untouched
