@@ -389,7 +389,7 @@ class HydraModel(nn.Module):
         kw = {_cache_kw(base): cache} if cache is not None else {}
         out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
                    use_cache=cache is not None, **kw)
-        return out.last_hidden_state, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.last_hidden_state, out.get(_cache_kw(base))  # (.get: the old attribute name warns on access)
 
     def logits(self, h):
         return self.lm.get_output_embeddings()(h)

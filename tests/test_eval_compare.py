@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import eval_compare as E
+import eval as E
 import hydra_ppo as H
 
 # -----------------------------------------------------------------------------
