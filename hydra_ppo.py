@@ -1025,13 +1025,11 @@ def check_memory_plan(cfg, device, dtype):
         print(f"memory plan: skipped ({e})")
         return
     T = cfg.max_prompt + cfg.max_new_tokens
-    need = max(E.estimate(conf, m, b, T, torch.finfo(dtype).bits // 8, cfg.lora_r, cfg.max_new_tokens)["total"]
+    need = max(E.estimate(conf, m, b, T, torch.finfo(dtype).bits // 8, cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt)["total"]
                for m, b in (("lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch), (cfg.method, cfg.minibatch)))
     free, _ = torch.cuda.mem_get_info(device)
     print(f"memory plan (eval.py --estimate): about {need / 2**30:.1f} GiB at the peak; {free / 2**30:.1f} GiB free on {device}")
-    if need > free and cfg.grad_ckpt:
-        print("memory plan: the estimate assumes no activation checkpointing; going on with --grad-ckpt")
-    elif need > free:
+    if need > free:
         raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: "
                           f"try --sft-lora, --grad-ckpt, smaller --minibatch/--sft-batch/--max-new-tokens, or --method hydra-ppo")
 
