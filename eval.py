@@ -5,6 +5,7 @@ Memory and latency of the paper's methods, measured and estimated (Hydra-RLHF, a
     python eval.py --bench --model smollm2-135m-random       # SmolLM2-135M shapes, random init (no download)
     python eval.py --bench --budget-mib 1024                 # per PPO method: the largest batch under 1 GiB, and its latency
     python eval.py --estimate llama-7b --seq-len 800 --lora-r 128 --budget-mib 81920   # analytic plan, vs the paper
+    python eval.py --bench-fsdp 1,2 --model smollm2-135m-random   # FSDP2: per-rank peak on 1 vs 2 ranks (torchrun)
 
 Alignment of finished runs (the paper's win-rates, and ROUGE for summaries):
 
@@ -44,16 +45,7 @@ ROWS = ("sft", "lora-sft", "ppo", "lora-ppo", "j-hydra-ppo", "hydra-ppo")
 MIB = 2**20
 
 
-def vm_hwm_kib():
-    # peak RSS of this process image. ru_maxrss (hydra_ppo.peak_memory_mib) is carried across fork + exec, so a
-    # child of a bigger process (pytest, a bench parent) would read its parent's peak; VmHWM starts afresh at exec
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except OSError:  # no /proc (macOS): fall back to ru_maxrss
-        return H._RSS_BASELINE_KIB + H.peak_memory_mib(torch.device("cpu")) * 1024
-
-
+vm_hwm_kib = H.vm_hwm_kib  # peak RSS of this process image (VmHWM)
 HWM_BASELINE_KIB = vm_hwm_kib()  # after imports, at the same point as hydra_ppo's baseline
 
 # -----------------------------------------------------------------------------
@@ -116,7 +108,7 @@ def shapes(cfg):
 # - weights: d per base parameter per copy; reward + value heads fp32 (HydraModel never casts them).
 # - LoRA weights, their grads and every scalar head: fp32 (lora.py). AdamW: 2 fp32 states per trained parameter.
 # - full fine-tuning in d < 4 keeps an fp32 master copy (4 more per parameter, as DeepSpeed-Chat); in fp32 none.
-#   (hydra_ppo's own bf16 path is pure bf16 AdamW: bf16 states, no master, 8 per parameter less than this plan.)
+#   master=False: hydra_ppo's own bf16 path, pure bf16 AdamW (states in d, no master), 8 per parameter less.
 # - the critic's own lm_head of an untied model is in the optimizer but never gets a grad: no grad, no state.
 # - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
 #   recounted for transformers' blocks (saved_tensors_hooks, one storage counted once): no dropout (disabled), SDPA
@@ -144,15 +136,16 @@ def plan(method):
                 full=sum(a is None for _, a in train), seqs=1)
 
 
-def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False):
+def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False, master=True):
     """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
     seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given."""
     s, p = shapes(config_dict), plan(method)
     B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
     lora_n = p["sets"] * lora_r * s["lora_r1"]
     full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
-    small_n = lora_n + h + 1  # fp32 trained: all LoRA sets + one scalar head (reward in sft, value in ppo)
     ppo = method not in ("sft", "lora-sft")
+    head_n = h + ppo  # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
+    small_n = lora_n + head_n
     per_tok = ((10 if p["full"] else 8) * h + 4 * s["ffn"]) if s["gated"] else 8 * h + s["ffn"]
     per_tok_lora = (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0)
     cast = ((6 * h + s["ffn"]) if s["gated"] else 5 * h + s["ffn"]) * 4 * (p["sets"] > 0 and d < 4)
@@ -162,13 +155,13 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
         weights=p["copies"] * (s["params"] * d + 2 * (h + 1) * 4),
         lora=lora_n * 4,
         grads=full_n * d + small_n * 4,
-        optimizer=full_n * (8 + (4 if d < 4 else 0)) + small_n * 8,
+        optimizer=full_n * ((8 + (4 if d < 4 else 0)) if master else 2 * d) + small_n * 8,
         activations=p["seqs"] * B * T * (saved + 2 * h * d),
         logits=3 * B * R * s["V"] * 4,
         kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
     )
     out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(out["activations"] + out["logits"], out["kv_cache"])
-    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=p["full"] * s["params"] + lora_n + h + 1)
+    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=p["full"] * s["params"] + lora_n + head_n)
     return out
 
 
@@ -200,20 +193,17 @@ def bench_tokenizer(vocab):
     return H.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=vocab - 1, vocab_size=vocab)
 
 
-def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
-    """-> (step(i) -> response tokens of step i, optimizer, models): one training step of row `name` on random data."""
+def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=False):
+    """-> (step(i) -> response tokens of step i, optimizer, models): one training step of row `name` on random data.
+    fsdp: built on the CPU, then every base sharded over the ranks (hydra_ppo --fsdp); B is per rank."""
+    build_device, device = (torch.device("cpu"), device) if fsdp else (device, device)
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
     if name in ("sft", "lora-sft"):  # the inner step of H.train_sft, Hydra-SFT losses (lm + reward)
-        model = H.HydraModel(build_lm(cfg, 0, device, dtype))
-        if name == "lora-sft":
-            lora.inject(model.lm, ["sft"], r=lora_r, alpha=2 * lora_r)
-            model.requires_grad_(False)
-            params = lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters())
-            for p in params:
-                p.requires_grad_(True)
-        else:
-            params = [p for n, p in model.named_parameters() if not n.startswith("value_head")]
+        model = H.HydraModel(build_lm(cfg, 0, build_device, dtype))
+        params = H.sft_parameters(model, name == "lora-sft", lora_r, 2 * lora_r)
+        if fsdp:
+            params = H.trainable(H.shard(model, device))
         if grad_ckpt:
             H.enable_checkpointing(model.lm)
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
@@ -225,24 +215,31 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
                 loss, _ = H.sft_loss(model, rows, 1.0, 1.0, V - 1, device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                H.average_gradients(params)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
             return R
         return step, opt, {"sft": model}
-    models = {n: H.HydraModel(build_lm(cfg, i, device, dtype)) for i, n in enumerate(H.SFT_MODELS[name])}
+    models = {n: H.HydraModel(build_lm(cfg, i, build_device, dtype)) for i, n in enumerate(H.SFT_MODELS[name])}
     bases = H.ppo_bases(name, models)
     # one minibatch per rollout, one epoch, no early stop: every step does the same work. score_norm "sft" takes a
     # std over the batch's scores (NaN at batch 1); the bench does not need it, a scalar shift costs no memory
-    pcfg = H.Config(rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R, ppo_epochs=1, stop_kl=math.inf,
-                    lora_r=lora_r, lora_alpha=2 * lora_r, grad_ckpt=grad_ckpt, score_norm="none")
+    W = H.world()[1]
+    pcfg = H.Config(rollout_batch=B * W, minibatch=B * W, max_prompt=P, max_new_tokens=R, ppo_epochs=1, stop_kl=math.inf,
+                    lora_r=lora_r, lora_alpha=2 * lora_r, grad_ckpt=grad_ckpt, score_norm="none", fsdp=fsdp)
     params = H.setup_ppo(bases, name, pcfg)
+    if fsdp:
+        for m in set(bases.values()):
+            H.shard(m, device)
+        params = H.role_parameters(bases, name)
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": 5e-5}, {"params": params["critic"], "lr": 5e-5}], weight_decay=0.0)
     kl_ctl, tok, prompts = H.KLController(pcfg.kl_coef, pcfg.target_kl, pcfg.kl_horizon), bench_tokenizer(V), rand(P)
     for m in bases.values():
         m.eval()
 
     def step(i):
-        stats, _ = H.ppo_iteration(bases, name, params, opt, kl_ctl, prompts, tok, pcfg, i, device)
+        rank = H.world()[0]
+        stats, _ = H.ppo_iteration(bases, name, params, opt, kl_ctl, prompts, tok, pcfg, i, device, rows=range(rank * B, (rank + 1) * B))
         return stats["response_len"]
     return step, opt, bases
 
@@ -251,10 +248,12 @@ def bench_one(a):
     """child process: build one row, a warm-up step, a.steps timed steps. -> the row's dict (printed as one JSON line)."""
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = H.pick_device(a.device)
+    device = H.init_distributed(a.device) if a.fsdp else H.pick_device(a.device)
     dtype = H.pick_dtype("auto", device)
     cfg = model_config(a.model)
-    step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype, a.grad_ckpt)
+    step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype, a.grad_ckpt, a.fsdp)
+    if a.fsdp:  # each rank built the whole model on the CPU before sharding it: measure from here on
+        reset_peak(device)
     times, lens = [], []
     for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
         t0 = time.perf_counter()
@@ -268,7 +267,65 @@ def bench_one(a):
                 latency_per_sample_s=sorted(times[1:])[a.steps // 2] / a.batch_size,
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
                 frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets), mean_response_len=sum(lens) / len(lens),
-                memory_measure="cuda" if device.type == "cuda" else "cpu-rss", device=str(device), dtype=str(dtype).removeprefix("torch."))
+                memory_measure="cuda" if device.type == "cuda" else "cpu-rss", device=str(device), dtype=str(dtype).removeprefix("torch."),
+                **(shard_sizes(models) if a.fsdp else {}))
+
+
+def reset_peak(device):
+    """start the peak-memory reading afresh (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def shard_sizes(models):
+    """this rank's bytes of frozen base weights and of trained weights (its shards under FSDP2), exact."""
+    seen, frozen, trained = set(), 0, 0
+    for m in models.values():
+        for p in m.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            t = p.to_local() if H.is_sharded(p) else p
+            n = t.numel() * t.element_size()
+            frozen, trained = (frozen, trained + n) if p.requires_grad else (frozen + n, trained)
+    return dict(rank=H.world()[0], frozen_mib_this_rank=round(frozen / MIB, 2), trained_mib_this_rank=round(trained / MIB, 2))
+
+
+def bench_fsdp(a):
+    """--fsdp over 1, 2, ... ranks (torchrun on this machine), the same model and the same batch per rank: the frozen
+    base's share on each rank must shrink as the ranks grow."""
+    name = a.method or "hydra-ppo"
+    res = []
+    for n in tqdm(a.bench_fsdp, desc=f"fsdp {name}"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", os.path.abspath(__file__),
+               "--bench-one", name, "--fsdp", "--model", a.model, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+               "--prompt-len", str(a.prompt_len), "--response-len", str(a.response_len), "--lora-r", str(a.lora_r),
+               "--device", a.device, "--threads", str(a.threads)] + ["--grad-ckpt"] * a.grad_ckpt
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{name} --fsdp on {n} ranks failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
+        ranks = json.loads(r.stdout.strip().splitlines()[-1])
+        res.append(dict(ranks=n, per_rank=ranks, peak_mib_max=max(x["peak_memory_mib"] for x in ranks),
+                        frozen_mib_per_rank=max(x["frozen_mib_this_rank"] for x in ranks),
+                        trained_mib_per_rank=max(x["trained_mib_this_rank"] for x in ranks),
+                        latency_per_sample_s=ranks[0]["latency_per_sample_s"]))
+    one = res[0]
+    print(f"\nfsdp {name} on {a.model}: batch {a.batch_size} per rank, prompt {a.prompt_len} + response {a.response_len}, "
+          f"{ranks[0]['dtype']} on {ranks[0]['device']}, peak = {ranks[0]['memory_measure']} after sharding (largest rank)")
+    print(f"{'ranks':>5} {'frozen MiB/rank':>15} {'trained MiB/rank':>16} {'peak MiB/rank':>13} {'x 1st':>6} {'s/sample':>9}")
+    for r in res:
+        print(f"{r['ranks']:>5} {r['frozen_mib_per_rank']:>15.1f} {r['trained_mib_per_rank']:>16.2f} {r['peak_mib_max']:>13.1f} "
+              f"{r['peak_mib_max'] / one['peak_mib_max']:>6.2f} {r['latency_per_sample_s']:>9.4f}")
+    out = dict(method=name, model=a.model, batch_size_per_rank=a.batch_size, prompt_len=a.prompt_len, response_len=a.response_len,
+               code=code_version(), rows=res)
+    save_json(out, a.out, "fsdp.json")
+    return out
 
 
 def code_version():
@@ -727,6 +784,9 @@ def results_main(argv=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bench", action="store_true", help="measure the six rows, each in a fresh process")
+    p.add_argument("--bench-fsdp", metavar="N,N", type=lambda v: [int(x) for x in v.split(",")],
+                   help="FSDP2 per-rank memory of --method (default hydra-ppo) on N ranks each (torchrun), e.g. 1,2")
+    p.add_argument("--fsdp", action="store_true", help="(internal, with --bench-one under torchrun) shard the bases")
     p.add_argument("--bench-one", metavar="ROW", help=f"(internal) measure one row in this process: {', '.join(ROWS)}")
     p.add_argument("--estimate", metavar="MODEL", help=f"analytic memory plan from the config alone: {', '.join(MODELS)}, a local dir or a cached hub id")
     p.add_argument("--model", default="tiny", help="bench model: micro, tiny, smollm2-135m-random (random init of built-in shapes)")
@@ -759,9 +819,11 @@ def validate(a):
         raise H.ConfigError(f"--budget-mib {a.budget_mib:g}: must be >= 0 (0 = no budget search)")
     if a.bench_one and a.bench_one not in ROWS:
         raise H.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
-    if sum(map(bool, (a.bench, a.bench_one, a.estimate))) != 1:
-        raise H.ConfigError("pass exactly one of --bench, --bench-one ROW, --estimate MODEL")
-    if (a.bench or a.bench_one) and model_config(a.model)["model_type"] != "llama":
+    if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp))) != 1:
+        raise H.ConfigError("pass exactly one of --bench, --bench-fsdp N,N, --bench-one ROW, --estimate MODEL")
+    if a.bench_fsdp and min(a.bench_fsdp) < 1:
+        raise H.ConfigError(f"--bench-fsdp {a.bench_fsdp}: rank counts must be >= 1")
+    if (a.bench or a.bench_one or a.bench_fsdp) and model_config(a.model)["model_type"] != "llama":
         raise H.ConfigError(f"--model {a.model}: the bench builds llama-type models only (its RSS baseline includes that code)")
 
 
@@ -776,7 +838,12 @@ def main(argv=None):
         validate(a)
         if a.bench_one:
             a.name = a.bench_one
-            print(json.dumps(bench_one(a)))
+            row = bench_one(a)
+            rows = H.gather_lists([row]) if a.fsdp else row  # under torchrun: rank 0 prints every rank's row
+            if H.is_writer():
+                print(json.dumps(rows))
+        elif a.bench_fsdp:
+            bench_fsdp(a)
         elif a.estimate:
             print_estimate(a)
         elif a.budget_mib:

@@ -9,6 +9,7 @@ The four methods of the paper's Table 2 differ only in the ROLES table below.
 
     python hydra_ppo.py                                  # tiny model, built-in task: Hydra-SFT, Hydra-PPO, eval
     python hydra_ppo.py --method lora-ppo --data ../shared/data/hh-harmless-sample.jsonl.gz
+    torchrun --nproc_per_node 2 hydra_ppo.py [--fsdp]     # data parallel (or sharded) over 2 processes
 """
 import argparse
 import contextlib
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -33,7 +35,18 @@ from tqdm import tqdm
 import data
 import lora
 
-_RSS_BASELINE_KIB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports: what the run adds is ours
+
+def vm_hwm_kib():
+    """peak RSS of this process image. VmHWM starts afresh at exec; ru_maxrss (the fallback where there is no /proc)
+    is carried across fork + exec, so a child of a bigger process (pytest, a bench parent) would read its parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+_RSS_BASELINE_KIB = vm_hwm_kib()  # after imports: what the run adds is ours
 
 # -----------------------------------------------------------------------------
 # configuration: one dataclass, every field becomes a --flag
@@ -89,6 +102,7 @@ class Config:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clip per role"})
     value_init: str = field(default="reward", metadata={"help": "value head init: reward (copy the reward head, as DeepSpeed-Chat) | zero"})
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing (switch-safe)"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard every base across the ranks with FSDP2 (fully_shard per decoder layer, then the root)"})
     skip_nonfinite: bool = field(default=False, metadata={"help": "skip (and count) a step whose loss/reward/gradient is NaN or inf instead of stopping"})
     # eval and io
     eval_prompts: int = field(default=64, metadata={"help": "held-out prompts sampled in the final evaluation"})
@@ -135,6 +149,11 @@ def validate(cfg):
     for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight"):
         checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
     checks.append((cfg.rollout_batch % cfg.minibatch == 0, f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))
+    checks.append((cfg.score_norm == "none" or cfg.rollout_batch >= 2, f"--score-norm sft takes the std of the first rollout's scores: needs --rollout-batch >= 2 (got {cfg.rollout_batch}), or pass --score-norm none"))
+    W = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun: every rank takes an equal share of each batch
+    for name in ("sft_batch", "minibatch"):
+        checks.append((getattr(cfg, name) % W == 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be a multiple of the {W} ranks (torchrun --nproc_per_node x nodes)"))
+    checks.append((not cfg.fsdp or "WORLD_SIZE" in os.environ, "--fsdp shards the model across processes: launch with torchrun, e.g. torchrun --nproc_per_node 2 hydra_ppo.py --fsdp"))
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
@@ -147,10 +166,17 @@ def is_writer():
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def say(*args):
+    """print, on rank 0 only (errors go to stderr from every rank)."""
+    if is_writer():
+        print(*args, flush=True)
+
+
 def save_atomic(obj, path):
-    """write to a temporary name, then rename: a kill at any moment leaves the previous file intact."""
+    """write to a temporary name, then rename: a kill at any moment leaves the previous file intact. every rank
+    calls it (the others wait for rank 0, so that they see the file once it returns)."""
     if not is_writer():
-        return
+        return barrier()
     tmp = path + ".tmp"
     if path.endswith(".json"):
         with open(tmp, "w") as f:
@@ -160,6 +186,7 @@ def save_atomic(obj, path):
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
+    barrier()
 
 
 def load_file(path):
@@ -220,12 +247,13 @@ def peak_memory_mib(device):
     """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline (see ../shared/notes/environment.md)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _RSS_BASELINE_KIB) / 1024
+    return (vm_hwm_kib() - _RSS_BASELINE_KIB) / 1024
 
 
-def step_seed(seed, stage, step):
-    """every step's randomness is a pure function of (seed, stage, step, rank): a resumed run replays it exactly."""
-    key = f"{seed}/{stage}/{step}/{os.environ.get('RANK', '0')}".encode()
+def step_seed(seed, stage, step, part=0):
+    """every random draw is a pure function of (seed, stage, step, part), part = a response's row in the global batch
+    (or a rank): a resumed run replays it exactly, and a run on N ranks samples what a run on one samples."""
+    key = f"{seed}/{stage}/{step}/{part}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:6], "little")
 
 
@@ -233,6 +261,156 @@ def generator(device, seed):
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. a plain `python hydra_ppo.py` never joins a group, and
+# every helper below is then the identity. data parallel: each rank holds an equal share of every batch, and its
+# losses are scaled so that averaging gradients over ranks gives the gradient of the combined batch.
+
+def world():
+    """-> (rank, number of ranks); (0, 1) in a plain single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def init_distributed(device_name):
+    """join torchrun's process group (nccl on GPUs, gloo on CPU) when there is one. -> this rank's device."""
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(x, op="sum"):
+    """a tensor summed (op="max": maxed) over ranks; a detached copy of it in one process."""
+    x = torch.as_tensor(x).detach()
+    if world()[1] == 1:
+        return x.clone()
+    y = x.to(_comm_device(), copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
+def rank_mean(v):
+    """a float averaged over ranks (a logged statistic of equal shares)."""
+    return all_sum(torch.tensor(float(v), dtype=torch.float64)).item() / world()[1]
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def gather_lists(xs):
+    """every rank's list, concatenated in rank order, on every rank."""
+    if world()[1] == 1:
+        return list(xs)
+    got = [None] * world()[1]
+    dist.all_gather_object(got, list(xs))
+    return [x for part in got for x in part]
+
+
+def my_rows(n):
+    """this rank's share of n rows: contiguous, and the same count on every rank (FSDP needs every rank to run the
+    same forwards), so the last ranks may repeat row 0 as filler. -> (row indices, how many are real)."""
+    rank, W = world()
+    k = -(-n // W)
+    rows = list(range(rank * k, min(n, (rank + 1) * k)))
+    return rows + [0] * (k - len(rows)), len(rows)
+
+
+def average_gradients(params, bucket=2**26):
+    """data parallel without a wrapper: average the gradients over ranks (what DDP does), in flat buckets. a weight
+    without a gradient (the critic's adapter after an actor-only backward, which trips DDP) has none on every rank,
+    so skipping it is the same decision everywhere. FSDP2-sharded weights come back from backward averaged already."""
+    W = world()[1]
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
+    if W == 1 or not grads:
+        return
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        todo = [g for g in grads if g.dtype == dtype]
+        while todo:
+            n, k = 0, 0
+            while k < len(todo) and (k == 0 or n + todo[k].numel() <= bucket):
+                n, k = n + todo[k].numel(), k + 1
+            part, todo = todo[:k], todo[k:]
+            flat = torch.cat([g.flatten() for g in part]).to(_comm_device())
+            dist.all_reduce(flat)
+            for g, f in zip(part, flat.div_(W).split([g.numel() for g in part])):
+                g.copy_(f.view_as(g))
+
+
+def is_sharded(t):
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def to_full(t):
+    """an FSDP2-sharded tensor -> the whole tensor (an all-gather: every rank calls it); anything else as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def decoder_layers(lm):
+    """the transformer blocks: the longest nn.ModuleList (llama's model.layers, opt's decoder.layers, gpt-2's h)."""
+    return max((m for m in lm.modules() if isinstance(m, nn.ModuleList)), key=len)
+
+
+def shard(model, device):
+    """FSDP2: each decoder layer, then each head, then the root owns a 1/N slice of its weights (moved to device);
+    a forward all-gathers one layer, uses it and frees it. the heads are their own groups because FSDP wants one
+    dtype per group of trainable weights, and they are fp32 beside a bf16 base. hidden() and logits() are the
+    model's forwards (generate calls them directly), so they run FSDP's hooks too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(device.type, (world()[1],))
+    for layer in decoder_layers(model.lm):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.reward_head, mesh=mesh)
+    fully_shard(model.value_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for name in ("hidden", "logits"):
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def full_state(sd, clone=False):
+    """a state dict made whole (sharded tensors gathered) and put on the CPU, for a checkpoint. every rank takes
+    part in the gathers; only rank 0, the writer, keeps the result."""
+    out = {}
+    for k, v in sd.items():
+        v = to_full(v.detach()) if torch.is_tensor(v) else v
+        if is_writer():
+            out[k] = (v.to("cpu", copy=True) if clone else v.cpu()) if torch.is_tensor(v) else v
+    return out
+
+
+def optimizer_state(opt):
+    sd = opt.state_dict()
+    return {**sd, "state": {i: full_state(s) for i, s in sd["state"].items()}}
+
+
+def load_optimizer_state(opt, sd):
+    """a checkpoint's optimizer state; the state of a sharded weight is cut to this rank's shard of it."""
+    from torch.distributed.tensor import distribute_tensor
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) if is_sharded(p) and v.dim() else v for k, v in s.items()}
+    opt.load_state_dict({**sd, "state": state})
 
 
 # -----------------------------------------------------------------------------
@@ -434,11 +612,22 @@ def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def global_mean(x, mask):
+    """masked mean over the real tokens of every rank (masked_mean in one process)."""
+    return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
+
+
+def dp_mean(x, mask):
+    """masked mean as this rank's share of the loss: its masked sum over the average token count per rank, so
+    that the ranks' gradients average to those of the combined batch's token mean (masked_mean in one process)."""
+    return (x * mask).sum() / (all_sum(mask.sum()).clamp(min=1) / world()[1])
+
+
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
-    """whiten over the real tokens only; padding stays 0 (ppo-details.md: masked mean/var)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
+    """whiten over the real tokens only, of every rank; padding stays 0 (ppo-details.md: masked mean/var)."""
+    mean = global_mean(x, mask)
+    var = global_mean((x - mean) ** 2, mask)
+    n = all_sum(mask.sum())
     var = var * n / (n - 1).clamp(min=1)  # unbiased
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -474,23 +663,23 @@ def policy_loss(logp, old_logp, adv, mask, clip=0.2):
     """clipped surrogate objective. -> loss, {clipfrac, approx_kl, ratio}."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
-    loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), mask)
-    with torch.no_grad():
-        stats = {"clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
-                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
-                 "ratio": masked_mean(ratio, mask).item()}
+    loss = dp_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), mask)
+    with torch.no_grad():  # over every rank's tokens: the early stop on approx_kl is one decision for all
+        stats = {"clipfrac": global_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+                 "approx_kl": global_mean((ratio - 1) - log_ratio, mask).item(),
+                 "ratio": global_mean(ratio, mask).item()}
     return loss, stats
 
 
 def value_loss(values, old_values, returns, mask, clip=0.2):
     """clipped value loss: 0.5 * max((v - R)^2, (clip(v, old +- c) - R)^2)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return 0.5 * dp_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 def explained_variance(values, returns, mask):
-    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    return (1 - masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask) / var).item() if var > 0 else float("nan")
+    var = global_mean((returns - global_mean(returns, mask)) ** 2, mask)
+    return (1 - global_mean((returns - values - global_mean(returns - values, mask)) ** 2, mask) / var).item() if var > 0 else float("nan")
 
 
 class KLController:
@@ -546,7 +735,19 @@ def setup_ppo(models, method, cfg):
             cb.value_head.load_state_dict(models[roles["reward"][0]].reward_head.state_dict())
         else:
             nn.init.zeros_(cb.value_head.weight), nn.init.zeros_(cb.value_head.bias)
-    params, seen = {}, set()
+    params = role_parameters(models, method)
+    for p in params["actor"] + params["critic"]:
+        p.requires_grad_(True)
+    if cfg.grad_ckpt:
+        for m in models.values():
+            enable_checkpointing(m.lm)
+    return params
+
+
+def role_parameters(models, method):
+    """-> {"actor": [...], "critic": [...]}: the weights each trained role owns (call again after sharding: FSDP
+    puts new parameter objects in place)."""
+    roles, params, seen = ROLES[method], {}, set()
     for role in ("actor", "critic"):
         base, adapter, _ = roles[role]
         ps = lora.lora_parameters(models[base].lm, adapter) if adapter else list(models[base].lm.parameters())
@@ -554,11 +755,6 @@ def setup_ppo(models, method, cfg):
             ps = ps + list(models[base].value_head.parameters())
         params[role] = [p for p in ps if id(p) not in seen]  # j-hydra: the shared adapter trains once, in the actor group
         seen |= {id(p) for p in params[role]}
-        for p in params[role]:
-            p.requires_grad_(True)
-    if cfg.grad_ckpt:
-        for m in models.values():
-            enable_checkpointing(m.lm)
     return params
 
 
@@ -597,10 +793,20 @@ def run_roles(models, method, wanted, ids, mask, P, temperature):
 # -----------------------------------------------------------------------------
 # generation: left-padded prompts, KV cache, stop at EOS
 
+def sample_tokens(logits, temperature, gens):
+    """one token per row from softmax(logits / temperature), by the Gumbel-max trick with every row's own generator:
+    a response depends on its own seed only, not on the batch size, its row, or the number of ranks. (B, V) -> (B,)"""
+    u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in gens])  # (B, V)
+    gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
+    return (logits.float() / temperature + gumbel).argmax(-1)
+
+
 @torch.no_grad()
-def generate(model, adapter, prompts, tok, max_new, temperature, gen):
-    """sample responses for token-id prompts. -> list of response token lists, each cut after its first EOS."""
+def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
+    """sample responses for token-id prompts, row i from seeds[i]. -> list of response token lists, each cut after
+    its first EOS."""
     dev = next(model.parameters()).device
+    gens = [generator(dev, s) for s in seeds]
     ids, mask, _ = data.collate(prompts, [[] for _ in prompts], tok.pad_id)
     ids, mask = ids.to(dev), mask.to(dev)
     B = ids.shape[0]
@@ -613,13 +819,12 @@ def generate(model, adapter, prompts, tok, max_new, temperature, gen):
     with lora.adapter(adapter):
         h, cache = model.hidden(ids, mask, cache)
         for _ in range(max_new):
-            logits = model.logits(h[:, -1]).float() / temperature  # (B, V)
-            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+            nxt = sample_tokens(model.logits(h[:, -1]), temperature, gens)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
             out.append(nxt)
             mask = torch.cat([mask, (~done).long().unsqueeze(-1)], 1)  # a token is real if its row was still running
             done |= nxt == tok.eos_id
-            if done.all():
+            if all_sum((~done).sum()).item() == 0:  # every rank's rows: sharded ranks must run the same forwards
                 break
             h, cache = model.hidden(nxt.unsqueeze(-1), mask, cache)
     model.train(was_training)
@@ -657,26 +862,30 @@ def sft_loss(model, rows, lm_w, rm_w, pad_id, device):
     stats, loss = {}, 0.0
     if lm_w:
         logp, _ = logprobs_of(model.logits(h[:B, P - 1:-1]), ids[:B, P:])
-        lm_loss = -masked_mean(logp, mask[:B, P:].float())
+        lm_loss = -dp_mean(logp, mask[:B, P:].float())  # token mean over every rank's chosen responses
         loss = loss + lm_w * lm_loss
         stats["lm_loss"] = lm_loss.item()
     if rm_w:
         r = model.score(h, mask)
         rm_loss = -F.logsigmoid(r[:B] - r[B:]).mean()
         loss = loss + rm_w * rm_loss
-        stats.update(rm_loss=rm_loss.item(), rm_acc=(r[:B] > r[B:]).float().mean().item())
+        hits = (r[:B] > r[B:]).float()
+        stats.update(rm_loss=rm_loss.item(), rm_acc=hits.mean().item(), rm_hits=hits)
     return loss, stats
 
 
 @torch.no_grad()
 def rm_accuracy(model, rows, pad_id, device, bs=32):
+    """held-out pairs whose chosen response outscores the rejected one, counted over every rank's share."""
     model.eval()
+    mine, n_real = my_rows(len(rows))
     hits = 0
-    for i in range(0, len(rows), bs):
-        _, s = sft_loss(model, rows[i:i + bs], 0.0, 1.0, pad_id, device)
-        hits += s["rm_acc"] * len(rows[i:i + bs])
+    for i in range(0, len(mine), bs):
+        chunk = [rows[j] for j in mine[i:i + bs]]
+        _, s = sft_loss(model, chunk, 0.0, 1.0, pad_id, device)
+        hits += s["rm_hits"][: max(0, n_real - i)].sum().item()  # the filler rows of the last rank do not count
     model.train()
-    return hits / len(rows)
+    return all_sum(torch.tensor(hits)).item() / len(rows)
 
 
 def batch_indices(n, batch, seed, step):
@@ -688,45 +897,55 @@ def batch_indices(n, batch, seed, step):
 
 
 def sft_parameters(model, use_lora, r, alpha):
-    """what Hydra-SFT trains: everything but the value head, or (LoRA SFT) an "sft" adapter and the reward head."""
-    if not use_lora:
-        return [p for n, p in model.named_parameters() if not n.startswith("value_head")]
-    lora.inject(model.lm, ["sft"], r=r, alpha=alpha)
-    model.requires_grad_(False)
-    params = lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return params
+    """mark what Hydra-SFT trains: everything but the value head, or (LoRA SFT) an "sft" adapter and the reward head."""
+    if use_lora:
+        lora.inject(model.lm, ["sft"], r=r, alpha=alpha)
+        model.requires_grad_(False)
+        for p in lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters()):
+            p.requires_grad_(True)
+    model.value_head.requires_grad_(False)
+    # the pairwise loss sees r(chosen) - r(rejected): the reward bias gets exactly no gradient, and AdamW would only
+    # turn rounding noise in that zero into steps of size lr
+    model.reward_head.bias.requires_grad_(False)
+    return trainable(model)
 
 
 def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=None):
     """Hydra-SFT (lm_w, rm_w > 0), plain SFT (rm_w = 0) or a reward model (lm_w = 0). resumable."""
     lr = cfg.sft_lr or (1e-3 if cfg.model == "tiny" else 1e-5)
+    torch.manual_seed(step_seed(cfg.seed, f"sft-{name}-init", 0))  # LoRA init: the same on every rank and on resume
     params = sft_parameters(model, cfg.sft_lora, cfg.lora_r, cfg.lora_alpha)
+    if start is not None:
+        model.load_state_dict(start["model"])
+    if cfg.fsdp:  # after injecting and loading: a sharded module takes no new weights
+        params = trainable(shard(model, device))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     step, last_loss, skipped = 0, float("nan"), 0
     if start is not None:
-        model.load_state_dict(start["model"])
-        opt.load_state_dict(start["opt"])
+        load_optimizer_state(opt, start["opt"])
         step, last_loss, skipped = start["step"], start["loss"], start["skipped"]
+    rank, W = world()
     trim_metrics(out, f"sft-{name}", step)
     model.train()
     ctx = lora.adapter("sft") if cfg.sft_lora else contextlib.nullcontext()
     bar = tqdm(range(step, cfg.sft_steps), desc=f"sft {name}", disable=not is_writer(), initial=step, total=cfg.sft_steps)
     with ctx:
         for step in bar:
-            torch.manual_seed(step_seed(cfg.seed, f"sft-{name}", step))
+            torch.manual_seed(step_seed(cfg.seed, f"sft-{name}", step, rank))
             rows = [train_rows[i] for i in batch_indices(len(train_rows), cfg.sft_batch, cfg.seed, step)]
+            b = cfg.sft_batch // W
+            rows = rows[rank * b:(rank + 1) * b]  # this rank's share of the global batch
             try:
                 loss, stats = sft_loss(model, rows, lm_w, rm_w, tok.pad_id, device)
                 check_finite(loss, "sft loss", step + 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                average_gradients(params)
+                gn = to_full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 check_finite(gn, "sft gradient norm", step + 1)
                 opt.step()
-                last_loss = loss.item()
-                stats = {"loss": last_loss, "grad_norm": gn.item(), **{k: round(v, 6) for k, v in stats.items()}}
+                last_loss = rank_mean(loss.item())
+                stats = {"loss": last_loss, "grad_norm": gn.item(), **{k: round(rank_mean(v), 6) for k, v in stats.items() if k != "rm_hits"}}
             except NumericalFault as e:
                 if not cfg.skip_nonfinite:
                     raise
@@ -735,8 +954,8 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
                 stats = {"skipped": str(e)}
             log_metrics(out, {"stage": f"sft-{name}", "step": step + 1, **stats})
             bar.set_postfix({k: v for k, v in stats.items() if k in ("lm_loss", "rm_loss", "rm_acc")})
-            if STOP.requested or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.sft_steps:
-                save_atomic({"stage": f"sft-{name}", "step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+            if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.sft_steps:
+                save_atomic({"stage": f"sft-{name}", "step": step + 1, "model": full_state(model.state_dict()), "opt": optimizer_state(opt),
                              "loss": last_loss, "skipped": skipped, "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
                 STOP.exit_if_requested(out)
     if cfg.sft_lora:
@@ -763,6 +982,13 @@ class StopFlag:
         self.requested = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint...", file=sys.stderr)
 
+    def agreed(self):
+        """the request as every rank sees it: a signal can reach the ranks a step apart, and all must checkpoint
+        and stop at the same step. every rank calls this once per step."""
+        if world()[1] > 1:
+            self.requested = int(all_sum(torch.tensor(self.requested or 0), op="max")) or None
+        return self.requested
+
     def exit_if_requested(self, out):
         if self.requested:
             print(f"stopped; checkpoint in {out}/ckpt.pt. resume with the same command (add --fresh to start over).", file=sys.stderr)
@@ -777,7 +1003,8 @@ class NumericalFault(RuntimeError):
 
 
 def check_finite(x, what, step):
-    if not torch.isfinite(x).all():
+    """raise on NaN/inf on any rank, on every rank (they must skip or stop together)."""
+    if all_sum((~torch.isfinite(to_full(x))).sum()).item():
         raise NumericalFault(f"non-finite {what} at step {step}; nothing was written for this step, the last good checkpoint is kept")
 
 
@@ -795,18 +1022,21 @@ def check_meta(meta, cfg, path):
 # -----------------------------------------------------------------------------
 # PPO (the loop in textbook order: rollout, score, rewards, GAE, epochs x minibatches)
 
-def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, device, norm=None):
-    """one PPO iteration on a batch of token-id prompts. norm: {"mean", "std"} of the score, fitted on the first call."""
+def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, device, norm=None, rows=None):
+    """one PPO iteration on this rank's share of a batch of token-id prompts; rows: their rows in the global batch
+    (they seed the sampling). norm: {"mean", "std"} of the score, fitted on the first call."""
     norm = {} if norm is None else norm
     roles = ROLES[method]
-    gen = generator(device, step_seed(cfg.seed, "ppo", step))
+    rows = range(len(prompts)) if rows is None else rows
+    N, mb = len(prompts) * world()[1], cfg.minibatch // world()[1]  # global rollout batch, this rank's minibatch share
     t0 = time.time()
     # 1. rollout with the actor
     a_base, a_adapter, _ = roles["actor"]
-    responses = generate(models[a_base], a_adapter, prompts, tok, cfg.max_new_tokens, cfg.temperature, gen)
+    seeds = [step_seed(cfg.seed, "ppo", step, row) for row in rows]
+    responses = generate(models[a_base], a_adapter, prompts, tok, cfg.max_new_tokens, cfg.temperature, seeds)
     t_gen = time.time() - t0
     # 2. score everything once, without gradients, in the same minibatch chunks the update will use
-    chunks = [list(range(i, i + cfg.minibatch)) for i in range(0, len(prompts), cfg.minibatch)]
+    chunks = [list(range(i, i + mb)) for i in range(0, len(prompts), mb)]
     batches, old = [], []
     for idx in chunks:
         ids, mask, P = data.collate([prompts[i] for i in idx], [responses[i] for i in idx], tok.pad_id)
@@ -828,7 +1058,9 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
     for name, x in (("reward-model scores", raw_score), ("log-probs", logp), ("reference log-probs", ref_logp), ("values", values)):
         check_finite(x, name, step + 1)  # before anything (the score normaliser included) is fitted on them
     if cfg.score_norm == "sft" and "mean" not in norm:  # the first rollout is SFT samples: actor == reference
-        norm.update(mean=raw_score.mean().item(), std=raw_score.std().item() + 1e-6)
+        mean = all_sum(raw_score.sum()).item() / N  # over every rank's scores
+        var = all_sum(((raw_score - mean) ** 2).sum()).item() / (N - 1)
+        norm.update(mean=mean, std=math.sqrt(var) + 1e-6)
         if cfg.value_init == "reward":  # a value head copied from the reward head moves to the normalised scale too
             vh = models[roles["critic"][0]].value_head
             with torch.no_grad():
@@ -850,7 +1082,7 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
         order = torch.randperm(len(chunks), generator=generator("cpu", step_seed(cfg.seed, f"ppo-order{epoch}", step))).tolist() if epoch else range(len(chunks))
         for c in order:
             ids, mask, P = batches[c]
-            sl, w = slice(c * cfg.minibatch, (c + 1) * cfg.minibatch), ids.shape[1] - P
+            sl, w = slice(c * mb, (c + 1) * mb), ids.shape[1] - P
             m = rmask[sl, :w]
             for mod in models.values():
                 mod.train()
@@ -869,11 +1101,13 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
                     loss = loss + cfg.vf_coef * vf
                 check_finite(loss, "ppo loss", step + 1)
                 loss.backward()
+            average_gradients([p for ps in params.values() for p in ps])  # after both backwards: every trained weight has one
             # clip per role: the critic's gradient scale must not shrink the actor's step
-            norms = [torch.nn.utils.clip_grad_norm_(ps, cfg.max_grad_norm) for ps in params.values()]
+            norms = [to_full(torch.nn.utils.clip_grad_norm_(ps, cfg.max_grad_norm)) for ps in params.values()]
             check_finite(torch.stack(norms), "ppo gradient norm", step + 1)
             opt.step()
-            for k, v in (("pg_loss", pg.item()), ("vf_loss", vf.item()), ("entropy", masked_mean(new["actor"][1].detach(), m).item()), *s.items()):
+            for k, v in (("pg_loss", rank_mean(pg.item())), ("vf_loss", rank_mean(vf.item())),
+                         ("entropy", global_mean(new["actor"][1].detach(), m).item()), *s.items()):
                 log[k].append(v)
             if s["approx_kl"] > cfg.stop_kl:
                 stopped_early = True
@@ -882,12 +1116,12 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
             break
     for mod in models.values():
         mod.eval()
-    seq_kl = kl.sum(-1).mean().item()
-    kl_ctl.update(seq_kl, len(prompts))
+    seq_kl = all_sum(kl.sum()).item() / N  # the controller sees the mean over every rank's responses
+    kl_ctl.update(seq_kl, N)
     stats.update({k: sum(v) / len(v) for k, v in log.items() if v})
-    stats.update(score=raw_score.mean().item(), kl=seq_kl, first_ratio=log["ratio"][0], first_approx_kl=log["approx_kl"][0],
-                 explained_var=explained_variance(values, returns, rmask), response_len=rmask.sum(-1).mean().item(),
-                 eos_frac=has_eos.float().mean().item(), stopped_early=stopped_early, gen_s=t_gen, step_s=time.time() - t0)
+    stats.update(score=all_sum(raw_score.sum()).item() / N, kl=seq_kl, first_ratio=log["ratio"][0], first_approx_kl=log["approx_kl"][0],
+                 explained_var=explained_variance(values, returns, rmask), response_len=all_sum(rmask.sum()).item() / N,
+                 eos_frac=all_sum(has_eos.sum()).item() / N, stopped_early=stopped_early, gen_s=t_gen, step_s=time.time() - t0)
     return stats, responses
 
 
@@ -903,27 +1137,37 @@ def prompt_ids(pairs, tok, cfg):
 
 
 def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
-    params = setup_ppo(models, method, cfg)
+    torch.manual_seed(step_seed(cfg.seed, "ppo-init", 0))  # LoRA init: the same on every rank, in a fresh or a resumed run
+    setup_ppo(models, method, cfg)
+    if start is not None:
+        load_trainable(models, start["trainable"])
+    if cfg.fsdp:  # after the adapters are on and loaded: a sharded module takes no new weights
+        for m in set(models.values()):
+            shard(m, device)
+    params = role_parameters(models, method)
     lr_a = cfg.actor_lr or (5e-5 if cfg.model != "tiny" else (2e-3 if ROLES[method]["actor"][1] else 2e-4))
     lr_c = cfg.critic_lr or lr_a
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": lr_a}, {"params": params["critic"], "lr": lr_c}], weight_decay=0.0)
     kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     step, times, norm, skipped = 0, [], {}, 0
     if start is not None:
-        load_trainable(models, start["trainable"])
-        opt.load_state_dict(start["opt"])
+        load_optimizer_state(opt, start["opt"])
         kl_ctl.value, step, times, norm, skipped = start["kl_coef"], start["step"], start["times"], start["score_norm"], start["skipped"]
     trim_metrics(out, "ppo", step)
     for mod in models.values():
         mod.eval()
     bar = tqdm(range(step, cfg.ppo_steps), desc=f"ppo {method}", disable=not is_writer(), initial=step, total=cfg.ppo_steps)
+    rank, W = world()
+    M, mb = cfg.minibatch, cfg.minibatch // W
+    # this rank's rows of the global batch: its share of every global minibatch, so the chunks line up across ranks
+    rows = [c * M + rank * mb + j for c in range(cfg.rollout_batch // M) for j in range(mb)]
     for step in bar:
-        torch.manual_seed(step_seed(cfg.seed, "ppo-global", step))
+        torch.manual_seed(step_seed(cfg.seed, "ppo-global", step, rank))
         batch = [prompts[i][1] for i in batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, step)]
         if len(batch) < cfg.rollout_batch:
             batch = (batch * cfg.rollout_batch)[: cfg.rollout_batch]
         try:
-            stats, _ = ppo_iteration(models, method, params, opt, kl_ctl, batch, tok, cfg, step, device, norm)
+            stats, _ = ppo_iteration(models, method, params, opt, kl_ctl, [batch[i] for i in rows], tok, cfg, step, device, norm, rows)
             times.append(stats["step_s"])
             stats = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
@@ -933,8 +1177,8 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
             skipped += 1
             stats = {"skipped": str(e)}
         log_metrics(out, {"stage": "ppo", "step": step + 1, **stats})
-        if STOP.requested or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.ppo_steps:
-            save_atomic({"stage": "ppo", "step": step + 1, "trainable": trainable_state(models), "opt": opt.state_dict(),
+        if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.ppo_steps:
+            save_atomic({"stage": "ppo", "step": step + 1, "trainable": trainable_state(models), "opt": optimizer_state(opt),
                          "kl_coef": kl_ctl.value, "score_norm": norm, "times": times, "skipped": skipped, "meta": run_meta(cfg)},
                         os.path.join(out, "ckpt.pt"))
             STOP.exit_if_requested(out)
@@ -944,7 +1188,7 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
 
 def trainable_state(models):
     """adapters + value head (LoRA methods) or full weights (full PPO): whatever requires grad, nothing frozen."""
-    return {name: {k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items() if v.requires_grad} for name, m in models.items()}
+    return {name: full_state({k: v for k, v in m.state_dict(keep_vars=True).items() if v.requires_grad}, clone=True) for name, m in models.items()}
 
 
 def load_trainable(models, state):
@@ -960,22 +1204,24 @@ def load_trainable(models, state):
 
 @torch.no_grad()
 def sample_policy(models, method, role, prompts, tok, cfg, seed, stage="eval", bs=None):
-    """sample a role's policy ("actor" = PPO, "reference" = SFT) on token-id prompts, chunk k seeded by
-    (seed, stage, k) so that every policy gets the same seeds. -> responses, reward scores, KL to the reference."""
+    """sample a role's policy ("actor" = PPO, "reference" = SFT) on token-id prompts, prompt i seeded by
+    (seed, stage, i) so that every policy gets the same seeds; the prompts are shared out over the ranks.
+    -> responses, reward scores, KL to the reference (nats per response), in prompt order."""
     base, adapter, _ = ROLES[method][role]
     dev = next(models[base].parameters()).device
     bs = bs or cfg.minibatch
-    resp, scores, kls = [], [], []
-    for i in range(0, len(prompts), bs):
-        chunk = prompts[i:i + bs]
-        r = generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, cfg.temperature, generator(dev, step_seed(seed, stage, i)))
+    mine, n_real = my_rows(len(prompts))
+    got = []
+    for i in range(0, len(mine), bs):
+        chunk = [prompts[j] for j in mine[i:i + bs]]
+        r = generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, cfg.temperature, [step_seed(seed, stage, 0, j) for j in mine[i:i + bs]])
         ids, mask, P = data.collate(chunk, r, tok.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         o = run_roles(models, method, dict.fromkeys((role, "reference", "reward")), ids, mask, P, cfg.temperature)
-        resp += r
-        scores += o["reward"].tolist()
-        kls += ((o[role][0] - o["reference"][0]) * mask[:, P:]).sum(-1).tolist()  # nats per response
-    return resp, scores, kls
+        kl = ((o[role][0] - o["reference"][0]) * mask[:, P:]).sum(-1)
+        got += list(zip(r, o["reward"].tolist(), kl.tolist()))
+    got = gather_lists(got[:n_real])  # drop the filler rows, then every rank's share in prompt order
+    return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
 
 
 def evaluate(models, method, prompts, tok, cfg, gold_fn=None, policies=("sft", "ppo")):
@@ -1003,7 +1249,7 @@ def load_stage_ckpt(out, stage, cfg):
     if ck["stage"] != stage:
         return None
     trim_metrics(out, stage, ck["step"])
-    print(f"resuming {stage} from {path} at step {ck['step']}")
+    say(f"resuming {stage} from {path} at step {ck['step']}")
     return ck
 
 
@@ -1022,29 +1268,35 @@ def check_memory_plan(cfg, device, dtype):
     try:
         conf = E.model_config(cfg.model)
     except ConfigError as e:
-        print(f"memory plan: skipped ({e})")
+        say(f"memory plan: skipped ({e})")
         return
-    T = cfg.max_prompt + cfg.max_new_tokens
-    need = max(E.estimate(conf, m, b, T, torch.finfo(dtype).bits // 8, cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt)["total"]
+    T, W = cfg.max_prompt + cfg.max_new_tokens, world()[1]
+
+    def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
+        shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
+        return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
+    # master=False: hydra_ppo's bf16 full fine-tuning is pure bf16 AdamW (no fp32 master copy)
+    need = max(per_rank(E.estimate(conf, m, b, T, torch.finfo(dtype).bits // 8, cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt, master=False))
                for m, b in (("lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch), (cfg.method, cfg.minibatch)))
     free, _ = torch.cuda.mem_get_info(device)
-    print(f"memory plan (eval.py --estimate): about {need / 2**30:.1f} GiB at the peak; {free / 2**30:.1f} GiB free on {device}")
+    say(f"memory plan (eval.py --estimate): about {need / 2**30:.1f} GiB at the peak; {free / 2**30:.1f} GiB free on {device}")
     if need > free:
         raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: "
                           f"try --sft-lora, --grad-ckpt, smaller --minibatch/--sft-batch/--max-new-tokens, or --method hydra-ppo")
 
 
 def build_sft_models(cfg, dtype, device):
+    """the method's SFT models, on device; under --fsdp on the CPU, until shard() moves each rank's slice over."""
     models, tok = {}, None
     for i, name in enumerate(SFT_MODELS[cfg.method]):
         lm, tok = load_lm(cfg.model, dtype, seed=cfg.seed + i)
-        models[name] = HydraModel(lm.to(device))
+        models[name] = HydraModel(lm.to("cpu" if cfg.fsdp else device))
     return models, tok
 
 
 def run(cfg):
     t_start = time.time()
-    device = pick_device(cfg.device)
+    device = init_distributed(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.threads or cfg.model == "tiny":
         torch.set_num_threads(cfg.threads or 1)
@@ -1059,17 +1311,21 @@ def run(cfg):
         for f in ("ckpt.pt", "sft.pt", "metrics.jsonl", "summary.json"):
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
+    barrier()  # no rank reads OUT before rank 0 has cleared it
     train_pairs, held_pairs, gold_fn, dstats = split_data(cfg)
-    print(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
+    say(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
     check_memory_plan(cfg, device, dtype)
     models, tok = build_sft_models(cfg, dtype, device)
+    rank, W = world()
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
-    print(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device} in {dtype}; method {cfg.method}")
+    say(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device} in {dtype}; method {cfg.method}"
+        + (f"; {W} ranks, {'FSDP2-sharded' if cfg.fsdp else 'data parallel'}" if W > 1 else ""))
+    peak = lambda: all_sum(torch.tensor(peak_memory_mib(device)), op="max").item()  # noqa: E731  the largest rank's
     train_rows, cut1 = encode_pairs(train_pairs, tok, cfg)
     held_rows, cut2 = encode_pairs(held_pairs, tok, cfg)
     held_prompts, _ = prompt_ids(held_pairs, tok, cfg)
     held_prompts = held_prompts[: cfg.eval_prompts]
-    summary = update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed, device=str(device),
+    summary = update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed, device=str(device), world_size=W, fsdp=cfg.fsdp,
                              n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2, data_stats=dstats)
     if cfg.sft_batch > len(train_rows):
         raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_rows)} training pairs")
@@ -1091,15 +1347,17 @@ def run(cfg):
             sft_stats[name] = {"loss": loss, "skipped_steps": skipped, "seconds": time.time() - t0}
             if rm_w:
                 sft_stats[name]["rm_accuracy"] = rm_accuracy(models[name], held_rows, tok.pad_id, device)
-        save_atomic({"models": {n: m.state_dict() for n, m in models.items()}, "meta": run_meta(cfg),
+        save_atomic({"models": {n: full_state(m.state_dict()) for n, m in models.items()}, "meta": run_meta(cfg),
                      "config": dataclasses.asdict(cfg)}, sft_path)
         summary = update_summary(cfg.out, rm_accuracy=sft_stats[rm_name]["rm_accuracy"], sft_loss=sft_stats[lm_name]["loss"],
-                                 sft=sft_stats, peak_memory_mib_sft=peak_memory_mib(device))
-        print(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
+                                 sft=sft_stats, peak_memory_mib_sft=peak())
+        say(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
     elif cfg.stage != "sft":
         if not os.path.exists(sft_path):
             raise ConfigError(f"--stage ppo needs {sft_path}; run --stage sft (or all) with this --out first")
     if os.path.exists(sft_path):
+        if cfg.fsdp:  # sharded modules cannot take the PPO adapters: fresh unsharded ones, sharded again in train_ppo
+            models, tok = build_sft_models(cfg, dtype, device)
         ck = load_file(sft_path)
         check_meta(ck["meta"], cfg, sft_path)
         for n, m in models.items():
@@ -1108,14 +1366,14 @@ def run(cfg):
         if gold_fn:
             r, _ = evaluate({"hydra": models[lm_name]}, "hydra-ppo", held_prompts, tok, cfg, gold_fn, policies=("sft",))
             update_summary(cfg.out, gold_sft=r["gold_sft"])
-        summary = update_summary(cfg.out, peak_memory_mib=peak_memory_mib(device), seconds=time.time() - t_start)
-        print(json.dumps(summary, indent=2))
+        summary = update_summary(cfg.out, peak_memory_mib=peak(), seconds=time.time() - t_start)
+        say(json.dumps(summary, indent=2))
         return summary
 
     # ---- stage 2: PPO with the method's role table
     train_prompts, cut = prompt_ids(train_pairs, tok, cfg)
     if cut:
-        print(f"{cut} of {len(train_prompts)} PPO prompts were longer than --max-prompt {cfg.max_prompt} and were cut from the left")
+        say(f"{cut} of {len(train_prompts)} PPO prompts were longer than --max-prompt {cfg.max_prompt} and were cut from the left")
     update_summary(cfg.out, truncated_prompts=cut)
     bases = ppo_bases(cfg.method, models)
     start = load_stage_ckpt(cfg.out, "ppo", cfg)
@@ -1127,9 +1385,10 @@ def run(cfg):
     # ---- stage 3: evaluation on held-out prompts
     res, samples = evaluate(bases, cfg.method, held_prompts, tok, cfg, gold_fn)
     summary = update_summary(cfg.out, **res, kl=res["kl_ppo"], **ppo_stats, ppo_seconds=ppo_seconds,
-                             peak_memory_mib=peak_memory_mib(device), seconds=time.time() - t_start,
+                             peak_memory_mib=peak(), seconds=time.time() - t_start,
                              examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in list(zip(held_prompts, samples["sft"], samples["ppo"]))[:3]])
-    print_summary(summary)
+    if is_writer():
+        print_summary(summary)
     return summary
 
 
@@ -1143,7 +1402,7 @@ def load_run(out, device="auto"):
     if "config" not in ck:
         raise ConfigError(f"{sft_path} has no saved config (written by an older hydra); rerun it with --fresh")
     names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ck["config"].items() if k in names and k != "device"}, device=device)
+    cfg = Config(**{k: v for k, v in ck["config"].items() if k in names and k not in ("device", "fsdp")}, device=device)
     dev = pick_device(device)
     models, tok = build_sft_models(cfg, pick_dtype(cfg.dtype, dev), dev)
     for n, m in models.items():
@@ -1176,6 +1435,8 @@ def main(argv=None):
         validate(cfg)
         STOP.install()
         run(cfg)
+        if world()[1] > 1:
+            dist.destroy_process_group()
     except (ConfigError, data.DataError, NumericalFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

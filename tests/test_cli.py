@@ -168,6 +168,8 @@ def test_skip_nonfinite_counts_skipped_steps(tmp_path, monkeypatch):
     (["--model", "no-such-model"], "--model 'no-such-model': no such local directory"),
     (["--model", "./missing-dir"], "no such local directory"),
     (["--sft-batch", "5000"], "--sft-batch 5000 is larger than"),
+    (["--rollout-batch", "1", "--minibatch", "1"], "--score-norm sft takes the std"),
+    (["--fsdp"], "--fsdp shards the model across processes: launch with torchrun"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--stage", "bogus"], "--"),
 ])
 def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, capsys, args, needle):
@@ -175,6 +177,14 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, capsys, args,
     code, err = _main(["--out", str(tmp_path)] + SMALL + args, capsys)
     assert code == 2
     assert needle in err and err.startswith("error: ")
+
+
+def test_batches_that_ranks_cannot_share_equally_are_refused(monkeypatch):
+    """if this fails, under torchrun a batch is split unevenly and N ranks no longer compute the combined batch."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(H.ConfigError, match="--minibatch 6 must be a multiple of the 4 ranks"):
+        H.validate(H.Config(rollout_batch=12, minibatch=6))
+    H.validate(H.Config(rollout_batch=16, minibatch=8, sft_batch=8))
 
 
 def test_malformed_data_line_is_named(tmp_path, capsys):

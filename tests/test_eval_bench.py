@@ -38,8 +38,10 @@ def test_estimator_matches_hand_count_on_small_config():
     assert f["grads"] == 2 * n * 2 + 9 * 4  # actor + critic full in bf16, value head fp32
     assert f["optimizer"] == 2 * n * (8 + 4) + 9 * 8  # AdamW states + fp32 master weights for the bf16 copies
     assert f["lora"] == 0
+    g = E.estimate(SMALL, "ppo", B, T, dtype_bytes=2, lora_r=2, master=False)  # hydra_ppo's pure-bf16 AdamW
+    assert g["optimizer"] == 2 * n * 2 * 2 + 9 * 8
     s = E.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2)
-    assert s["optimizer"] == n * 8 + 9 * 8 and s["kv_cache"] == 0  # fp32: no master copy; no rollout in SFT
+    assert s["optimizer"] == n * 8 + 8 * 8 and s["kv_cache"] == 0  # fp32: no master copy; reward-head weight only (its bias gets no gradient); no rollout in SFT
     # logits: 3 fp32 (B, response, V) tensors; activations: (10h + 4 ffn) elements per token per layer + 2h final norm
     assert s["logits"] == 3 * B * 5 * 10 * 4
     assert s["activations"] == 2 * B * T * (2 * (10 * 8 + 4 * 16) * 4 + 2 * 8 * 4)
@@ -180,3 +182,20 @@ def test_bench_one_row_reports_its_fields():
     assert row["peak_memory_mib"] > 0 and row["latency_per_sample_s"] > 0
     assert row["trainable_params"] == E.estimate(E.MODELS["micro"], "hydra-ppo", 2, 11, 4, 16, 5)["trainable_params"]
     assert row["mean_response_len"] == 5  # eos can never be sampled: every response has the fixed length
+
+
+@pytest.mark.slow
+def test_fsdp_bench_halves_each_ranks_share_of_the_weights(tmp_path):
+    """if this fails, --fsdp does not shard the frozen base (or the adapters) across ranks: a base too big for one
+    device would not fit on two."""
+    r = subprocess.run([sys.executable, "eval.py", "--bench-fsdp", "1,2", "--model", "micro", "--batch-size", "2", "--steps", "1",
+                        "--prompt-len", "6", "--response-len", "5", "--threads", "1", "--out", str(tmp_path)],
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = json.load(open(tmp_path / "fsdp.json"))["rows"]
+    assert (one["ranks"], two["ranks"]) == (1, 2) and len(two["per_rank"]) == 2
+    full = sum(p.numel() * 4 for p in H.HydraModel(E.build_lm(E.MODELS["micro"], 0, "cpu", torch.float32)).parameters()) / E.MIB
+    assert abs(one["frozen_mib_per_rank"] - full) < 0.01  # one rank holds every frozen weight (the LoRA sets train)
+    for x in two["per_rank"]:  # each of two ranks holds half, up to FSDP's padding of dim 0 to a multiple of 2
+        assert abs(x["frozen_mib_this_rank"] - one["frozen_mib_per_rank"] / 2) < 0.01
+        assert abs(x["trained_mib_this_rank"] - one["trained_mib_per_rank"] / 2) < 0.01

@@ -154,11 +154,12 @@ def test_kv_cache_generation_matches_a_full_forward(tiny_lm, monkeypatch):
     it also pins that sampling uses the same temperature as the log-probs."""
     m = H.HydraModel(tiny_lm)
     seen = []
-    real = torch.multinomial
-    monkeypatch.setattr(torch, "multinomial", lambda p, n, generator=None: (seen.append(p.clone()), real(p, n, generator=generator))[1])
+    real = H.sample_tokens
+    monkeypatch.setattr(H, "sample_tokens", lambda logits, t, gens: (seen.append(torch.softmax(logits / t, -1)), real(logits, t, gens))[1])
     prompts = [[1, 2, 3, 4], [5, 6]]
     T = 0.7
-    resp = H.generate(m, None, prompts, _tok(), 4, T, H.generator("cpu", 0))
+    resp = H.generate(m, None, prompts, _tok(), 4, T, [0, 1])
+    assert seen
     for t in range(len(seen)):
         for i in range(2):
             if t < len(resp[i]):  # rows still running at step t
@@ -168,12 +169,32 @@ def test_kv_cache_generation_matches_a_full_forward(tiny_lm, monkeypatch):
                 assert torch.allclose(seen[t][i], full, atol=1e-5)
 
 
+def test_sampling_draws_from_the_tempered_softmax():
+    """if this fails, rollouts come from another distribution than the one the log-probs score (temperature mismatch)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    T, n = 0.5, 20000
+    gens = [H.generator("cpu", i) for i in range(n)]
+    counts = torch.bincount(H.sample_tokens(logits.expand(n, 4), T, gens), minlength=4).float() / n
+    want = torch.softmax(logits[0] / T, -1)
+    assert torch.allclose(counts, want, atol=0.015), (counts, want)
+
+
+def test_a_response_depends_only_on_its_own_seed(tiny_lm):
+    """if this fails, a run on N ranks (or with another batch layout) samples other responses than a run on one."""
+    m = H.HydraModel(tiny_lm)
+    prompts = _prompts(6)
+    whole = H.generate(m, None, prompts, _tok(), 6, 1.0, list(range(6)))
+    halves = H.generate(m, None, prompts[3:], _tok(), 6, 1.0, [3, 4, 5]) + H.generate(m, None, prompts[:3], _tok(), 6, 1.0, [0, 1, 2])
+    assert whole == halves[3:] + halves[:3]
+    assert H.generate(m, None, prompts, _tok(), 6, 1.0, list(range(1, 7))) != whole  # and the seed does matter
+
+
 def test_responses_stop_after_the_first_eos(tiny_lm):
     """if this fails, tokens after EOS get reward, value and loss."""
     m = H.HydraModel(tiny_lm)
     with torch.no_grad():  # make EOS very likely so rows finish at different times
         tiny_lm.get_output_embeddings().weight[EOS] += 0.6 * tiny_lm.get_output_embeddings().weight.mean(0).sign()
-    resp = H.generate(m, None, _prompts(8), _tok(), 12, 1.0, H.generator("cpu", 3))
+    resp = H.generate(m, None, _prompts(8), _tok(), 12, 1.0, range(3, 11))
     assert any(r[-1] == EOS for r in resp)
     for r in resp:
         assert EOS not in r[:-1]  # (pad may be sampled by an untrained model; masks come from lengths)
@@ -296,3 +317,16 @@ def test_value_head_copied_from_reward_head_is_put_on_the_normalised_score_scale
                     _prompts(cfg.rollout_batch), _tok(), cfg, 0, torch.device("cpu"), norm)
     assert torch.allclose(m.value_head.weight, w0 / norm["std"]) and torch.allclose(m.value_head.bias, (b0 - norm["mean"]) / norm["std"])
     assert torch.equal(m.reward_head.weight, w0)  # the reward model itself is untouched
+
+
+def test_adapter_init_does_not_depend_on_what_ran_before(tiny_lm, tmp_path):
+    """if this fails, a resumed `--stage ppo` (or another rank) starts from other LoRA weights than the run that did
+    SFT in the same process: the init read the global RNG wherever SFT had left it."""
+    cfg = _cfg(ppo_steps=0)
+    got = []
+    for burn in (0, 5):
+        models = H.ppo_bases("hydra-ppo", {"hydra": H.HydraModel(copy.deepcopy(tiny_lm))})
+        torch.rand(burn)  # what SFT steps did to the global RNG
+        H.train_ppo(models, "hydra-ppo", [], _tok(), cfg, torch.device("cpu"), str(tmp_path))
+        got.append(torch.cat([p.detach().flatten() for p in lora.lora_parameters(models["hydra"].lm, "actor")]))
+    assert torch.equal(got[0], got[1])
