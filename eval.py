@@ -229,7 +229,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
                     lora_r=lora_r, lora_alpha=2 * lora_r, grad_ckpt=grad_ckpt, score_norm="none", fsdp=fsdp)
     params = H.setup_ppo(bases, name, pcfg)
     if fsdp:
-        for m in set(bases.values()):
+        for m in dict.fromkeys(bases.values()):
             H.shard(m, device)
         params = H.role_parameters(bases, name)
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": 5e-5}, {"params": params["critic"], "lr": 5e-5}], weight_decay=0.0)

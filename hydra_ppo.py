@@ -723,7 +723,7 @@ def ppo_bases(method, sft_models):
 def setup_ppo(models, method, cfg):
     """put the adapters on, init the value head, freeze everything but what trains. -> {role: [params]}."""
     roles = ROLES[method]
-    for base in {b for b, _, _ in roles.values()}:
+    for base in dict.fromkeys(b for b, _, _ in roles.values()):  # table order, not set order: LoRA init draws from the RNG
         names = sorted({a for b, a, _ in roles.values() if b == base and a is not None})
         if names:
             lora.inject(models[base].lm, names, r=cfg.lora_r, alpha=cfg.lora_alpha)
@@ -1142,7 +1142,7 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
     if start is not None:
         load_trainable(models, start["trainable"])
     if cfg.fsdp:  # after the adapters are on and loaded: a sharded module takes no new weights
-        for m in set(models.values()):
+        for m in dict.fromkeys(models.values()):
             shard(m, device)
     params = role_parameters(models, method)
     lr_a = cfg.actor_lr or (5e-5 if cfg.model != "tiny" else (2e-3 if ROLES[method]["actor"][1] else 2e-4))

@@ -330,3 +330,24 @@ def test_adapter_init_does_not_depend_on_what_ran_before(tiny_lm, tmp_path):
         H.train_ppo(models, "hydra-ppo", [], _tok(), cfg, torch.device("cpu"), str(tmp_path))
         got.append(torch.cat([p.detach().flatten() for p in lora.lora_parameters(models["hydra"].lm, "actor")]))
     assert torch.equal(got[0], got[1])
+
+
+def test_adapter_init_is_the_same_in_every_process():
+    """if this fails, a two-base method (lora-ppo) puts other LoRA weights on each rank or in a resumed run: the
+    bases were injected in set order, which Python's per-process string hashing changes."""
+    import os
+    import subprocess
+    import sys
+    code = ("import copy, torch, hydra_ppo as H, lora\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "torch.manual_seed(0)\n"
+            "lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+            " num_attention_heads=2, num_key_value_heads=2))\n"
+            "models = H.ppo_bases('lora-ppo', {n: H.HydraModel(copy.deepcopy(lm)) for n in ('sft', 'rm')})\n"
+            "torch.manual_seed(1)\n"
+            "H.setup_ppo(models, 'lora-ppo', H.Config(lora_r=2, lora_alpha=4))\n"
+            "print(float(lora.lora_parameters(models['sft'].lm, 'actor')[0].sum()), float(lora.lora_parameters(models['rm'].lm, 'critic')[0].sum()))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3", "4")}
+    assert len(outs) == 1, outs
