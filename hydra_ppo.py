@@ -910,8 +910,9 @@ def sft_parameters(model, use_lora, r, alpha):
     return trainable(model)
 
 
-def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=None):
-    """Hydra-SFT (lm_w, rm_w > 0), plain SFT (rm_w = 0) or a reward model (lm_w = 0). resumable."""
+def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=None, finished=None):
+    """Hydra-SFT (lm_w, rm_w > 0), plain SFT (rm_w = 0) or a reward model (lm_w = 0). resumable. finished: the
+    SFT models this run already trained (the baselines train two), kept in the checkpoint so a resume skips them."""
     lr = cfg.sft_lr or (1e-3 if cfg.model == "tiny" else 1e-5)
     torch.manual_seed(step_seed(cfg.seed, f"sft-{name}-init", 0))  # LoRA init: the same on every rank and on resume
     params = sft_parameters(model, cfg.sft_lora, cfg.lora_r, cfg.lora_alpha)
@@ -956,7 +957,7 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
             bar.set_postfix({k: v for k, v in stats.items() if k in ("lm_loss", "rm_loss", "rm_acc")})
             if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.sft_steps:
                 save_atomic({"stage": f"sft-{name}", "step": step + 1, "model": full_state(model.state_dict()), "opt": optimizer_state(opt),
-                             "loss": last_loss, "skipped": skipped, "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
+                             "loss": last_loss, "skipped": skipped, "finished": finished or {}, "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
                 STOP.exit_if_requested(out)
     if cfg.sft_lora:
         lora.merge_and_unload(model.lm, "sft")  # explicit export: the PPO adapters go on top of the merged base
@@ -1338,15 +1339,30 @@ def run(cfg):
             base = next(iter(models.values()))
             r0, _ = evaluate({"hydra": base}, "hydra-ppo", held_prompts, tok, cfg, gold_fn, policies=("sft",))
             summary = update_summary(cfg.out, gold_init=r0["gold_sft"])
-        sft_stats = {}
+        sft_stats, finished = {}, {}
+        ck_path = os.path.join(cfg.out, "ckpt.pt")
+        earlier = {}
+        if os.path.exists(ck_path) and not cfg.fresh:
+            ck = load_file(ck_path)
+            check_meta(ck["meta"], cfg, ck_path)
+            earlier = ck.get("finished", {})
+        names = list(SFT_MODELS[cfg.method])
         for name, (lm_w, rm_w) in SFT_MODELS[cfg.method].items():
             rm_w = cfg.rm_weight if rm_w is None else rm_w
+            if name in earlier:  # a baseline stopped while training its second model: the first is done
+                say(f"sft-{name}: finished before the stop, loaded from {ck_path}")
+                models[name].load_state_dict(earlier[name]["model"])
+                finished[name] = earlier[name]
+                sft_stats[name] = earlier[name]["stats"]
+                continue
             start = load_stage_ckpt(cfg.out, f"sft-{name}", cfg)
             t0 = time.time()
-            loss, skipped = train_sft(name, models[name], lm_w, rm_w, train_rows, cfg, tok, device, cfg.out, start)
+            loss, skipped = train_sft(name, models[name], lm_w, rm_w, train_rows, cfg, tok, device, cfg.out, start, finished)
             sft_stats[name] = {"loss": loss, "skipped_steps": skipped, "seconds": time.time() - t0}
             if rm_w:
                 sft_stats[name]["rm_accuracy"] = rm_accuracy(models[name], held_rows, tok.pad_id, device)
+            if name != names[-1]:
+                finished[name] = {"model": full_state(models[name].state_dict()), "stats": sft_stats[name]}  # it trains no more
         save_atomic({"models": {n: full_state(m.state_dict()) for n, m in models.items()}, "meta": run_meta(cfg),
                      "config": dataclasses.asdict(cfg)}, sft_path)
         summary = update_summary(cfg.out, rm_accuracy=sft_stats[rm_name]["rm_accuracy"], sft_loss=sft_stats[lm_name]["loss"],

@@ -89,6 +89,24 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(reference_
         assert _summary(out)[k] == _summary(reference_run)[k], k
 
 
+def test_baseline_stopped_in_its_second_sft_model_does_not_train_the_first_again(tmp_path, monkeypatch, capsys):
+    """if this fails, a lora-ppo/ppo run stopped while training its reward model retrains its SFT model on resume
+    (or resumes to another result than an uninterrupted run)."""
+    args = SMALL + ["--method", "lora-ppo", "--ppo-steps", "2"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    assert _main(["--out", ref] + args)[0] == 0
+    with monkeypatch.context() as m:
+        _stop_at(m, "sft-rm", 3)
+        assert _main(["--out", out] + args, capsys)[0] == 128 + signal.SIGTERM
+    trained, real = [], H.train_sft
+    monkeypatch.setattr(H, "train_sft", lambda name, *a, **k: (trained.append(name), real(name, *a, **k))[1])
+    assert _main(["--out", out] + args)[0] == 0
+    assert trained == ["rm"]
+    assert _metrics(out) == _metrics(ref)
+    for k in ("rm_accuracy", "sft_loss", "reward_sft", "reward_ppo", "gold_ppo"):
+        assert _summary(out)[k] == _summary(ref)[k], k
+
+
 def test_save_atomic_leaves_the_previous_checkpoint_when_a_write_dies(tmp_path, monkeypatch):
     """if this fails, a kill during a checkpoint write destroys the last good checkpoint."""
     path = str(tmp_path / "ckpt.pt")
