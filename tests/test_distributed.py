@@ -93,3 +93,27 @@ def test_two_ranks_match_one_process_on_the_combined_batch(single, tmp_path, mod
     two, one = (json.load(open(os.path.join(d, "summary.json"))) for d in (tmp_path, single))
     for k in ("reward_sft", "reward_ppo", "kl_ppo", "gold_sft", "gold_ppo", "length_ppo"):
         assert close(two[k], one[k], atol=1e-5), (k, two[k], one[k])
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_they_all_resume(tmp_path):
+    """if this fails, a stopped distributed run checkpoints ranks at different steps (or not at all), hangs, or
+    resumes to another result than an uninterrupted run."""
+    import signal
+    import time
+    args = ["--stage", "all", "--ppo-steps", "12", "--ckpt-every", "100"]
+    launch(tmp_path / "whole", *args, nproc=2)
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT] + ARGS + args + ["--out", str(out)]
+    p = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["step"] >= 2 for r in (metrics(out, "ppo") if (out / "metrics.jsonl").exists() else [])):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    assert err.count("stopped; checkpoint in") == 2  # both ranks, after agreeing on the step
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ck["stage"] == "ppo" and 2 <= ck["step"] < 12
+    assert "resuming ppo" in launch(out, *args, nproc=2).stdout
+    timing = ("gen_s", "step_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(metrics(out, "ppo")) == strip(metrics(tmp_path / "whole", "ppo"))
