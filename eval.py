@@ -199,7 +199,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     build_device, device = (torch.device("cpu"), device) if fsdp else (device, device)
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
-    if name in ("sft", "lora-sft"):  # the inner step of H.train_sft, Hydra-SFT losses (lm + reward)
+    if name in ("sft", "lora-sft"):  # H.train_sft's own step, Hydra-SFT losses (lm + reward)
         model = H.HydraModel(build_lm(cfg, 0, build_device, dtype))
         params = H.sft_parameters(model, name == "lora-sft", lora_r, 2 * lora_r)
         if fsdp:
@@ -212,12 +212,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
 
         def step(i):
             with lora.adapter("sft" if name == "lora-sft" else None):
-                loss, _ = H.sft_loss(model, rows, 1.0, 1.0, V - 1, device)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                H.average_gradients(params)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
+                H.sft_step(model, rows, 1.0, 1.0, params, opt, V - 1, device, 1.0, i + 1)
             return R
         return step, opt, {"sft": model}
     models = {n: H.HydraModel(build_lm(cfg, i, build_device, dtype)) for i, n in enumerate(H.SFT_MODELS[name])}
@@ -302,15 +297,7 @@ def bench_fsdp(a):
     name = a.method or "hydra-ppo"
     res = []
     for n in tqdm(a.bench_fsdp, desc=f"fsdp {name}"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", os.path.abspath(__file__),
-               "--bench-one", name, "--fsdp", "--model", a.model, "--batch-size", str(a.batch_size), "--steps", str(a.steps),
-               "--prompt-len", str(a.prompt_len), "--response-len", str(a.response_len), "--lora-r", str(a.lora_r),
-               "--device", a.device, "--threads", str(a.threads)] + ["--grad-ckpt"] * a.grad_ckpt
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{name} --fsdp on {n} ranks failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
-        ranks = json.loads(r.stdout.strip().splitlines()[-1])
+        ranks = run_child(a, name, a.batch_size, fsdp_ranks=n)
         res.append(dict(ranks=n, per_rank=ranks, peak_mib_max=max(x["peak_memory_mib"] for x in ranks),
                         frozen_mib_per_rank=max(x["frozen_mib_this_rank"] for x in ranks),
                         trained_mib_per_rank=max(x["trained_mib_this_rank"] for x in ranks),
@@ -333,15 +320,18 @@ def code_version():
     return {os.path.basename(m.__file__): hashlib.sha256(open(m.__file__, "rb").read()).hexdigest()[:12] for m in (H, lora)}
 
 
-def run_child(a, name, batch_size):
-    """one row in a fresh process, malloc told to hand big blocks back (so RSS tracks live memory). -> its dict."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--bench-one", name, "--model", a.model, "--batch-size", str(batch_size),
-           "--steps", str(a.steps), "--prompt-len", str(a.prompt_len), "--response-len", str(a.response_len),
-           "--lora-r", str(a.lora_r), "--device", a.device, "--threads", str(a.threads)] + ["--grad-ckpt"] * a.grad_ckpt
+def run_child(a, name, batch_size, fsdp_ranks=0):
+    """one row in a fresh process (fsdp_ranks > 0: that many, under torchrun, with --fsdp), malloc told to hand big
+    blocks back (so RSS tracks live memory). -> its dict (under torchrun: one per rank)."""
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={fsdp_ranks}"] if fsdp_ranks else [])
+    cmd = launch + [os.path.abspath(__file__), "--bench-one", name, "--model", a.model, "--batch-size", str(batch_size),
+                    "--steps", str(a.steps), "--prompt-len", str(a.prompt_len), "--response-len", str(a.response_len),
+                    "--lora-r", str(a.lora_r), "--device", a.device, "--threads", str(a.threads)] + ["--grad-ckpt"] * a.grad_ckpt + ["--fsdp"] * bool(fsdp_ranks)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{name} (batch {batch_size}) failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
+        where = f" --fsdp on {fsdp_ranks} ranks" if fsdp_ranks else ""
+        raise RuntimeError(f"{name} (batch {batch_size}){where} failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

@@ -606,20 +606,14 @@ def logprobs_of(logits, tokens, temperature=1.0):
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
-def masked_mean(x, mask, dim=None):
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
 def global_mean(x, mask):
-    """masked mean over the real tokens of every rank (masked_mean in one process)."""
+    """masked mean over the real tokens of every rank (of this process's, in a plain run)."""
     return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
 
 
 def dp_mean(x, mask):
     """masked mean as this rank's share of the loss: its masked sum over the average token count per rank, so
-    that the ranks' gradients average to those of the combined batch's token mean (masked_mean in one process)."""
+    that the ranks' gradients average to those of the combined batch's token mean (the plain masked mean in one process)."""
     return (x * mask).sum() / (all_sum(mask.sum()).clamp(min=1) / world()[1])
 
 
@@ -910,6 +904,20 @@ def sft_parameters(model, use_lora, r, alpha):
     return trainable(model)
 
 
+def sft_step(model, rows, lm_w, rm_w, params, opt, pad_id, device, max_grad_norm, step):
+    """one optimizer step on this rank's rows (gradients averaged over ranks, then clipped). -> loss, gradient norm,
+    stats. a non-finite loss or gradient raises NumericalFault before the optimizer step."""
+    loss, stats = sft_loss(model, rows, lm_w, rm_w, pad_id, device)
+    check_finite(loss, "sft loss", step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(params)
+    gn = to_full(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    check_finite(gn, "sft gradient norm", step)
+    opt.step()
+    return loss, gn, stats
+
+
 def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=None, finished=None):
     """Hydra-SFT (lm_w, rm_w > 0), plain SFT (rm_w = 0) or a reward model (lm_w = 0). resumable. finished: the
     SFT models this run already trained (the baselines train two), kept in the checkpoint so a resume skips them."""
@@ -937,14 +945,7 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
             b = cfg.sft_batch // W
             rows = rows[rank * b:(rank + 1) * b]  # this rank's share of the global batch
             try:
-                loss, stats = sft_loss(model, rows, lm_w, rm_w, tok.pad_id, device)
-                check_finite(loss, "sft loss", step + 1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params)
-                gn = to_full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                check_finite(gn, "sft gradient norm", step + 1)
-                opt.step()
+                loss, gn, stats = sft_step(model, rows, lm_w, rm_w, params, opt, tok.pad_id, device, cfg.max_grad_norm, step + 1)
                 last_loss = rank_mean(loss.item())
                 stats = {"loss": last_loss, "grad_norm": gn.item(), **{k: round(rank_mean(v), 6) for k, v in stats.items() if k != "rm_hits"}}
             except NumericalFault as e:
@@ -1241,16 +1242,22 @@ def evaluate(models, method, prompts, tok, cfg, gold_fn=None, policies=("sft", "
 # -----------------------------------------------------------------------------
 # main
 
-def load_stage_ckpt(out, stage, cfg):
-    path = os.path.join(out, "ckpt.pt")
+def load_ckpt(cfg):
+    """OUT/ckpt.pt, checked to be this run's; None when there is none (or --fresh)."""
+    path = os.path.join(cfg.out, "ckpt.pt")
     if cfg.fresh or not os.path.exists(path):
         return None
     ck = load_file(path)
     check_meta(ck["meta"], cfg, path)
-    if ck["stage"] != stage:
+    return ck
+
+
+def resume_point(ck, stage, cfg):
+    """the checkpoint if it stopped inside `stage` (the metrics logged after it are dropped), else None."""
+    if ck is None or ck["stage"] != stage:
         return None
-    trim_metrics(out, stage, ck["step"])
-    say(f"resuming {stage} from {path} at step {ck['step']}")
+    trim_metrics(cfg.out, stage, ck["step"])
+    say(f"resuming {stage} from {cfg.out}/ckpt.pt at step {ck['step']}")
     return ck
 
 
@@ -1340,22 +1347,18 @@ def run(cfg):
             r0, _ = evaluate({"hydra": base}, "hydra-ppo", held_prompts, tok, cfg, gold_fn, policies=("sft",))
             summary = update_summary(cfg.out, gold_init=r0["gold_sft"])
         sft_stats, finished = {}, {}
-        ck_path = os.path.join(cfg.out, "ckpt.pt")
-        earlier = {}
-        if os.path.exists(ck_path) and not cfg.fresh:
-            ck = load_file(ck_path)
-            check_meta(ck["meta"], cfg, ck_path)
-            earlier = ck.get("finished", {})
+        ck = load_ckpt(cfg)
+        earlier = ck.get("finished", {}) if ck else {}
         names = list(SFT_MODELS[cfg.method])
         for name, (lm_w, rm_w) in SFT_MODELS[cfg.method].items():
             rm_w = cfg.rm_weight if rm_w is None else rm_w
             if name in earlier:  # a baseline stopped while training its second model: the first is done
-                say(f"sft-{name}: finished before the stop, loaded from {ck_path}")
+                say(f"sft-{name}: finished before the stop, loaded from {cfg.out}/ckpt.pt")
                 models[name].load_state_dict(earlier[name]["model"])
                 finished[name] = earlier[name]
                 sft_stats[name] = earlier[name]["stats"]
                 continue
-            start = load_stage_ckpt(cfg.out, f"sft-{name}", cfg)
+            start = resume_point(ck, f"sft-{name}", cfg)
             t0 = time.time()
             loss, skipped = train_sft(name, models[name], lm_w, rm_w, train_rows, cfg, tok, device, cfg.out, start, finished)
             sft_stats[name] = {"loss": loss, "skipped_steps": skipped, "seconds": time.time() - t0}
@@ -1392,7 +1395,7 @@ def run(cfg):
         say(f"{cut} of {len(train_prompts)} PPO prompts were longer than --max-prompt {cfg.max_prompt} and were cut from the left")
     update_summary(cfg.out, truncated_prompts=cut)
     bases = ppo_bases(cfg.method, models)
-    start = load_stage_ckpt(cfg.out, "ppo", cfg)
+    start = resume_point(load_ckpt(cfg), "ppo", cfg)  # read again: an SFT stage in this run rewrote it
     t0 = time.time()
     ppo_stats = train_ppo(bases, cfg.method, train_prompts, tok, cfg, device, cfg.out, start)
     ppo_seconds = time.time() - t0

@@ -124,14 +124,19 @@ BAD_LINES = [  # (what, the bad line, a phrase the message must contain)
 ]
 
 
+def assert_one_line_error_at_line_3(tmp_path, loader, good, bad, phrase):
+    """a file of [good, blank, bad, good] must fail with one line naming PATH:3 and the phrase."""
+    path = write_lines(tmp_path / "bad.jsonl", [good, "", bad, good])
+    with pytest.raises(DataError) as e:
+        loader(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ") and phrase in msg and "\n" not in msg
+
+
 @pytest.mark.parametrize("what,bad,phrase", BAD_LINES, ids=[b[0] for b in BAD_LINES])
 def test_bad_line_names_path_and_line(tmp_path, what, bad, phrase):
     """if this fails, a user with a broken data file gets a traceback instead of the line to fix."""
-    path = write_lines(tmp_path / "bad.jsonl", [plain(), "", bad, plain()])
-    with pytest.raises(DataError) as e:
-        load_pairs(path)
-    msg = str(e.value)
-    assert msg.startswith(f"{path}:3: ") and phrase in msg and "\n" not in msg
+    assert_one_line_error_at_line_3(tmp_path, load_pairs, plain(), bad, phrase)
 
 
 def test_undecodable_bytes_name_the_line(tmp_path):
@@ -283,12 +288,7 @@ BAD_SUMMARY_LINES = [  # (what, the bad line, a phrase the message must contain)
 @pytest.mark.parametrize("what,bad,phrase", BAD_SUMMARY_LINES, ids=[b[0] for b in BAD_SUMMARY_LINES])
 def test_bad_summary_line_names_path_and_line(tmp_path, what, bad, phrase):
     """if this fails, a broken summaries file gives a traceback instead of the line to fix."""
-    good = json.dumps({"post": "x", "summary": "y"})
-    path = write_lines(tmp_path / "bad.jsonl", [good, "", bad, good])
-    with pytest.raises(DataError) as e:
-        load_summaries(path)
-    msg = str(e.value)
-    assert msg.startswith(f"{path}:3: ") and phrase in msg and "\n" not in msg
+    assert_one_line_error_at_line_3(tmp_path, load_summaries, json.dumps({"post": "x", "summary": "y"}), bad, phrase)
 
 
 def test_summaries_whole_file_errors_name_the_path(tmp_path):
