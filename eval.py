@@ -41,7 +41,8 @@ import data
 import hydra_ppo as H
 import lora
 
-ROWS = ("sft", "lora-sft", "ppo", "lora-ppo", "j-hydra-ppo", "hydra-ppo")
+ROWS = ("floor", "sft", "lora-sft", "ppo", "lora-ppo", "j-hydra-ppo", "hydra-ppo")
+PPO_ROWS = tuple(r for r in ROWS if r in H.ROLES)
 MIB = 2**20
 
 
@@ -125,8 +126,9 @@ def shapes(cfg):
 #   (llama 7h, opt 4h more elements of d bytes); a frozen d-byte base, llama's fp32 RMSNorm (h more). these d < 4
 #   terms are fitted to saved_tensors_hooks counts on micro models (tests pin them within 10%).
 #   with activation checkpointing (grad_ckpt) a layer keeps only its input (h), and backward recomputes one layer.
-# - logits: B x response x V fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad
-#   coming into it, the grad it passes on); only the actor (sft: the chosen half) has them.
+# - logits: fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad coming into
+#   it, the grad it passes on), for one chunk of positions only (hydra_ppo.response_logprobs makes them a chunk at a
+#   time, again in backward): B x min(R, LOGIT_CHUNK / (B V)) x V. only the actor (sft: the chosen half) has them.
 # - KV cache of the rollout: 2 L B T kv d; it never coexists with training activations, so
 #   total = weights + lora + grads + optimizer + max(activations + logits + casts, kv cache). no allocator slack,
 #   no runtime.
@@ -134,6 +136,8 @@ def shapes(cfg):
 
 def plan(method):
     """-> base copies, LoRA sets, fully trained copies, sequences whose activations are alive at once (units of B)."""
+    if method == "floor":  # one LoRA set, one forward of B sequences
+        return dict(copies=1, sets=1, full=0, seqs=1)
     if method in ("sft", "lora-sft"):
         lo = method == "lora-sft"
         return dict(copies=1, sets=int(lo), full=int(not lo), seqs=2)
@@ -150,8 +154,9 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
     lora_n = p["sets"] * lora_r * s["lora_r1"]
     full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
-    ppo = method not in ("sft", "lora-sft")
-    head_n = h + ppo  # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
+    ppo = method in H.ROLES
+    # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
+    head_n = 0 if method == "floor" else h + ppo
     small_n = lora_n + head_n
     low, full = d < 4, p["full"] > 0  # autocast to d; a fully trained copy (fp32 weights, fp32 residual stream)
     if s["gated"]:
@@ -170,7 +175,8 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
         grads=(full_n + small_n) * 4,
         optimizer=(full_n + small_n) * 8,
         activations=p["seqs"] * B * T * (saved + 2 * h * d),
-        logits=3 * B * R * s["V"] * 4,
+        # hydra_ppo.response_logprobs' chunk; the floor row's library loss makes fp32 logits at every position
+        logits=3 * B * (T if method == "floor" else min(R, max(1, H.LOGIT_CHUNK // (B * s["V"])))) * s["V"] * 4,
         casts=casts,
         kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
     )
@@ -216,6 +222,30 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     build_device, device = (torch.device("cpu"), device) if fsdp else (device, device)
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
+    if name == "floor":  # what any PPO update costs at least: a LoRA language-model step on the same B x (P + R) tokens,
+        # LoRA on the same modules, as a LoRA library trains (transformers' own loss, labels on the response)
+        model = H.HydraModel(build_lm(cfg, 0, build_device, dtype), compute_dtype=dtype)
+        lora.inject(model.lm, ["floor"], r=lora_r, alpha=2 * lora_r)
+        model.requires_grad_(False)
+        params = lora.lora_parameters(model.lm, "floor")
+        for p in params:
+            p.requires_grad_(True)
+        if grad_ckpt:
+            H.enable_checkpointing(model.lm)
+        opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
+        ids = torch.tensor([a + b for a, b in zip(rand(P), rand(R))], device=device)  # (B, P + R)
+        labels = ids.clone()
+        labels[:, :P] = -100  # the loss reads the response tokens only
+        model.train()
+
+        def step(i):
+            with lora.adapter("floor"), model.autocast(ids.device):
+                loss = model.lm(input_ids=ids, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return R, None
+        return step, opt, {"floor": model}
     if name in ("sft", "lora-sft"):  # H.train_sft's own step, Hydra-SFT losses (lm + reward)
         # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
         model = H.HydraModel(build_lm(cfg, 0, build_device, torch.float32 if name == "sft" else dtype), compute_dtype=dtype)
@@ -253,7 +283,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     def step(i):
         rank = H.world()[0]
         stats, _ = H.ppo_iteration(bases, name, params, opt, kl_ctl, prompts, tok, pcfg, i, device, rows=range(rank * B, (rank + 1) * B))
-        return stats["response_len"], stats["gen_s"]
+        return stats["response_len"], {k: stats[k] for k in H.PHASES}
     return step, opt, bases
 
 
@@ -273,8 +303,8 @@ def bench_one(a):
         # first; full PPO casts its frozen fp32 copies to the compute dtype once)
         for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
             t0 = time.perf_counter()
-            n, gen_s = step(i)
-            lens.append(n), gens.append(gen_s)
+            n, clock = step(i)
+            lens.append(n), gens.append(clock)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -283,7 +313,8 @@ def bench_one(a):
     sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
     mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
     return dict(head, peak_memory_mib=round(H.peak_memory_mib(device) if device.type == "cuda" else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024, 1),
-                latency_per_sample_s=mid(times) / a.batch_size, generation_s=mid(gens) if gens[0] is not None else None,
+                latency_per_sample_s=mid(times) / a.batch_size,
+                **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
                 frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets), mean_response_len=sum(lens) / len(lens),
                 **(shard_sizes(models) if a.fsdp else {}))
@@ -355,7 +386,7 @@ def bench(a):
     ratio = lambda r, to: r["peak_memory_mib"] / peak[to] if r["peak_memory_mib"] and peak.get(to) else None  # noqa: E731
     for r in res:
         est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len, a.grad_ckpt)["total"] / MIB
-        r.update(x_ppo=ratio(r, "ppo"), x_lora_sft=ratio(r, "lora-sft"), estimate_mib=round(est, 1),
+        r.update(x_ppo=ratio(r, "ppo"), x_floor=ratio(r, "floor"), x_lora_sft=ratio(r, "lora-sft"), estimate_mib=round(est, 1),
                  estimate_err=est / r["peak_memory_mib"] - 1 if r["peak_memory_mib"] else None)
     out = dict(memory_measure=res[0]["memory_measure"], model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
                response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, grad_ckpt=a.grad_ckpt, device=res[0]["device"], dtype=res[0]["dtype"],
@@ -368,7 +399,7 @@ def bench(a):
 def budget(a):
     """per PPO method: the largest batch whose measured peak stays under the budget (fresh process per probe)."""
     res = {}
-    for name in ROWS[2:]:
+    for name in PPO_ROWS:
         probes = {}
         bar = tqdm(desc=f"budget {name}", unit="probe")
 
@@ -499,15 +530,18 @@ def print_bench(o):
     print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} tokens, "
           f"{o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}" + ", activation checkpointing" * o["grad_ckpt"])
     print(f"peak memory = {measure}, one fresh process per row")
-    print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} {'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
+    print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} {'x floor':>7} "
+          f"{'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in o["rows"]:
         if r.get("oom"):
-            print(f"{r['name']:<12} {'out of memory':>31} {'':>19} {'':>17} {r['estimate_mib']:>8.0f}")
+            print(f"{r['name']:<12} {'out of memory':>31} {'':>19} {'':>25} {r['estimate_mib']:>8.0f}")
             continue
+        clock = (f"   gen {r['gen_s']:.2f} ({r['gen_ms_per_token']:.0f} ms/token) score {r['score_s']:.2f} update {r['update_s']:.2f} s"
+                 if r.get("gen_s") is not None else "")
         print(f"{r['name']:<12} {r['frozen_bases']:>5} {r['lora_sets']:>4} {r['trainable_params'] / 1e6:>9.2f}M {r['peak_memory_mib']:>9.1f} "
-              f"{r['latency_per_sample_s']:>9.4f} {f(r['x_ppo'], '.2f'):>6} {f(r['x_lora_sft'], '.2f'):>10} {r['estimate_mib']:>8.0f} "
-              f"{r['estimate_err']:>+8.0%}" + (f"   generation {r['generation_s']:.2f} s/step" if r.get("generation_s") else ""))
+              f"{r['latency_per_sample_s']:>9.4f} {f(r['x_ppo'], '.2f'):>6} {f(r['x_floor'], '.2f'):>7} {f(r['x_lora_sft'], '.2f'):>10} "
+              f"{r['estimate_mib']:>8.0f} {r['estimate_err']:>+8.0%}" + clock)
 
 
 def print_estimate(a):

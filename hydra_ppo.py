@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import data
@@ -361,6 +362,12 @@ def average_gradients(params, bucket=2**26):
                 g.copy_(f.view_as(g))
 
 
+def is_fsdp(module):
+    """a module sharded by fully_shard (FSDP2 makes its class a subclass of FSDPModule)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
 def is_sharded(t):
     from torch.distributed.tensor import DTensor
     return isinstance(t, DTensor)
@@ -643,6 +650,27 @@ def logprobs_of(logits, tokens, temperature=1.0):
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
+LOGIT_CHUNK = 2**22  # logits elements (B x positions x V) alive at once in response_logprobs: 16 MiB in fp32
+
+
+def response_logprobs(model, h, tokens, temperature=1.0, chunk=None):
+    """log p(token) and entropy from hidden states, a few positions at a time: each chunk's logits are made, reduced
+    to (B, c) and dropped, and made again in backward (activation checkpointing), so no (B, R, V) fp32 tensor ever
+    exists whole (3 of them were alive at the actor's backward). (B, R, H), (B, R) -> (B, R), (B, R)."""
+    w = model.lm.get_output_embeddings().weight
+    B, R, V = tokens.shape[0], tokens.shape[1], w.shape[0]
+    step = max(1, (chunk or LOGIT_CHUNK) // max(1, B * V))
+    f = lambda hc, tc: logprobs_of(model.logits(hc), tc, temperature)  # noqa: E731
+    # one chunk: nothing to gain (backward starts with the head, beside every activation). FSDP-sharded head: every
+    # rank must gather it as often as the others, and their response widths differ, so one call
+    if R <= step or is_fsdp(model):
+        return f(h, tokens)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    parts = [torch.utils.checkpoint.checkpoint(f, h[:, i:i + step], tokens[:, i:i + step], use_reentrant=False) if grad
+             else f(h[:, i:i + step], tokens[:, i:i + step]) for i in range(0, R, step)]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
 def global_mean(x, mask):
     """masked mean over the real tokens of every rank (of this process's, in a plain run)."""
     return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
@@ -816,7 +844,7 @@ def run_roles(models, method, wanted, ids, mask, P, temperature):
             h, _ = m.hidden(ids, mask)  # (B, T, H)
         for role, head in heads:
             if head == "lm":  # logits at P-1 .. T-2 predict the response tokens
-                out[role] = logprobs_of(m.logits(h[:, P - 1:-1]), resp, temperature)
+                out[role] = response_logprobs(m, h[:, P - 1:-1], resp, temperature)
             elif head == "value":
                 out[role] = m.values(h[:, P - 1:-1])
             else:
@@ -900,7 +928,7 @@ def sft_loss(model, rows, lm_w, rm_w, pad_id, device):
     h, _ = model.hidden(ids, mask)  # (2B or B, T, H)
     stats, loss = {}, 0.0
     if lm_w:
-        logp, _ = logprobs_of(model.logits(h[:B, P - 1:-1]), ids[:B, P:])
+        logp, _ = response_logprobs(model, h[:B, P - 1:-1], ids[:B, P:])
         lm_loss = -dp_mean(logp, mask[:B, P:].float())  # token mean over every rank's chosen responses
         loss = loss + lm_w * lm_loss
         stats["lm_loss"] = lm_loss.item()
@@ -1102,6 +1130,7 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
             o = run_roles(models, method, ("actor", "reference", "critic", "reward"), ids, mask, P, cfg.temperature)
         batches.append((ids, mask, P))
         old.append(o)
+    t_score = time.time() - t0 - t_gen
     # 3. rewards: -beta * KL per token + clipped score at the last real token; 4. GAE and whitened advantages
     stats = {"kl_coef": kl_ctl.value}
     R = max(b[0].shape[1] - b[2] for b in batches)
@@ -1132,6 +1161,7 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
         adv = masked_whiten(adv, rmask)
     for name, x in (("rewards", rewards), ("advantages", adv)):
         check_finite(x, name, step + 1)
+    t_update = time.time()
     # 5. epochs x minibatches
     log = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "entropy")}
     stopped_early = False
@@ -1178,7 +1208,11 @@ def ppo_iteration(models, method, params, opt, kl_ctl, prompts, tok, cfg, step, 
     stats.update({k: sum(v) / len(v) for k, v in log.items() if v})
     stats.update(score=all_sum(raw_score.sum()).item() / N, kl=seq_kl, first_ratio=log["ratio"][0], first_approx_kl=log["approx_kl"][0],
                  explained_var=explained_variance(values, returns, rmask), response_len=all_sum(rmask.sum()).item() / N,
-                 eos_frac=all_sum(has_eos.sum()).item() / N, stopped_early=stopped_early, gen_s=t_gen, step_s=time.time() - t0)
+                 eos_frac=all_sum(has_eos.sum()).item() / N, stopped_early=stopped_early)
+    # the clock per phase: generation (and per decoding step, the prompt's forward included), scoring, update
+    steps = max(1, max((len(r) for r in responses), default=0))
+    stats.update(gen_s=t_gen, gen_ms_per_token=1000 * t_gen / steps, score_s=t_score, update_s=time.time() - t_update,
+                 step_s=time.time() - t0)
     return stats, responses
 
 
@@ -1191,6 +1225,9 @@ def prompt_ids(pairs, tok, cfg):
         cut += truncated
         out.append((p.prompt, ids))
     return out, cut
+
+
+PHASES = ("gen_s", "score_s", "update_s", "gen_ms_per_token")  # the clock of a PPO step, in metrics and the summary
 
 
 def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
@@ -1206,10 +1243,11 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
     lr_c = cfg.critic_lr or lr_a
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": lr_a}, {"params": params["critic"], "lr": lr_c}], weight_decay=0.0)
     kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    step, times, norm, skipped = 0, [], {}, 0
+    step, times, phases, norm, skipped = 0, [], [], {}, 0
     if start is not None:
         load_optimizer_state(opt, start["opt"])
         kl_ctl.value, step, times, norm, skipped = start["kl_coef"], start["step"], start["times"], start["score_norm"], start["skipped"]
+        phases = start.get("phases", [])
     trim_metrics(out, "ppo", step)
     for mod in models.values():
         mod.eval()
@@ -1226,6 +1264,7 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
         try:
             stats, _ = ppo_iteration(models, method, params, opt, kl_ctl, [batch[i] for i in rows], tok, cfg, step, device, norm, rows)
             times.append(stats["step_s"])
+            phases.append([stats[k] for k in PHASES])
             stats = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
         except NumericalFault as e:
@@ -1236,11 +1275,13 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
         log_metrics(out, {"stage": "ppo", "step": step + 1, **stats})
         if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.ppo_steps:
             save_atomic({"stage": "ppo", "step": step + 1, "trainable": trainable_state(models), "opt": optimizer_state(opt),
-                         "kl_coef": kl_ctl.value, "score_norm": norm, "times": times, "skipped": skipped, "meta": run_meta(cfg)},
+                         "kl_coef": kl_ctl.value, "score_norm": norm, "times": times, "phases": phases, "skipped": skipped,
+                         "meta": run_meta(cfg)},
                         os.path.join(out, "ckpt.pt"))
             STOP.exit_if_requested(out)
     return {"kl_coef": kl_ctl.value, "score_norm": norm, "skipped_steps": skipped,
-            "latency_per_sample_s": sorted(times)[len(times) // 2] / cfg.rollout_batch if times else None}
+            "latency_per_sample_s": sorted(times)[len(times) // 2] / cfg.rollout_batch if times else None,
+            **{f"median_{k}": sorted(p[i] for p in phases)[len(phases) // 2] if phases else None for i, k in enumerate(PHASES)}}
 
 
 def trainable_state(models):

@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+import hydra_ppo as H
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "hydra_ppo.py")
 ARGS = ["--sft-steps", "4", "--sft-batch", "8", "--ppo-steps", "2", "--rollout-batch", "8", "--minibatch", "4",
@@ -114,6 +116,6 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_they_all_resume(tm
     ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ck["stage"] == "ppo" and 2 <= ck["step"] < 12
     assert "resuming ppo" in launch(out, *args, nproc=2).stdout
-    timing = ("gen_s", "step_s")
+    timing = ("step_s", *H.PHASES)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(metrics(out, "ppo")) == strip(metrics(tmp_path / "whole", "ppo"))

@@ -129,7 +129,7 @@ def test_activation_peak_of_a_real_step_matches_the_plan(row):
 def test_plan_follows_the_role_table():
     """the estimator no longer reflects hydra_ppo.ROLES (the paper's Table 2: bases / LoRA sets) if this fails."""
     got = {m: (E.plan(m)["copies"], E.plan(m)["sets"], E.plan(m)["full"]) for m in E.ROWS}
-    assert got == {"sft": (1, 0, 1), "lora-sft": (1, 1, 0), "ppo": (4, 0, 2), "lora-ppo": (2, 2, 0),
+    assert got == {"floor": (1, 1, 0), "sft": (1, 0, 1), "lora-sft": (1, 1, 0), "ppo": (4, 0, 2), "lora-ppo": (2, 2, 0),
                    "j-hydra-ppo": (1, 1, 0), "hydra-ppo": (1, 2, 0)}
 
 

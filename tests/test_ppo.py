@@ -351,3 +351,24 @@ def test_adapter_init_is_the_same_in_every_process():
     outs = {subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONHASHSEED": seed},
                            capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3", "4")}
     assert len(outs) == 1, outs
+
+
+def test_chunked_logprobs_equal_whole_logits_in_value_and_gradient(tiny_lm):
+    """the chunked log-probs (no whole (B, R, V) logits) would train on other numbers than the plain log-softmax, or
+    keep the whole logits alive after all, if this fails."""
+    m = H.HydraModel(tiny_lm)
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 32, requires_grad=True)
+    tokens = torch.randint(0, 64, (3, 7))
+    w = torch.randn(3, 7)
+    ref, ref_ent = H.logprobs_of(m.logits(h), tokens, temperature=0.7)
+    (ref * w).sum().backward()
+    g_ref, gw_ref = h.grad.clone(), m.lm.get_output_embeddings().weight.grad.clone()
+    h.grad, m.lm.get_output_embeddings().weight.grad = None, None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x.numel()), x)[1], lambda x: x):
+        lp, ent = H.response_logprobs(m, h, tokens, temperature=0.7, chunk=2 * 3 * 64)  # 2 positions a chunk
+    (lp * w).sum().backward()
+    assert torch.allclose(lp, ref, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
+    assert torch.allclose(h.grad, g_ref, atol=1e-6) and torch.allclose(m.lm.get_output_embeddings().weight.grad, gw_ref, atol=1e-6)
+    assert max(saved) < 3 * 7 * 64  # nothing of the whole logits' size is kept for backward
