@@ -145,7 +145,7 @@ def _json_records(path: str):
 def load_pairs(path: str) -> tuple[list[Pair], dict]:
     """read pairs from a .jsonl/.jsonl.gz file; returns (pairs, stats). every dropped line is counted."""
     records = _json_records(path)
-    stats = {"lines": len(records), "blank": 0, "hh": 0, "plain": 0,
+    stats = {"lines": len(records), "blank": 0, "hh": 0, "plain": 0, "empty_response": 0,
              "dropped_identical": 0, "dropped_prompt_mismatch": 0, "pairs": 0}
     pairs = []
     for where, rec in records:
@@ -169,9 +169,11 @@ def load_pairs(path: str) -> tuple[list[Pair], dict]:
                 # the real HH data has a few of these (a mangled earlier turn); not a usable pair
                 stats["dropped_prompt_mismatch"] += 1
                 continue
-        for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            if not v.strip():
-                raise DataError(f"{where}: empty {k}; expected non-blank text")
+        if not prompt.strip():
+            raise DataError(f"{where}: empty prompt; expected non-blank text")
+        # an empty response is real data (HH-RLHF has chosen answers that are empty: the human preferred no answer);
+        # kept, and counted: its LM loss trains the EOS alone
+        stats["empty_response"] += (not chosen.strip()) + (not rejected.strip())
         if chosen == rejected:
             stats["dropped_identical"] += 1  # no preference to learn from
             continue

@@ -358,6 +358,61 @@ def bench_fsdp(a):
     return out
 
 
+def bench_gen(a):
+    """decoding cost per generated token at a batch: LoRA off (the frozen base, as the reference samples) against LoRA
+    on (two adapter sets injected, one live, as Hydra-PPO's actor samples), repeats interleaved, medians; and the
+    floor a token cannot beat on this machine, reading every weight once at the memory bandwidth measured here."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = H.pick_device(a.device)
+    dtype = H.pick_dtype("auto", device)
+    cfg = model_config(a.model)
+    model = H.HydraModel(build_lm(cfg, 0, device, dtype), compute_dtype=dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
+    lora.inject(model.lm, ["actor", "critic"], r=a.lora_r, alpha=2 * a.lora_r)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model.lm, "actor"):
+            p.normal_(std=0.01)  # a trained adapter, not B = 0
+    V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, V - 1, (a.batch_size, a.prompt_len), generator=g).tolist()
+    tok = bench_tokenizer(V)
+    ms = {None: [], "actor": []}
+    for rep in range(a.steps + 1):  # rep 0 warms up
+        for adapter in ms:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            H.generate(model, adapter, prompts, tok, a.response_len, 1.0, list(range(a.batch_size)))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep:
+                ms[adapter].append(1000 * (time.perf_counter() - t0) / a.response_len)
+    x = torch.ones(2**28, device=device)  # 1 GiB: the read bandwidth, median of 5 sums
+    reads = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.sum().item()
+        reads.append(time.perf_counter() - t0)
+    gib_s = 1 / sorted(reads[1:])[2]
+    mid = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    out = dict(model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, new_tokens=a.response_len, device=str(device),
+               dtype=str(dtype).removeprefix("torch."), lora_r=a.lora_r, ms_per_token_lora_off=mid(ms[None]),
+               ms_per_token_lora_on=mid(ms["actor"]), read_gib_per_s=gib_s, weight_mib=weight_bytes / MIB,
+               weight_read_ms=1000 * weight_bytes / 2**30 / gib_s, code=code_version())
+    out.update(lora_on_over_off=out["ms_per_token_lora_on"] / out["ms_per_token_lora_off"],
+               lora_off_over_weight_read=out["ms_per_token_lora_off"] / out["weight_read_ms"])
+    print(f"\ngeneration {a.model}: batch {a.batch_size}, prompt {a.prompt_len}, {a.response_len} new tokens, {out['dtype']} on {device}, "
+          f"{a.steps} interleaved repeats (median)")
+    print(f"  LoRA off {out['ms_per_token_lora_off']:.1f} ms/token, LoRA on (r {a.lora_r}) {out['ms_per_token_lora_on']:.1f} ms/token: "
+          f"x {out['lora_on_over_off']:.2f}")
+    print(f"  weights {out['weight_mib']:.0f} MiB read once at {gib_s:.1f} GiB/s: {out['weight_read_ms']:.1f} ms; "
+          f"LoRA off is x {out['lora_off_over_weight_read']:.2f} of that")
+    save_json(out, a.out, "gen.json")
+    return out
+
+
 def code_version():
     # hydra_ppo.py and lora.py change under the bench: record which versions a table measured
     return {os.path.basename(m.__file__): hashlib.sha256(open(m.__file__, "rb").read()).hexdigest()[:12] for m in (H, lora)}
@@ -915,6 +970,7 @@ def results_main(argv=None):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bench", action="store_true", help="measure the six rows, each in a fresh process")
+    p.add_argument("--bench-gen", action="store_true", help="ms per generated token, LoRA off vs on, against reading the weights once")
     p.add_argument("--rows", type=lambda v: v.split(","), default=list(ROWS), help=f"bench these rows only: {','.join(ROWS)}")
     p.add_argument("--bench-fsdp", metavar="N,N", type=lambda v: [int(x) for x in v.split(",")],
                    help="FSDP2 per-rank memory of --method (default hydra-ppo) on N ranks each (torchrun), e.g. 1,2")
@@ -957,8 +1013,9 @@ def validate(a):
         raise H.ConfigError(f"--rows {','.join(a.rows)}: {bad[0]!r} is not one of {', '.join(ROWS)}")
     if a.bench_one and a.bench_one not in ROWS:
         raise H.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
-    if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp, a.save_random))) != 1:
-        raise H.ConfigError("pass exactly one of --bench, --bench-fsdp N,N, --bench-one ROW, --estimate MODEL, --save-random MODEL DIR")
+    if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp, a.save_random, a.bench_gen))) != 1:
+        raise H.ConfigError("pass exactly one of --bench, --bench-gen, --bench-fsdp N,N, --bench-one ROW, --estimate MODEL, "
+                            "--save-random MODEL DIR")
     if a.bench_fsdp and min(a.bench_fsdp) < 1:
         raise H.ConfigError(f"--bench-fsdp {a.bench_fsdp}: rank counts must be >= 1")
     if (a.bench or a.bench_one or a.bench_fsdp) and model_config(a.model)["model_type"] not in ("llama", "opt"):
@@ -984,6 +1041,8 @@ def main(argv=None):
             bench_fsdp(a)
         elif a.estimate:
             print_estimate(a)
+        elif a.bench_gen:
+            bench_gen(a)
         elif a.save_random:
             save_random_model(*a.save_random, dtype=a.dtype)
         elif a.budget_mib:

@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # the switch: the only global state in the project
@@ -62,15 +63,15 @@ def _is_conv1d(m):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + dropout(x) @ A^T @ B^T * alpha / r, for the live adapter set; base(x) when none is live."""
+    """y = base(x) + x @ A^T @ B^T * alpha / r, for the live adapter set; base(x) when none is live.
+    (no LoRA dropout: PPO turns every dropout off, and Hydra-SFT never used it.)"""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha):
         super().__init__()
         self.base = base
         w = base.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if _is_conv1d(base) else (w.shape[1], w.shape[0])
         self.r, self.scale = r, alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
 
@@ -92,10 +93,10 @@ class LoRALinear(nn.Module):
         if name not in self.lora_A:
             raise KeyError(f"adapter {name!r} is live but this layer only has {list(self.lora_A)}")
         A, B = self.lora_A[name], self.lora_B[name]
-        x = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast for themselves
+        if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts for the matmuls
             x = x.to(A.dtype)
-        return y + ((x @ A.t() @ B.t()) * self.scale).to(y.dtype)
+        d = F.linear(F.linear(x, A), B) * self.scale  # (..., out); runs once per layer per generated token: lean
+        return y + (d if d.dtype == y.dtype else d.to(y.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -105,13 +106,13 @@ def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def inject(model, names, r=8, alpha=16, dropout=0.0, targets=DEFAULT_TARGETS):
+def inject(model, names, r=8, alpha=16, targets=DEFAULT_TARGETS):
     """wrap every Linear/Conv1D whose attribute name is in `targets` and give it the adapter sets `names`.
     calling it again on an injected model only adds the new sets. returns the number of wrapped layers."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if child_name in targets and (isinstance(child, nn.Linear) or _is_conv1d(child)):
-                setattr(parent, child_name, LoRALinear(child, r, alpha, dropout))
+                setattr(parent, child_name, LoRALinear(child, r, alpha))
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"no layer named any of {targets} found to put LoRA on; pass targets= for this architecture")

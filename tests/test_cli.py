@@ -61,6 +61,11 @@ def test_run_writes_the_metrics_and_summary_contract(reference_run):
     assert 0 <= s["rm_accuracy"] <= 1 and s["peak_memory_mib"] > 0
     ppo = [r for r in rows if r["stage"] == "ppo"]
     assert ppo[0]["kl"] == 0.0 and ppo[0]["first_ratio"] == 1.0  # the actor starts exactly at the reference
+    with open(os.path.join(reference_run, "metrics.jsonl")) as f:  # _metrics drops the clock: read it whole
+        clocks = [r for r in map(json.loads, f) if r["stage"] == "ppo"]
+    for r in clocks:  # the clock of every step: its phases are parts of the step
+        assert all(r[k] > 0 for k in H.PHASES) and r["gen_s"] + r["score_s"] + r["update_s"] <= r["step_s"]
+    assert all(s[f"median_{k}"] > 0 for k in H.PHASES)
 
 
 def _stop_at(monkeypatch, stage, step):

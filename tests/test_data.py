@@ -91,8 +91,21 @@ def test_plain_format_blank_lines_and_identical_pairs_are_counted(tmp_path):
     path = write_lines(tmp_path / "p.jsonl", [plain(), "", "   ", plain(chosen=" same.", rejected=" same."), plain()])
     pairs, stats = load_pairs(path)
     assert pairs == [Pair("Q:", " yes.", " no.")] * 2
-    assert stats == {"lines": 5, "blank": 2, "hh": 0, "plain": 2, "dropped_identical": 1,
+    assert stats == {"lines": 5, "blank": 2, "hh": 0, "plain": 2, "empty_response": 0, "dropped_identical": 1,
                      "dropped_prompt_mismatch": 0, "pairs": 2}
+
+
+def test_an_empty_response_is_real_data_kept_and_counted(tmp_path):
+    """Anthropic's published HH test split has pairs whose chosen response is empty (the human preferred no answer):
+    the loader refused the whole file over them if this fails."""
+    empty_chosen = json.dumps({"chosen": "\n\nHuman: say nothing\n\nAssistant:",
+                               "rejected": "\n\nHuman: say nothing\n\nAssistant: Something."})
+    path = write_lines(tmp_path / "hh.jsonl", [empty_chosen, plain(rejected=" ")])
+    pairs, stats = load_pairs(path)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("", " Something."), (" yes.", " ")]
+    assert stats["empty_response"] == 2 and stats["pairs"] == 2
+    _, r, _ = encode_example(chars, pairs[0].prompt, pairs[0].chosen, EOS, 64, 8)
+    assert r == [EOS]  # its LM loss trains the EOS alone
 
 
 def test_hh_prompt_mismatch_is_dropped_and_counted(tmp_path):
@@ -118,7 +131,6 @@ BAD_LINES = [  # (what, the bad line, a phrase the message must contain)
     ("missing hh key", '{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b"}', "missing key rejected"),
     ("missing plain key", '{"prompt": "Q:", "chosen": " a."}', "missing key rejected"),
     ("non-string", '{"prompt": "Q:", "chosen": 3, "rejected": " b."}', "'chosen' is of type int"),
-    ("empty response", plain(rejected="  \n "), "empty rejected"),
     ("empty prompt", plain(prompt=" "), "empty prompt"),
     ("no assistant turn", json.dumps({"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a"}), "has no"),
 ]

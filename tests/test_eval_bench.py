@@ -197,6 +197,18 @@ def test_bench_one_row_reports_its_fields():
     assert row["mean_response_len"] == 5  # eos can never be sampled: every response has the fixed length
 
 
+def test_bench_gen_reports_lora_on_and_off_per_token(tmp_path):
+    """the generation bench (ms per token with LoRA off and on, against reading the weights once) breaks if this
+    fails."""
+    r = subprocess.run([sys.executable, "eval.py", "--bench-gen", "--model", "micro", "--batch-size", "2", "--steps", "1",
+                        "--prompt-len", "4", "--response-len", "3", "--threads", "1", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    g = json.load(open(tmp_path / "gen.json"))
+    assert g["ms_per_token_lora_off"] > 0 and g["ms_per_token_lora_on"] > 0 and g["read_gib_per_s"] > 0
+    assert g["lora_on_over_off"] == g["ms_per_token_lora_on"] / g["ms_per_token_lora_off"]
+
+
 @pytest.mark.slow
 def test_fsdp_bench_halves_each_ranks_share_of_the_weights(tmp_path):
     """if this fails, --fsdp does not shard the frozen base (or the adapters) across ranks: a base too big for one

@@ -179,6 +179,16 @@ def test_sampling_draws_from_the_tempered_softmax():
     assert torch.allclose(counts, want, atol=0.015), (counts, want)
 
 
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_sampling_is_the_gumbel_max_of_each_rows_own_noise(T):
+    """the in-place sampler draws other noise than -log(-log(u)) from each row's generator, so a run's (and a resumed
+    run's, and every rank's) samples change, if this fails."""
+    logits = torch.randn(5, 300)
+    want = torch.stack([torch.rand(300, generator=H.generator("cpu", s)) for s in range(5)])
+    want = (logits / T - torch.log(-torch.log(want.clamp(min=1e-20)))).argmax(-1)
+    assert torch.equal(H.sample_tokens(logits, T, [H.generator("cpu", s) for s in range(5)]), want)
+
+
 def test_a_response_depends_only_on_its_own_seed(tiny_lm):
     """if this fails, a run on N ranks (or with another batch layout) samples other responses than a run on one."""
     m = H.HydraModel(tiny_lm)
