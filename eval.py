@@ -913,6 +913,52 @@ def compare_main(argv=None):
     return res
 
 # -----------------------------------------------------------------------------
+# scoring a preference file with a run's reward model
+
+
+@torch.no_grad()
+def score_pairs(run, pairs, bs=16):
+    """the run's reward role (LoRA off, reward head) on each pair's chosen and rejected response, encoded as in
+    training (BOS, joint tokens, EOS, the same length limits). -> [(score chosen, score rejected)]."""
+    bases, cfg, tok, _ = run
+    rows, _ = H.encode_pairs(pairs, tok, cfg)
+    dev, out = _device(bases), []
+    for i in range(0, len(rows), bs):
+        chunk = rows[i:i + bs]
+        ids, mask, P = data.collate([r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk], tok.pad_id)
+        r = H.run_roles(bases, cfg.method, ("reward",), ids.to(dev), mask.to(dev), P, cfg.temperature)["reward"].tolist()
+        out += list(zip(r[:len(chunk)], r[len(chunk):]))
+    return out
+
+
+def score_main(argv=None):
+    ap = argparse.ArgumentParser(prog="eval.py score", description="pairwise accuracy of a run's reward model on a preference file")
+    ap.add_argument("run", help="a run directory written by hydra_ppo.py")
+    ap.add_argument("--data", required=True, help="a .jsonl/.jsonl.gz of preference pairs (HH-RLHF or prompt/chosen/rejected)")
+    ap.add_argument("--n", type=int, default=0, help="score the first N pairs only (0 = all)")
+    ap.add_argument("--batch", type=int, default=16, help="pairs per forward")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    try:
+        if a.n < 0 or a.batch < 1:
+            raise H.ConfigError("--n must be >= 0 and --batch >= 1")
+        pairs, stats = data.load_pairs(a.data)
+        pairs = pairs[:a.n] if a.n else pairs
+        run = H.load_run(a.run, a.device)
+    except (H.ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    scores = score_pairs(run, pairs, a.batch)
+    wins = sum((c > r) + 0.5 * (c == r) for c, r in scores)  # a tie counts half
+    res = dict(run=a.run, data=a.data, n=len(scores), accuracy=wins / len(scores), interval=list(wilson(wins, len(scores))),
+               mean_margin=fmean(c - r for c, r in scores), data_stats=stats)
+    print(f"{a.run} reward model on {a.data}: accuracy {res['accuracy']:.3f} [{res['interval'][0]:.3f}, {res['interval'][1]:.3f}] "
+          f"over {res['n']} pairs, mean margin {res['mean_margin']:+.3f}")
+    print(json.dumps(res))  # the last line: one JSON object for scripts
+    return res
+
+
+# -----------------------------------------------------------------------------
 # the paper-style results table across methods, from each run's summary.json
 
 
@@ -1028,6 +1074,8 @@ def main(argv=None):
         return compare_main(argv[1:])
     if argv and argv[0] == "table":  # python eval.py table DIR ...
         return results_main(argv[1:])
+    if argv and argv[0] == "score":  # python eval.py score OUT --data FILE
+        return score_main(argv[1:])
     a = parse_args(argv)
     try:
         validate(a)

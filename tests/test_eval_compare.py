@@ -304,3 +304,37 @@ def test_run_without_ppo_is_its_sft_policy_and_table_reads_real_runs(tiny_runs, 
     assert e.value.code == 2 and "has no ppo.pt" in capsys.readouterr().err
     md = E.results_main([d2, d])
     assert [line.split(" | ")[0] for line in md.splitlines()[2:5]] == ["| Hydra-SFT", "| Hydra-SFT", "| Hydra-PPO"]
+
+
+def test_score_reads_the_runs_reward_model_on_any_preference_file(tiny_runs, tmp_path, capsys):
+    """`eval.py score` gives another accuracy than the run's own reward head (training's encoding, last real
+    token), swaps chosen and rejected, or breaks the last-line JSON that scripts read, if this fails."""
+    _, d, _ = tiny_runs
+    pairs = data.builtin_pairs(60, seed=7)
+    for name, swap in (("p.jsonl", False), ("swapped.jsonl", True)):
+        with open(tmp_path / name, "w") as f:
+            for p in pairs:
+                c, r = (p.rejected, p.chosen) if swap else (p.chosen, p.rejected)
+                f.write(json.dumps({"prompt": p.prompt, "chosen": c, "rejected": r}) + "\n")
+    with one_thread():
+        res = E.main(["score", d, "--data", str(tmp_path / "p.jsonl"), "--n", "50", "--device", "cpu"])
+        last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        flipped = E.main(["score", d, "--data", str(tmp_path / "swapped.jsonl"), "--n", "50", "--device", "cpu"])
+        bases, cfg, tok, _ = H.load_run(d, "cpu")
+        rows, _ = H.encode_pairs(pairs[:50], tok, cfg)
+        own = H.rm_accuracy(bases[H.ROLES[cfg.method]["reward"][0]], rows, tok.pad_id, "cpu")
+    assert last["n"] == 50 and last["accuracy"] == res["accuracy"] and set(last) >= {"accuracy", "interval", "n", "mean_margin"}
+    assert last["interval"][0] <= last["accuracy"] <= last["interval"][1]
+    assert abs(res["accuracy"] - own) < 1e-9 and res["accuracy"] > 0.6
+    assert abs(flipped["accuracy"] - (1 - res["accuracy"])) < 1e-9 and abs(flipped["mean_margin"] + res["mean_margin"]) < 1e-5
+
+
+def test_score_of_a_bad_file_is_one_error_line(tmp_path, capsys):
+    """a user scoring a broken or missing file gets a traceback instead of the loader's one line if this fails."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q:", "chosen": \n')
+    for path in (bad, tmp_path / "missing.jsonl"):
+        with pytest.raises(SystemExit) as e:
+            E.main(["score", str(tmp_path), "--data", str(path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {path}")
