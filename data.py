@@ -208,10 +208,11 @@ def split_pairs(pairs: list[Pair], heldout_frac: float = 0.1, seed: int = 0) -> 
 # tokens and batches
 
 
-def encode_prompt(encode, prompt: str, max_prompt: int, bos_id: int | None = None) -> tuple[list[int], bool]:
+def encode_prompt(encode, prompt: str, max_prompt: int, bos_id: int | None = None, bare=None) -> tuple[list[int], bool]:
     """(prompt_ids, truncated): the ids a model starts from, BOS first where its tokenizer adds one (unless the text
-    already starts with it, as some chat templates write it), cut from the left to max_prompt with the BOS kept."""
-    p = list(encode(prompt))
+    already starts with it, as some chat templates write it), cut from the left to max_prompt with the BOS kept.
+    bare: encode(prompt), when the caller has it already."""
+    p = list(encode(prompt)) if bare is None else list(bare)
     bos = [bos_id] if bos_id is not None and p[:1] != [bos_id] else []
     p, truncated = bos + p, len(bos) + len(p) > max_prompt
     if truncated:  # keep the end, nearest the response, and the BOS the model was trained to see first
@@ -220,10 +221,11 @@ def encode_prompt(encode, prompt: str, max_prompt: int, bos_id: int | None = Non
     return p, truncated
 
 
-def response_ids(encode, prompt: str, response: str) -> list[int]:
+def response_ids(encode, prompt: str, response: str, bare=None) -> list[int]:
     """the response's tokens as a policy emits them after this prompt: the joint text's tokens past the prompt's.
-    (encoded alone, a SentencePiece response gets a stray "▁" at its start; a byte-level BPE does not mind.)"""
-    p, full = list(encode(prompt)), list(encode(prompt + response))
+    (encoded alone, a SentencePiece response gets a stray "▁" at its start; a byte-level BPE does not mind.)
+    bare: encode(prompt), when the caller has it already."""
+    p, full = list(encode(prompt)) if bare is None else list(bare), list(encode(prompt + response))
     if full[:len(p)] == p:
         return full[len(p):]
     return list(encode(response))  # a merge across the boundary (rare): the response's own tokens
@@ -236,8 +238,9 @@ def encode_example(encode, prompt: str, response: str, eos_id: int,
     a response that fits but leaves no room for the EOS counts as truncated: it never ends."""
     if max_prompt < 1 or max_response < 1:
         raise ValueError(f"max_prompt and max_response must be >= 1, got {max_prompt}, {max_response}")
-    p, cut = encode_prompt(encode, prompt, max_prompt, bos_id)
-    r = response_ids(encode, prompt, response)
+    bare = list(encode(prompt))  # once, for both the prompt's ids and the response's boundary
+    p, cut = encode_prompt(encode, prompt, max_prompt, bos_id, bare)
+    r = response_ids(encode, prompt, response, bare)
     truncated = cut or len(r) + 1 > max_response
     r = r + [eos_id] if len(r) + 1 <= max_response else r[:max_response]
     return p, r, truncated

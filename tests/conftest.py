@@ -1,5 +1,6 @@
 import os
 import sys
+import weakref
 
 import pytest
 import torch
@@ -18,3 +19,32 @@ def tiny_lm():
                       num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=62,
                       pad_token_id=63, bos_token_id=62)
     return LlamaForCausalLM(cfg).eval()
+
+
+def _saved_peak(fn, weights):
+    """run fn(); -> the peak bytes of the tensors autograd keeps for backward meanwhile, a storage counted once and
+    released when its last saved tensor dies; the storages of `weights` are not counted."""
+    skip = {p.untyped_storage().data_ptr() for p in weights}
+    alive, peak = {}, [0]  # storage -> [saved tensors using it, bytes]
+
+    def release(k):
+        alive[k][0] -= 1
+        if not alive[k][0]:
+            del alive[k]
+
+    def pack(x):
+        k = x.untyped_storage().data_ptr()
+        if k not in skip:
+            alive.setdefault(k, [0, x.untyped_storage().nbytes()])[0] += 1
+            weakref.finalize(x, release, k)
+            peak[0] = max(peak[0], sum(n for _, n in alive.values()))
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return peak[0]
+
+
+@pytest.fixture
+def saved_peak():
+    """saved_peak(fn, weights) -> peak bytes autograd saves for backward while fn() runs, weights excluded."""
+    return _saved_peak

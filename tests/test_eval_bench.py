@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import weakref
 
 import pytest
 import torch
@@ -99,31 +98,15 @@ def test_activation_count_matches_saved_tensors(row, dtype, arch):
 
 
 @pytest.mark.parametrize("row", E.ROWS)
-def test_activation_peak_of_a_real_step_matches_the_plan(row):
+def test_activation_peak_of_a_real_step_matches_the_plan(row, saved_peak):
     """the plan misjudges how many forwards' activations a real step keeps alive at once (e.g. ppo_iteration
     backpropagating actor and critic together again) if this fails."""
     cfg = dict(E.MODELS["micro"], hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2)
     B, P, R = 3, 16, 16
     step, opt, models = E.build_row(row, cfg, B, P, R, 4, torch.device("cpu"), torch.float32)
-    params = {p.untyped_storage().data_ptr() for m in models.values() for p in m.parameters()}
-    alive, peak = {}, [0]  # storage -> [saved tensors using it, bytes]
-
-    def release(k):
-        alive[k][0] -= 1
-        if not alive[k][0]:
-            del alive[k]
-
-    def pack(x):
-        k = x.untyped_storage().data_ptr()
-        if k not in params:
-            alive.setdefault(k, [0, x.untyped_storage().nbytes()])[0] += 1
-            weakref.finalize(x, release, k)
-            peak[0] = max(peak[0], sum(n for _, n in alive.values()))
-        return x
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        step(0)
+    peak = saved_peak(lambda: step(0), [p for m in models.values() for p in m.parameters()])
     e = E.estimate(cfg, row, B, P + R, dtype_bytes=4, lora_r=4, response_len=R)
-    assert abs(peak[0] / e["activations"] - 1) < 0.15
+    assert abs(peak / e["activations"] - 1) < 0.15
 
 
 def test_plan_follows_the_role_table():

@@ -1,6 +1,5 @@
 """the path a GPU user takes first, checked on the CPU: bf16 mixed precision, real tokenizers (BOS, SentencePiece
 boundaries), activation checkpointing in SFT, the baselines' LM-only SFT, generation, and Llama-7b's wiring."""
-import weakref
 
 import pytest
 import torch
@@ -74,28 +73,7 @@ def test_ppo_stores_frozen_bases_in_bf16_and_trains_fp32_weights(method):
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
 
 
-def saved_peak(fn):
-    """peak bytes of tensors autograd keeps for backward while fn() runs (weights excluded)."""
-    alive, peak = {}, [0]
-
-    def release(k):
-        alive[k][0] -= 1
-        if not alive[k][0]:
-            del alive[k]
-
-    def pack(x):
-        if not isinstance(x, torch.nn.Parameter):
-            k = x.untyped_storage().data_ptr()
-            alive.setdefault(k, [0, x.untyped_storage().nbytes()])[0] += 1
-            weakref.finalize(x, release, k)
-            peak[0] = max(peak[0], sum(n for _, n in alive.values()))
-        return x
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        fn()
-    return peak[0]
-
-
-def test_grad_ckpt_flag_checkpoints_the_sft_stage(tmp_path):
+def test_grad_ckpt_flag_checkpoints_the_sft_stage(tmp_path, saved_peak):
     """--grad-ckpt only took effect in PPO, so a Llama-7b SFT stage ran with every activation saved, if this fails."""
     peaks = {}
     for ckpt in (False, True):
@@ -104,7 +82,9 @@ def test_grad_ckpt_flag_checkpoints_the_sft_stage(tmp_path):
         train, _, _, _ = H.split_data(cfg)
         rows, _ = H.encode_pairs(train[:16], tok, cfg)
         (tmp_path / str(ckpt)).mkdir()
-        peaks[ckpt] = saved_peak(lambda: H.train_sft("hydra", models["hydra"], 1.0, 1.0, rows, cfg, tok, torch.device("cpu"), cfg.out))
+        m = models["hydra"]
+        peaks[ckpt] = saved_peak(lambda: H.train_sft("hydra", m, 1.0, 1.0, rows, cfg, tok, torch.device("cpu"), cfg.out),
+                                 list(m.parameters()))
     assert peaks[True] < 0.6 * peaks[False], peaks
 
 
