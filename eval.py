@@ -1,9 +1,9 @@
 """
 Memory and latency of the paper's methods, measured and estimated (Hydra-RLHF, arXiv 2309.00754, Table 2 and sec. 4).
 
-    python eval.py --bench                                   # tiny model: sft, lora-sft and the 4 PPO methods, a fresh process each
-    python eval.py --bench --model smollm2-135m-random       # SmolLM2-135M shapes, random init (no download)
-    python eval.py --bench --budget-mib 1024                 # per PPO method: the largest batch under 1 GiB, and its latency
+    python eval.py --bench                             # tiny model: floor, sft, lora-sft, the 4 PPO methods
+    python eval.py --bench --model smollm2-135m-random # SmolLM2-135M shapes, random init (no download)
+    python eval.py --bench --budget-mib 1024           # per PPO method: the largest batch under 1 GiB, its latency
     python eval.py --estimate llama-7b --seq-len 800 --lora-r 128 --budget-mib 81920   # analytic plan, vs the paper
     python eval.py --bench-fsdp 1,2 --model smollm2-135m-random   # FSDP2: per-rank peak on 1 vs 2 ranks (torchrun)
 
@@ -32,17 +32,17 @@ from statistics import fmean
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.llama import modeling_llama  # noqa: F401  imported before hydra_ppo, whose RSS baseline is taken
-from transformers.models.opt import modeling_opt  # noqa: F401  at its import: these modules are ~90 MiB of RSS, more than
-# the tiny model's whole run
+from transformers.models.llama import modeling_llama  # noqa: F401  imported before hydra_ppo, whose RSS baseline
+from transformers.models.opt import modeling_opt  # noqa: F401  is taken at its import: these modules are ~90 MiB of
+# RSS, more than the tiny model's whole run
 from tqdm import tqdm
 
 import data
 import hydra_ppo as H
 import lora
 
-ROWS = ("floor", "sft", "lora-sft", "ppo", "lora-ppo", "j-hydra-ppo", "hydra-ppo")
-PPO_ROWS = tuple(r for r in ROWS if r in H.ROLES)
+ROWS = ("floor", "sft", "lora-sft") + H.METHODS  # the bench's rows: a LoRA LM step, the two SFTs, the PPO methods
+PPO_ROWS = H.METHODS
 MIB = 2**20
 
 
@@ -50,140 +50,10 @@ vm_hwm_kib = H.vm_hwm_kib  # peak RSS of this process image (VmHWM)
 HWM_BASELINE_KIB = vm_hwm_kib()  # after imports, at the same point as hydra_ppo's baseline
 
 # -----------------------------------------------------------------------------
-# model shapes: config dicts only, no weights. the estimator reads them; the bench builds random-init models from them
+# the memory plan (hydra_ppo.estimate) beside the paper's figures, and the largest batch under a budget
 
-MODELS = {
-    "micro": dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
-    "tiny": dict(model_type="llama", vocab_size=4098, **H.TINY),  # hydra_ppo's tiny model: GPT-2 BPE cut to 4096 ranks + eos + pad
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True),
-    "opt-1.3b": dict(model_type="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
-                     max_position_embeddings=2048, word_embed_proj_dim=2048, tie_word_embeddings=True, dropout=0.1),
-    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048, tie_word_embeddings=False),
-}
 # the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
 PAPER_PEAK_GIB = {"llama-7b": {"ppo": 220.0, "lora-ppo": 68.0, "j-hydra-ppo": 67.9, "hydra-ppo": 71.1}}
-
-
-def model_config(name, flag="--model"):
-    """built-in shapes ("-random" = random init of them), else config.json from a local dir or the HF cache, never the net."""
-    base = name.removesuffix("-random")
-    if base in MODELS:
-        return dict(MODELS[base])
-    try:
-        return AutoConfig.from_pretrained(H.ALIASES.get(base, base), local_files_only=True).to_dict()
-    except (OSError, ValueError):
-        raise H.ConfigError(f"{flag} {name!r}: not built in ({', '.join(MODELS)}) and no config.json in a local dir or the Hugging Face cache")
-
-
-def shapes(cfg):
-    """-> dims, parameter count of the LM (embeddings + decoder + lm_head) and LoRA parameters per adapter set per unit rank."""
-    h, L, nh = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // nh
-    q, kv = nh * hd, (cfg.get("num_key_value_heads") or nh) * hd
-    V, tied = cfg["vocab_size"], cfg.get("tie_word_embeddings", True)
-    gated = "intermediate_size" in cfg  # llama-type: gate, up, down, RMSNorm, no biases; else opt-type: fc1, fc2, LayerNorm, biases
-    ffn = cfg["intermediate_size"] if gated else cfg["ffn_dim"]
-    if gated:
-        layer = h * q + 2 * h * kv + q * h + 3 * h * ffn + 2 * h
-        lora_r1 = L * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + ffn))  # r * (in + out) for every wrapped Linear
-        params = V * h + L * layer + h
-    else:
-        layer = 4 * (h * h + h) + 2 * h * ffn + ffn + h + 4 * h
-        lora_r1 = L * (4 * 2 * h + 2 * (h + ffn))
-        params = V * h + (cfg["max_position_embeddings"] + 2) * h + L * layer + 2 * h
-    untied = 0 if tied else V * h
-    return dict(h=h, L=L, kv=kv, ffn=ffn, V=V, gated=gated, params=params + untied, untied=untied, lora_r1=lora_r1, layer=layer)
-
-
-# -----------------------------------------------------------------------------
-# the analytic memory plan
-#
-# assumptions (bytes; d = bytes per element of the base dtype):
-# - structure from hydra_ppo.ROLES: base copies = distinct bases, LoRA sets = distinct (base, adapter). PPO rows hold
-#   one forward's activations (B sequences): ppo_iteration backpropagates actor and critic one at a time unless they
-#   share a forward (J-Hydra). sft rows: chosen and rejected go through one forward, 2B sequences; Hydra-SFT trains
-#   all but the value head (lm + reward head).
-# - mixed precision as hydra_ppo does it: a weight that trains is fp32 (full fine-tuning: every weight of the copy;
-#   else LoRA and the scalar heads), a frozen base copy is stored in d, and its matmuls run under autocast to d. so
-#   a fully trained copy costs 4 (weight) + 4 (grad) + 8 (two fp32 AdamW states) per parameter, plus, in d < 4, the
-#   d-byte copy of each weight that autocast makes for the matmuls and autograd saves for backward ("casts"; with
-#   activation checkpointing only the weights outside the decoder layers keep theirs). no separate master copy.
-# - reward + value heads fp32 in every copy (HydraModel never casts them).
-# - the critic's own lm_head of an untied model is in the optimizer but never gets a grad: no grad, no state.
-# - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
-#   recounted for transformers' blocks (saved_tensors_hooks, one storage counted once): no dropout (disabled), SDPA
-#   flash attention (no s^2 term; its output is also o_proj's input), GQA keys/values saved expanded to all heads.
-#   per token per layer, in elements:
-#     llama: 2 RMSNorms' input and output (+ x*rstd each when the norm weight trains), q, k, v, attn out,
-#            gate, up, silu, down input                             -> (10h full | 8h LoRA) + 4 ffn
-#     opt:   2 LayerNorms' input and output, q, k, v, attn out, relu output (= fc2 input)   -> 8h + ffn
-#            (+ 2h in SFT when the config has dropout, as opt's does: PPO turns dropout off)
-#   + r per wrapped Linear (x @ A^T). in d < 4 (autocast) the elements above are d bytes, plus what autocast adds:
-#   a fully trained copy keeps an fp32 residual stream and each matmul saves its own d-byte cast of its input
-#   (llama 7h, opt 4h more elements of d bytes); a frozen d-byte base, llama's fp32 RMSNorm (h more). these d < 4
-#   terms are fitted to saved_tensors_hooks counts on micro models (tests pin them within 10%).
-#   with activation checkpointing (grad_ckpt) a layer keeps only its input (h), and backward recomputes one layer.
-# - logits: fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad coming into
-#   it, the grad it passes on), for one chunk of positions only (hydra_ppo.response_logprobs makes them a chunk at a
-#   time, again in backward): B x min(R, LOGIT_CHUNK / (B V)) x V. only the actor (sft: the chosen half) has them.
-# - KV cache of the rollout: 2 L B T kv d; it never coexists with training activations, so
-#   total = weights + lora + grads + optimizer + max(activations + logits + casts, kv cache). no allocator slack,
-#   no runtime.
-
-
-def plan(method):
-    """-> base copies, LoRA sets, fully trained copies, sequences whose activations are alive at once (units of B)."""
-    if method == "floor":  # one LoRA set, one forward of B sequences
-        return dict(copies=1, sets=1, full=0, seqs=1)
-    if method in ("sft", "lora-sft"):
-        lo = method == "lora-sft"
-        return dict(copies=1, sets=int(lo), full=int(not lo), seqs=2)
-    roles = H.ROLES[method]
-    train = {roles[r][:2] for r in ("actor", "critic")}
-    return dict(copies=len({b for b, _, _ in roles.values()}), sets=len({(b, a) for b, a, _ in roles.values() if a}),
-                full=sum(a is None for _, a in train), seqs=1)
-
-
-def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False):
-    """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
-    seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given."""
-    s, p = shapes(config_dict), plan(method)
-    B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
-    lora_n = p["sets"] * lora_r * s["lora_r1"]
-    full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
-    ppo = method in H.ROLES
-    # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
-    head_n = 0 if method == "floor" else h + ppo
-    small_n = lora_n + head_n
-    low, full = d < 4, p["full"] > 0  # autocast to d; a fully trained copy (fp32 weights, fp32 residual stream)
-    if s["gated"]:
-        per_tok = ((10 if full else 8) * h + 4 * s["ffn"]) * d
-        per_tok += ((7 if full else 1) * h * d) if low else 0
-    else:
-        per_tok = (8 * h + s["ffn"]) * d + (4 * h * d if full and low else 0)
-        per_tok += 2 * h * d * (not ppo and config_dict.get("dropout", 0) > 0)  # SFT keeps opt's 2 dropouts (PPO: off)
-    layer = per_tok + (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0) * d  # bytes one layer saves per token
-    saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
-    # autocast's d-byte weight copies, saved for backward: all of them, or (checkpointing) those outside the layers
-    casts = (p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0
-    out = dict(
-        weights=(p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * 2 * (h + 1) * 4,
-        lora=lora_n * 4,
-        grads=(full_n + small_n) * 4,
-        optimizer=(full_n + small_n) * 8,
-        activations=p["seqs"] * B * T * (saved + 2 * h * d),
-        # hydra_ppo.response_logprobs' chunk; the floor row's library loss makes fp32 logits at every position
-        logits=3 * B * (T if method == "floor" else min(R, max(1, H.LOGIT_CHUNK // (B * s["V"])))) * s["V"] * 4,
-        casts=casts,
-        kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
-    )
-    out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(
-        out["activations"] + out["logits"] + out["casts"], out["kv_cache"])
-    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=p["full"] * s["params"] + lora_n + head_n)
-    return out
 
 
 def largest_batch(fits, cap=1024):
@@ -217,15 +87,22 @@ def bench_tokenizer(vocab):
 
 
 def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=False):
-    """-> (step(i) -> response tokens of step i, optimizer, models): one training step of row `name` on random data.
-    fsdp: built on the CPU, then every base sharded over the ranks (hydra_ppo --fsdp); B is per rank."""
-    build_device, device = (torch.device("cpu"), device) if fsdp else (device, device)
+    """-> (step(i) -> response tokens of step i and the PPO clock, optimizer, models): one training step of row
+    `name` on random data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults: learning rates,
+    LoRA alpha). fsdp: built on the CPU, then every base sharded over the ranks (hydra_ppo --fsdp); B is per rank."""
+    build_device = torch.device("cpu") if fsdp else device
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
-    if name == "floor":  # what any PPO update costs at least: a LoRA language-model step on the same B x (P + R) tokens,
-        # LoRA on the same modules, as a LoRA library trains (transformers' own loss, labels on the response)
+    W = H.world()[1]
+    # one minibatch per rollout, one epoch, no early stop: every step does the same work. no score scale (the std
+    # of one batch's scores; a scalar costs no memory)
+    hcfg = H.Config(model="bench", sft_batch=B * W, rollout_batch=B * W, minibatch=B * W, max_prompt=P,
+                    max_new_tokens=R, ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt,
+                    score_norm="none", fsdp=fsdp)
+    if name == "floor":  # what any PPO update costs at least: a LoRA language-model step on the same B x (P + R)
+        # tokens, LoRA on the same modules, as a LoRA library trains (transformers' own loss, labels on the response)
         model = H.HydraModel(build_lm(cfg, 0, build_device, dtype), compute_dtype=dtype)
-        lora.inject(model.lm, ["floor"], r=lora_r, alpha=2 * lora_r)
+        lora.inject(model.lm, ["floor"], r=lora_r, alpha=hcfg.lora_alpha)
         model.requires_grad_(False)
         params = lora.lora_parameters(model.lm, "floor")
         for p in params:
@@ -246,44 +123,35 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
             opt.step()
             return R, None
         return step, opt, {"floor": model}
-    if name in ("sft", "lora-sft"):  # H.train_sft's own step, Hydra-SFT losses (lm + reward)
+    if name in ("sft", "lora-sft"):  # train_sft's own setup and step, Hydra-SFT losses (lm + reward)
+        hcfg.sft_lora = name == "lora-sft"
         # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
-        model = H.HydraModel(build_lm(cfg, 0, build_device, torch.float32 if name == "sft" else dtype), compute_dtype=dtype)
-        params = H.prepare_sft(model, H.Config(sft_lora=name == "lora-sft", lora_r=lora_r, lora_alpha=2 * lora_r, grad_ckpt=grad_ckpt))
-        if fsdp:
-            params = H.trainable(H.shard(model, device))
-        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        model = H.HydraModel(build_lm(cfg, 0, build_device, dtype if hcfg.sft_lora else torch.float32),
+                             compute_dtype=dtype)
+        params, opt = H.prepare_sft(model, hcfg, device)
         rows = list(zip(rand(P), rand(R), rand(R)))  # (prompt, chosen, rejected) of fixed lengths
         model.train()
 
         def step(i):
-            with lora.adapter("sft" if name == "lora-sft" else None):
+            with lora.adapter("sft" if hcfg.sft_lora else None):
                 H.sft_step(model, rows, 1.0, 1.0, params, opt, V - 1, device, 1.0, i + 1)
             return R, None
         return step, opt, {"sft": model}
     # full PPO trains fp32 copies of these (setup_ppo then stores the frozen ones in dtype); LoRA methods: dtype bases
     store = torch.float32 if name == "ppo" else dtype
-    models = {n: H.HydraModel(build_lm(cfg, i, build_device, store), compute_dtype=dtype) for i, n in enumerate(H.SFT_MODELS[name])}
+    models = {n: H.HydraModel(build_lm(cfg, i, build_device, store), compute_dtype=dtype)
+              for i, n in enumerate(H.sft_models(name))}
     bases = H.ppo_bases(name, models)
-    # one minibatch per rollout, one epoch, no early stop: every step does the same work. score_norm "sft" takes a
-    # std over the batch's scores (NaN at batch 1); the bench does not need it, a scalar shift costs no memory
-    W = H.world()[1]
-    pcfg = H.Config(rollout_batch=B * W, minibatch=B * W, max_prompt=P, max_new_tokens=R, ppo_epochs=1, stop_kl=math.inf,
-                    lora_r=lora_r, lora_alpha=2 * lora_r, grad_ckpt=grad_ckpt, score_norm="none", fsdp=fsdp)
-    params = H.setup_ppo(bases, name, pcfg)
-    if fsdp:
-        for m in dict.fromkeys(bases.values()):
-            H.shard(m, device)
-        params = H.role_parameters(bases, name)
-    opt = torch.optim.AdamW([{"params": params["actor"], "lr": 5e-5}, {"params": params["critic"], "lr": 5e-5}], weight_decay=0.0)
-    kl_ctl, tok, prompts = H.KLController(pcfg.kl_coef, pcfg.target_kl, pcfg.kl_horizon), bench_tokenizer(V), rand(P)
+    params, opt = H.prepare_ppo(bases, name, hcfg, device)
+    kl_ctl, tok, prompts = H.KLController(hcfg.kl_coef), bench_tokenizer(V), rand(P)
+    roles, rows = H.ROLES[name], range(H.world()[0] * B, (H.world()[0] + 1) * B)
     for m in bases.values():
         m.eval()
 
-    def step(i):
-        rank = H.world()[0]
-        stats, _ = H.ppo_iteration(bases, name, params, opt, kl_ctl, prompts, tok, pcfg, i, device, rows=range(rank * B, (rank + 1) * B))
-        return stats["response_len"], {k: stats[k] for k in H.PHASES}
+    def step(i):  # train_ppo's iteration: rollout, then update (no calibration: raw scores)
+        batch = H.rollout(bases, roles, prompts, tok, hcfg, i, device, rows)
+        stats = H.ppo_update(bases, roles, params, opt, kl_ctl, batch, {}, hcfg, i)
+        return stats["response_len"], {k: {**batch, **stats}[k] for k in H.PHASES}
     return step, opt, bases
 
 
@@ -294,19 +162,22 @@ def sync(device):
 
 
 def bench_one(a):
-    """child process: build one row, a warm-up step, a.steps timed steps. -> the row's dict (printed as one JSON line)."""
+    """child process: build one row, a warm-up step, a.steps timed steps. -> the row's dict (printed as one JSON
+    line)."""
     if a.threads:
         torch.set_num_threads(a.threads)
     device = H.init_distributed(a.device) if a.fsdp else H.pick_device(a.device)
     dtype = H.pick_dtype("auto", device)
-    cfg = model_config(a.model)
-    head = dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, response_len=a.response_len,
-                device=str(device), dtype=str(dtype).removeprefix("torch."), memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
+    cfg = H.model_config(a.model)
+    head = dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
+                response_len=a.response_len, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
     times, lens, gens = [], [], []
     try:
-        step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype, a.grad_ckpt, a.fsdp)
-        H.reset_peak_memory(device)  # measure the steps, not the build (under --fsdp each rank built the whole model on the CPU
-        # first; full PPO casts its frozen fp32 copies to the compute dtype once)
+        step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
+                                      a.grad_ckpt, a.fsdp)
+        H.reset_peak_memory(device)  # measure the steps, not the build (under --fsdp each rank built the whole model on
+        # the CPU first; full PPO casts its frozen fp32 copies to the compute dtype once)
         for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
             t0 = time.perf_counter()
             n, clock = step(i)
@@ -317,11 +188,13 @@ def bench_one(a):
         return dict(head, oom=True, peak_memory_mib=None)
     sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
     mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
-    return dict(head, peak_memory_mib=round(H.peak_memory_mib(device) if device.type == "cuda" else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024, 1),
+    return dict(head, peak_memory_mib=round(H.peak_memory_mib(device) if device.type == "cuda"
+                                            else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024, 1),
                 latency_per_sample_s=mid(times) / a.batch_size,
                 **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
-                frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets), mean_response_len=sum(lens) / len(lens),
+                frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets),
+                mean_response_len=sum(lens) / len(lens),
                 **(shard_sizes(models) if a.fsdp else {}))
 
 
@@ -336,7 +209,8 @@ def shard_sizes(models):
             t = p.to_local() if H.is_sharded(p) else p
             n = t.numel() * t.element_size()
             frozen, trained = (frozen, trained + n) if p.requires_grad else (frozen + n, trained)
-    return dict(rank=H.world()[0], frozen_mib_this_rank=round(frozen / MIB, 2), trained_mib_this_rank=round(trained / MIB, 2))
+    return dict(rank=H.world()[0], frozen_mib_this_rank=round(frozen / MIB, 2),
+                trained_mib_this_rank=round(trained / MIB, 2))
 
 
 def bench_fsdp(a):
@@ -351,14 +225,17 @@ def bench_fsdp(a):
                         trained_mib_per_rank=max(x["trained_mib_this_rank"] for x in ranks),
                         latency_per_sample_s=ranks[0]["latency_per_sample_s"]))
     one = res[0]
-    print(f"\nfsdp {name} on {a.model}: batch {a.batch_size} per rank, prompt {a.prompt_len} + response {a.response_len}, "
-          f"{ranks[0]['dtype']} on {ranks[0]['device']}, peak = {ranks[0]['memory_measure']} after sharding (largest rank)")
-    print(f"{'ranks':>5} {'frozen MiB/rank':>15} {'trained MiB/rank':>16} {'peak MiB/rank':>13} {'x 1st':>6} {'s/sample':>9}")
+    print(f"\nfsdp {name} on {a.model}: batch {a.batch_size} per rank, prompt {a.prompt_len} + response "
+          f"{a.response_len}, {ranks[0]['dtype']} on {ranks[0]['device']}, peak = {ranks[0]['memory_measure']} "
+          f"after sharding (largest rank)")
+    print(f"{'ranks':>5} {'frozen MiB/rank':>15} {'trained MiB/rank':>16} {'peak MiB/rank':>13} {'x 1st':>6} "
+          f"{'s/sample':>9}")
     for r in res:
-        print(f"{r['ranks']:>5} {r['frozen_mib_per_rank']:>15.1f} {r['trained_mib_per_rank']:>16.2f} {r['peak_mib_max']:>13.1f} "
+        print(f"{r['ranks']:>5} {r['frozen_mib_per_rank']:>15.1f} {r['trained_mib_per_rank']:>16.2f} "
+              f"{r['peak_mib_max']:>13.1f} "
               f"{r['peak_mib_max'] / one['peak_mib_max']:>6.2f} {r['latency_per_sample_s']:>9.4f}")
-    out = dict(method=name, model=a.model, batch_size_per_rank=a.batch_size, prompt_len=a.prompt_len, response_len=a.response_len,
-               code=code_version(), rows=res)
+    out = dict(method=name, model=a.model, batch_size_per_rank=a.batch_size, prompt_len=a.prompt_len,
+               response_len=a.response_len, code=code_version(), rows=res)
     save_json(out, a.out, "fsdp.json")
     return out
 
@@ -371,7 +248,7 @@ def bench_gen(a):
         torch.set_num_threads(a.threads)
     device = H.pick_device(a.device)
     dtype = H.pick_dtype("auto", device)
-    cfg = model_config(a.model)
+    cfg = H.model_config(a.model)
     model = H.HydraModel(build_lm(cfg, 0, device, dtype), compute_dtype=dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
     lora.inject(model.lm, ["actor", "critic"], r=a.lora_r, alpha=2 * a.lora_r)
@@ -399,16 +276,16 @@ def bench_gen(a):
         reads.append(time.perf_counter() - t0)
     gib_s = 1 / sorted(reads[1:])[2]
     mid = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    out = dict(model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, new_tokens=a.response_len, device=str(device),
-               dtype=str(dtype).removeprefix("torch."), lora_r=a.lora_r, ms_per_token_lora_off=mid(ms[None]),
-               ms_per_token_lora_on=mid(ms["actor"]), read_gib_per_s=gib_s, weight_mib=weight_bytes / MIB,
-               weight_read_ms=1000 * weight_bytes / 2**30 / gib_s, code=code_version())
+    out = dict(model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, new_tokens=a.response_len,
+               device=str(device), dtype=str(dtype).removeprefix("torch."), lora_r=a.lora_r,
+               ms_per_token_lora_off=mid(ms[None]), ms_per_token_lora_on=mid(ms["actor"]), read_gib_per_s=gib_s,
+               weight_mib=weight_bytes / MIB, weight_read_ms=1000 * weight_bytes / 2**30 / gib_s, code=code_version())
     out.update(lora_on_over_off=out["ms_per_token_lora_on"] / out["ms_per_token_lora_off"],
                lora_off_over_weight_read=out["ms_per_token_lora_off"] / out["weight_read_ms"])
-    print(f"\ngeneration {a.model}: batch {a.batch_size}, prompt {a.prompt_len}, {a.response_len} new tokens, {out['dtype']} on {device}, "
-          f"{a.steps} interleaved repeats (median)")
-    print(f"  LoRA off {out['ms_per_token_lora_off']:.1f} ms/token, LoRA on (r {a.lora_r}) {out['ms_per_token_lora_on']:.1f} ms/token: "
-          f"x {out['lora_on_over_off']:.2f}")
+    print(f"\ngeneration {a.model}: batch {a.batch_size}, prompt {a.prompt_len}, {a.response_len} new tokens, "
+          f"{out['dtype']} on {device}, {a.steps} interleaved repeats (median)")
+    print(f"  LoRA off {out['ms_per_token_lora_off']:.1f} ms/token, LoRA on (r {a.lora_r}) "
+          f"{out['ms_per_token_lora_on']:.1f} ms/token: x {out['lora_on_over_off']:.2f}")
     print(f"  weights {out['weight_mib']:.0f} MiB read once at {gib_s:.1f} GiB/s: {out['weight_read_ms']:.1f} ms; "
           f"LoRA off is x {out['lora_off_over_weight_read']:.2f} of that")
     save_json(out, a.out, "gen.json")
@@ -417,16 +294,20 @@ def bench_gen(a):
 
 def code_version():
     # hydra_ppo.py and lora.py change under the bench: record which versions a table measured
-    return {os.path.basename(m.__file__): hashlib.sha256(open(m.__file__, "rb").read()).hexdigest()[:12] for m in (H, lora)}
+    return {os.path.basename(m.__file__): hashlib.sha256(open(m.__file__, "rb").read()).hexdigest()[:12]
+            for m in (H, lora)}
 
 
 def run_child(a, name, batch_size, fsdp_ranks=0):
     """one row in a fresh process (fsdp_ranks > 0: that many, under torchrun, with --fsdp), malloc told to hand big
     blocks back (so RSS tracks live memory). -> its dict (under torchrun: one per rank)."""
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={fsdp_ranks}"] if fsdp_ranks else [])
-    cmd = launch + [os.path.abspath(__file__), "--bench-one", name, "--model", a.model, "--batch-size", str(batch_size),
-                    "--steps", str(a.steps), "--prompt-len", str(a.prompt_len), "--response-len", str(a.response_len),
-                    "--lora-r", str(a.lora_r), "--device", a.device, "--threads", str(a.threads)] + ["--grad-ckpt"] * a.grad_ckpt + ["--fsdp"] * bool(fsdp_ranks)
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={fsdp_ranks}"]
+                                 if fsdp_ranks else [])
+    cmd = (launch + [os.path.abspath(__file__), "--bench-one", name, "--model", a.model,
+                     "--batch-size", str(batch_size), "--steps", str(a.steps), "--prompt-len", str(a.prompt_len),
+                     "--response-len", str(a.response_len), "--lora-r", str(a.lora_r), "--device", a.device,
+                     "--threads", str(a.threads)]
+           + ["--grad-ckpt"] * a.grad_ckpt + ["--fsdp"] * bool(fsdp_ranks))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -436,18 +317,21 @@ def run_child(a, name, batch_size, fsdp_ranks=0):
 
 
 def bench(a):
-    cfg = model_config(a.model)
+    cfg = H.model_config(a.model)
     res = [run_child(a, name, a.batch_size) for name in tqdm(a.rows, desc=f"bench {a.model}")]
     d = torch.finfo(getattr(torch, res[0]["dtype"])).bits // 8
     peak = {r["name"]: r["peak_memory_mib"] for r in res}
-    ratio = lambda r, to: r["peak_memory_mib"] / peak[to] if r["peak_memory_mib"] and peak.get(to) else None  # noqa: E731
+    ratio = lambda r, to: (r["peak_memory_mib"] / peak[to]  # noqa: E731
+                           if r["peak_memory_mib"] and peak.get(to) else None)
     for r in res:
-        est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len, a.grad_ckpt)["total"] / MIB
-        r.update(x_ppo=ratio(r, "ppo"), x_floor=ratio(r, "floor"), x_lora_sft=ratio(r, "lora-sft"), estimate_mib=round(est, 1),
+        est = H.estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len,
+                         a.grad_ckpt)["total"] / MIB
+        r.update(x_ppo=ratio(r, "ppo"), x_floor=ratio(r, "floor"), x_lora_sft=ratio(r, "lora-sft"),
+                 estimate_mib=round(est, 1),
                  estimate_err=est / r["peak_memory_mib"] - 1 if r["peak_memory_mib"] else None)
     out = dict(memory_measure=res[0]["memory_measure"], model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
-               response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, grad_ckpt=a.grad_ckpt, device=res[0]["device"], dtype=res[0]["dtype"],
-               code=code_version(), rows=res)
+               response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, grad_ckpt=a.grad_ckpt,
+               device=res[0]["device"], dtype=res[0]["dtype"], code=code_version(), rows=res)
     print_bench(out)
     save_json(out, a.out, "bench.json")
     return out
@@ -463,22 +347,26 @@ def budget(a):
         def fits(b):
             probes[b] = run_child(a, name, b)
             bar.update(), bar.set_postfix(batch=b, mib=probes[b]["peak_memory_mib"])
-            return probes[b]["peak_memory_mib"] is not None and probes[b]["peak_memory_mib"] <= a.budget_mib  # None: out of memory
+            # None: out of memory
+            return probes[b]["peak_memory_mib"] is not None and probes[b]["peak_memory_mib"] <= a.budget_mib
         b = largest_batch(fits, a.max_batch)
         bar.close()
         res[name] = dict(batch_size=b, peak_memory_mib=probes[b]["peak_memory_mib"] if b else None,
                          latency_per_sample_s=probes[b]["latency_per_sample_s"] if b else None, probes=len(probes))
     out = dict(memory_measure=next(iter(probes.values()))["memory_measure"], model=a.model, budget_mib=a.budget_mib,
-               prompt_len=a.prompt_len, response_len=a.response_len, grad_ckpt=a.grad_ckpt, code=code_version(), methods=res)
+               prompt_len=a.prompt_len, response_len=a.response_len, grad_ckpt=a.grad_ckpt, code=code_version(),
+               methods=res)
     ref = res["lora-ppo"]
-    print(f"\nbudget {a.budget_mib:g} MiB on {a.model} ({out['memory_measure']}), prompt {a.prompt_len} + response {a.response_len}"
-          + ", activation checkpointing" * a.grad_ckpt)
-    print(f"{'method':<12} {'max batch':>9} {'peak MiB':>9} {'s/sample':>9} {'batch x lora-ppo':>17} {'latency vs lora-ppo':>20}")
+    print(f"\nbudget {a.budget_mib:g} MiB on {a.model} ({out['memory_measure']}), prompt {a.prompt_len} "
+          f"+ response {a.response_len}" + ", activation checkpointing" * a.grad_ckpt)
+    print(f"{'method':<12} {'max batch':>9} {'peak MiB':>9} {'s/sample':>9} {'batch x lora-ppo':>17} "
+          f"{'latency vs lora-ppo':>20}")
     for name, r in res.items():
         if r["batch_size"]:
             rel = f"{r['latency_per_sample_s'] / ref['latency_per_sample_s'] - 1:+.0%}" if ref["batch_size"] else "-"
             xb = f"{r['batch_size'] / ref['batch_size']:.2f}" if ref["batch_size"] else "-"
-            print(f"{name:<12} {r['batch_size']:>9} {r['peak_memory_mib']:>9.0f} {r['latency_per_sample_s']:>9.4f} {xb:>17} {rel:>20}")
+            print(f"{name:<12} {r['batch_size']:>9} {r['peak_memory_mib']:>9.0f} {r['latency_per_sample_s']:>9.4f} "
+                  f"{xb:>17} {rel:>20}")
         else:
             print(f"{name:<12} {'none fits':>9}")
     save_json(out, a.out, "budget.json")
@@ -512,10 +400,12 @@ def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(),
         merges = merges[: n_ranks - 256]
     bpe = ByteLevelBPETokenizer(vocab, merges)
     bpe.add_special_tokens(list(dict.fromkeys(t for t in (*extra_special, bos, eos, pad, unk) if t)))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
+                                  unk_token=unk)
     if bos:
         b = tok.convert_tokens_to_ids(bos)
-        tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1", special_tokens=[(bos, b)])
+        tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1",
+                                                           special_tokens=[(bos, b)])
     return tok
 
 
@@ -533,27 +423,32 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
-    """random-init causal LM of a built-in shape (MODELS), a cached/local config or a config dict, saved to out_dir
+    """random-init causal LM of a built-in shape (H.MODELS), a cached/local config or a config dict, saved to out_dir
     (config.json + safetensors) with a GPT-2 BPE tokenizer beside it; config bos/eos/pad ids are the tokenizer's.
     a vocab smaller than the BPE's keeps its first ranks. -> out_dir"""
-    conf = dict(name_or_config) if isinstance(name_or_config, dict) else model_config(name_or_config, flag="--save-random")
+    conf = (dict(name_or_config) if isinstance(name_or_config, dict)
+            else H.model_config(name_or_config, flag="--save-random"))
     if dtype not in DTYPES:
         raise H.ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     style = dict(TOKENIZER_STYLES.get(conf.get("model_type"), TOKENIZER_STYLES["llama"]))
     V = conf["vocab_size"]
-    n_special = len({t for t in (*style.get("extra_special", ()), style.get("bos"), style["eos"], style.get("pad"), style.get("unk")) if t})
-    n_ranks = None if V >= 50257 + n_special else V - n_special  # <|endoftext|> is rank 50256: a cut BPE adds it as a special
+    n_special = len({t for t in (*style.get("extra_special", ()), style.get("bos"), style["eos"], style.get("pad"),
+                                 style.get("unk")) if t})
+    # <|endoftext|> is rank 50256: a cut BPE adds it as a special
+    n_ranks = None if V >= 50257 + n_special else V - n_special
     if n_ranks is not None and n_ranks < 256:
         raise H.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
     tok = hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["eos"]  # GPT-2 style: bos = eos = <|endoftext|>, not prepended
+    # GPT-2 style: bos = eos = <|endoftext|>, not prepended
+    ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["eos"]
     assert len(tok) <= V and all(i is None or i < V for i in ids.values()), (len(tok), ids, V)
     conf.update({f"{k}_token_id": i for k, i in ids.items()})
     config = AutoConfig.for_model(**conf)
     torch.manual_seed(seed)
     t0 = time.time()
-    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])  # built in dtype: one copy of the weights, never two
+    # built in dtype: one copy of the weights, never two
+    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     n = sum(p.numel() for p in lm.parameters())
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise H.ConfigError(f"--save-random: {out_dir} exists and is not empty; choose a new directory")
@@ -563,7 +458,8 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     if os.path.isdir(out_dir):
         os.rmdir(out_dir)
     os.replace(tmp, out_dir)
-    print(f"wrote {out_dir}: random {conf['model_type']} ({n / 1e6:.1f}M params, {DTYPES[dtype]}), tokenizer of {len(tok)} ids "
+    print(f"wrote {out_dir}: random {conf['model_type']} ({n / 1e6:.1f}M params, {DTYPES[dtype]}), "
+          f"tokenizer of {len(tok)} ids "
           f"(bos {ids['bos']}, eos {ids['eos']}, pad {ids['pad']}), vocab {V}, in {time.time() - t0:.0f} s")
     return out_dir
 
@@ -579,35 +475,40 @@ def save_json(obj, out, fname):
 
 
 def print_bench(o):
-    measure = {"cuda": "torch.cuda.max_memory_allocated", "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[o["memory_measure"]]
-    print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} tokens, "
-          f"{o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}" + ", activation checkpointing" * o["grad_ckpt"])
+    measure = {"cuda": "torch.cuda.max_memory_allocated",
+               "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[o["memory_measure"]]
+    print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} "
+          f"tokens, {o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}"
+          + ", activation checkpointing" * o["grad_ckpt"])
     print(f"peak memory = {measure}, one fresh process per row")
-    print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} {'x floor':>7} "
-          f"{'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
+    print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} "
+          f"{'x floor':>7} {'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in o["rows"]:
         if r.get("oom"):
             print(f"{r['name']:<12} {'out of memory':>31} {'':>19} {'':>25} {r['estimate_mib']:>8.0f}")
             continue
-        clock = (f"   gen {r['gen_s']:.2f} ({r['gen_ms_per_token']:.0f} ms/token) score {r['score_s']:.2f} update {r['update_s']:.2f} s"
-                 if r.get("gen_s") is not None else "")
-        print(f"{r['name']:<12} {r['frozen_bases']:>5} {r['lora_sets']:>4} {r['trainable_params'] / 1e6:>9.2f}M {r['peak_memory_mib']:>9.1f} "
-              f"{r['latency_per_sample_s']:>9.4f} {f(r['x_ppo'], '.2f'):>6} {f(r['x_floor'], '.2f'):>7} {f(r['x_lora_sft'], '.2f'):>10} "
-              f"{r['estimate_mib']:>8.0f} {r['estimate_err']:>+8.0%}" + clock)
+        clock = (f"   gen {r['gen_s']:.2f} ({r['gen_ms_per_token']:.0f} ms/token) score {r['score_s']:.2f} "
+                 f"update {r['update_s']:.2f} s" if r.get("gen_s") is not None else "")
+        print(f"{r['name']:<12} {r['frozen_bases']:>5} {r['lora_sets']:>4} {r['trainable_params'] / 1e6:>9.2f}M "
+              f"{r['peak_memory_mib']:>9.1f} {r['latency_per_sample_s']:>9.4f} {f(r['x_ppo'], '.2f'):>6} "
+              f"{f(r['x_floor'], '.2f'):>7} {f(r['x_lora_sft'], '.2f'):>10} {r['estimate_mib']:>8.0f} "
+              f"{r['estimate_err']:>+8.0%}" + clock)
 
 
 def print_estimate(a):
-    cfg = model_config(a.estimate, "--estimate")
+    cfg = H.model_config(a.estimate, "--estimate")
     d = {"fp32": 4, "bf16": 2, "fp16": 2}[a.dtype]
-    s = shapes(cfg)
-    est = lambda m, b: estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
+    s = H.shapes(cfg)
+    est = lambda m, b: H.estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
     unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
     print(f"estimate {a.estimate}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
-          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt + f"; {unit}")
+          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt
+          + f"; {unit}")
     keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "casts", "kv_cache", "total")
     paper = PAPER_PEAK_GIB.get(a.estimate.removesuffix("-random"), {})
-    extra = (f" {'max batch':>9}" if a.budget_mib else "") + (f" {'paper GiB':>9} {'batch at paper':>14}" if paper else "")
+    extra = ((f" {'max batch':>9}" if a.budget_mib else "")
+             + (f" {'paper GiB':>9} {'batch at paper':>14}" if paper else ""))
     print(f"{'method':<12}" + "".join(f" {k:>11}" for k in keys) + extra)
     fit = lambda m, lim: largest_batch(lambda b: est(m, b)["total"] <= lim)  # noqa: E731
     for m in (a.method,) if a.method else ROWS:
@@ -617,7 +518,8 @@ def print_estimate(a):
             line += f" {fit(m, a.budget_mib * MIB):>9}"
         if paper:
             pb = fit(m, paper[m] * 2**30) if m in paper else 0
-            at = f"{pb} ({est(m, pb)['total'] / 2**30:.1f})" if pb else "-"  # the largest batch whose plan stays under it
+            # the largest batch whose plan stays under it
+            at = f"{pb} ({est(m, pb)['total'] / 2**30:.1f})" if pb else "-"
             line += f" {paper.get(m, float('nan')):>9.1f} {at:>14}"
         print(line)
 
@@ -700,7 +602,8 @@ def cmd_judge(cmd, timeout=60.0):
     """a shell command gets the JSON {"prompt", "response_a", "response_b", "text"} on stdin ("text" is the
     paper-style pairwise prompt, for a command that forwards it to a model) and prints A, B or tie."""
     def ask(prompt, a, b):
-        msg = json.dumps({"prompt": prompt, "response_a": a, "response_b": b, "text": PAIRWISE.format(prompt=prompt, a=a, b=b)})
+        msg = json.dumps({"prompt": prompt, "response_a": a, "response_b": b,
+                          "text": PAIRWISE.format(prompt=prompt, a=a, b=b)})
         try:
             p = subprocess.run(cmd, shell=True, input=msg, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -755,7 +658,8 @@ def load_policies(specs, device):
         if kind == "ppo" and not runs[d][3]:
             raise H.ConfigError(f"{spec}: {d} has no ppo.pt (PPO did not run); use {d}:sft")
         kind = kind or ("ppo" if runs[d][3] else "sft")
-        pols.append({"name": f"{d}:{kind}", "dir": d, "role": "actor" if kind == "ppo" else "reference", "run": runs[d]})
+        pols.append({"name": f"{d}:{kind}", "dir": d, "role": "actor" if kind == "ppo" else "reference",
+                     "run": runs[d]})
     return pols, runs
 
 
@@ -776,7 +680,8 @@ def sample(pol, prompts, seed, bs):
     -> (token lists, texts, stopped-at-EOS flags, per-response KL to the run's reference)."""
     bases, cfg, tok, _ = pol["run"]
     pids = [H.prompt_tokens(tok, p, cfg.max_prompt)[0] for p in prompts]
-    resp, _, kls = H.sample_policy(bases, cfg.method, pol["role"], pids, tok, cfg, seed, stage="compare", bs=bs)
+    resp, _, kls = H.sample_policy(bases, H.ROLES[cfg.method], pol["role"], pids, tok, cfg, seed, stage="compare",
+                                   bs=bs)
     texts = [H.response_text(tok, p, r) for p, r in zip(pids, resp)]
     return resp, texts, [bool(r) and r[-1] == tok.eos_id for r in resp], kls
 
@@ -790,9 +695,11 @@ def rm_scores(run, prompts, texts, ended, bs):
     for i in range(0, len(prompts), bs):
         fmt = [tok.format_prompt(p) for p in prompts[i:i + bs]]
         ps = [data.encode_prompt(tok.encode, f, cfg.max_prompt, tok.bos_id)[0] for f in fmt]
-        rs = [data.response_ids(tok.encode, f, t) + ([tok.eos_id] if e else []) for f, t, e in zip(fmt, texts[i:i + bs], ended[i:i + bs])]
+        rs = [data.response_ids(tok.encode, f, t) + ([tok.eos_id] if e else [])
+              for f, t, e in zip(fmt, texts[i:i + bs], ended[i:i + bs])]
         ids, mask, P = data.collate(ps, rs, tok.pad_id)
-        out += H.run_roles(bases, cfg.method, ("reward",), ids.to(dev), mask.to(dev), P, cfg.temperature)["reward"].tolist()
+        out += H.run_roles(bases, H.ROLES[cfg.method], ("reward",), ids.to(dev), mask.to(dev), P,
+                           cfg.temperature)["reward"].tolist()
     return out
 
 
@@ -836,22 +743,27 @@ def compare(a):
                **{f"mean {j}": fmean(v) for j, v in scores.items()}}
         with_ref = [(refs[q], t) for q, t in zip(prompts, texts) if q in refs]
         if with_ref:  # mean ROUGE F1 against the reference summaries
-            for k, fn in (("rouge1", lambda r, t: rouge_n(r, t, 1)), ("rouge2", lambda r, t: rouge_n(r, t, 2)), ("rougeL", rouge_l)):
+            for k, fn in (("rouge1", lambda r, t: rouge_n(r, t, 1)), ("rouge2", lambda r, t: rouge_n(r, t, 2)),
+                          ("rougeL", rouge_l)):
                 row[k] = fmean(fn(r, t)["f"] for r, t in with_ref)
             row["rouge_n"] = len(with_ref)
         res["policies"].append(row)
         outs.append({"texts": texts, "scores": scores})
-    ask = cmd_judge(a.judge_cmd, a.judge_timeout) if a.judge_cmd else url_judge(a.judge_url, a.judge_model, a.judge_timeout) if a.judge_url else None
+    ask = (cmd_judge(a.judge_cmd, a.judge_timeout) if a.judge_cmd
+           else url_judge(a.judge_url, a.judge_model, a.judge_timeout) if a.judge_url else None)
     for i, j in itertools.combinations(range(len(pols)), 2):
         A, B = outs[i], outs[j]
         wr = {k: win_rate(by_score(A["scores"][k], B["scores"][k])) for k in A["scores"]}
         if ask:
             got = [judge_both_orders(ask, q, ta, tb) for q, ta, tb in zip(prompts, A["texts"], B["texts"])]
             wr["external"] = {**win_rate([o for o, _ in got]), "unparsed_answers": sum(b for _, b in got)}
-        ex = [{"prompt": q, "a": A["texts"][k], "b": B["texts"][k], "scores": {s: [A["scores"][s][k], B["scores"][s][k]] for s in A["scores"]}}
+        ex = [{"prompt": q, "a": A["texts"][k], "b": B["texts"][k],
+               "scores": {s: [A["scores"][s][k], B["scores"][s][k]] for s in A["scores"]}}
               for k, q in enumerate(prompts[:a.examples])]
-        res["pairs"].append({"a": i, "b": j, "a_name": pols[i]["name"], "b_name": pols[j]["name"], "win_rate": wr, "examples": ex})
-    res["samples"] = [{"prompt": q, **{f"{k}:{p['name']}": o["texts"][n] for k, (p, o) in enumerate(zip(pols, outs))}} for n, q in enumerate(prompts)]
+        res["pairs"].append({"a": i, "b": j, "a_name": pols[i]["name"], "b_name": pols[j]["name"], "win_rate": wr,
+                             "examples": ex})
+    res["samples"] = [{"prompt": q, **{f"{k}:{p['name']}": o["texts"][n] for k, (p, o) in enumerate(zip(pols, outs))}}
+                      for n, q in enumerate(prompts)]
     return res
 
 
@@ -866,9 +778,11 @@ def _table(head, rows):
 
 
 def print_compare(res):
-    print(f"\n{res['n_prompts']} held-out prompts, sampling seed {res['seed']}; KL = sum over response tokens of logp - logp_ref (nats)")
+    print(f"\n{res['n_prompts']} held-out prompts, sampling seed {res['seed']}; KL = sum over response tokens of "
+          "logp - logp_ref (nats)")
     keys = [k for k in res["policies"][0] if k not in ("name", "method")]
-    _table(["#", "policy", "method", *keys], [[i, p["name"], p["method"], *(p.get(k) for k in keys)] for i, p in enumerate(res["policies"])])
+    _table(["#", "policy", "method", *keys],
+           [[i, p["name"], p["method"], *(p.get(k) for k in keys)] for i, p in enumerate(res["policies"])])
     print(f"\nwin-rate of A over B ({res['interval']})")
     rows = [[f"{p['a']}:{p['a_name']}", f"{p['b']}:{p['b_name']}", j, w["win"], f"[{w['ci'][0]:.3f}, {w['ci'][1]:.3f}]",
              f"{w['wins']}/{w['ties']}/{w['losses']}"] for p in res["pairs"] for j, w in p["win_rate"].items()]
@@ -876,20 +790,27 @@ def print_compare(res):
     print("\nexamples")
     _table(["A-B", "prompt (tail)", "response A", "response B", "scores A|B"],
            [[f"{p['a']}-{p['b']}", repr(e["prompt"][-24:]), repr(e["a"][:40]), repr(e["b"][:40]),
-             "  ".join(f"{k} {sa:.2f}|{sb:.2f}" for k, (sa, sb) in e["scores"].items())] for p in res["pairs"] for e in p["examples"]])
+             "  ".join(f"{k} {sa:.2f}|{sb:.2f}" for k, (sa, sb) in e["scores"].items())]
+            for p in res["pairs"] for e in p["examples"]])
 
 
 def compare_main(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py compare", description="policies of finished runs head to head on the same held-out prompts")
-    ap.add_argument("runs", nargs="+", help="run directories; DIR:sft / DIR:ppo pick a policy (default: PPO if it ran, else SFT)")
+    ap = argparse.ArgumentParser(prog="eval.py compare",
+                                 description="policies of finished runs head to head on the same held-out prompts")
+    ap.add_argument("runs", nargs="+",
+                    help="run directories; DIR:sft / DIR:ppo pick a policy (default: PPO if it ran, else SFT)")
     ap.add_argument("--n-prompts", type=int, default=64, help="unique held-out prompts of the first run")
-    ap.add_argument("--judge-run", type=int, default=0, help="index of the run whose reward model judges (0 = the first)")
+    ap.add_argument("--judge-run", type=int, default=0,
+                    help="index of the run whose reward model judges (0 = the first)")
     ap.add_argument("--rm", action="append", help="also judge with the reward model of this run directory (repeatable)")
-    ap.add_argument("--judge-cmd", help="shell command: JSON {prompt, response_a, response_b, text} on stdin, prints A, B or tie")
+    ap.add_argument("--judge-cmd",
+                    help="shell command: JSON {prompt, response_a, response_b, text} on stdin, prints A, B or tie")
     ap.add_argument("--judge-url", help="OpenAI-compatible chat/completions endpoint (key from OPENAI_API_KEY if set)")
     ap.add_argument("--judge-model", default="gpt-4", help="model name sent to --judge-url")
     ap.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per external judge call")
-    ap.add_argument("--refs", help="jsonl(.gz) of {prompt or post, summary} for ROUGE (default: the run's data, if it has summaries)")
+    ap.add_argument("--refs",
+                    help="jsonl(.gz) of {prompt or post, summary} for ROUGE (default: the run's data, if it has "
+                         "summaries)")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the first run's)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per generation batch")
     ap.add_argument("--examples", type=int, default=2, help="example pairs printed per pair of policies")
@@ -923,16 +844,20 @@ def score_pairs(run, pairs, bs=16):
     dev, out = _device(bases), []
     for i in range(0, len(rows), bs):
         chunk = rows[i:i + bs]
-        ids, mask, P = data.collate([r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk], tok.pad_id)
-        r = H.run_roles(bases, cfg.method, ("reward",), ids.to(dev), mask.to(dev), P, cfg.temperature)["reward"].tolist()
+        ids, mask, P = data.collate([r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk],
+                                    tok.pad_id)
+        r = H.run_roles(bases, H.ROLES[cfg.method], ("reward",), ids.to(dev), mask.to(dev), P,
+                        cfg.temperature)["reward"].tolist()
         out += list(zip(r[:len(chunk)], r[len(chunk):]))
     return out
 
 
 def score_main(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py score", description="pairwise accuracy of a run's reward model on a preference file")
+    ap = argparse.ArgumentParser(prog="eval.py score",
+                                 description="pairwise accuracy of a run's reward model on a preference file")
     ap.add_argument("run", help="a run directory written by hydra_ppo.py")
-    ap.add_argument("--data", required=True, help="a .jsonl/.jsonl.gz of preference pairs (HH-RLHF or prompt/chosen/rejected)")
+    ap.add_argument("--data", required=True,
+                    help="a .jsonl/.jsonl.gz of preference pairs (HH-RLHF or prompt/chosen/rejected)")
     ap.add_argument("--n", type=int, default=0, help="score the first N pairs only (0 = all)")
     ap.add_argument("--batch", type=int, default=16, help="pairs per forward")
     ap.add_argument("--device", default="auto")
@@ -948,9 +873,10 @@ def score_main(argv=None):
         sys.exit(2)
     scores = score_pairs(run, pairs, a.batch)
     wins = sum((c > r) + 0.5 * (c == r) for c, r in scores)  # a tie counts half
-    res = dict(run=a.run, data=a.data, n=len(scores), accuracy=wins / len(scores), interval=list(wilson(wins, len(scores))),
-               mean_margin=fmean(c - r for c, r in scores), data_stats=stats)
-    print(f"{a.run} reward model on {a.data}: accuracy {res['accuracy']:.3f} [{res['interval'][0]:.3f}, {res['interval'][1]:.3f}] "
+    res = dict(run=a.run, data=a.data, n=len(scores), accuracy=wins / len(scores),
+               interval=list(wilson(wins, len(scores))), mean_margin=fmean(c - r for c, r in scores), data_stats=stats)
+    print(f"{a.run} reward model on {a.data}: accuracy {res['accuracy']:.3f} "
+          f"[{res['interval'][0]:.3f}, {res['interval'][1]:.3f}] "
           f"over {res['n']} pairs, mean margin {res['mean_margin']:+.3f}")
     print(json.dumps(res))  # the last line: one JSON object for scripts
     return res
@@ -960,8 +886,12 @@ def score_main(argv=None):
 # the paper-style results table across methods, from each run's summary.json
 
 
-ROW_ORDER = ("SFT", "Hydra-SFT", "PPO", "LoRA-PPO", "J-Hydra-PPO", "Hydra-PPO")
-PPO_ROW = {"ppo": "PPO", "lora-ppo": "LoRA-PPO", "j-hydra-ppo": "J-Hydra-PPO", "hydra-ppo": "Hydra-PPO"}
+def paper_name(method):
+    """hydra_ppo's method name as the paper writes it: j-hydra-ppo -> J-Hydra-PPO."""
+    return "-".join({"ppo": "PPO", "lora": "LoRA"}.get(w, w.capitalize()) for w in method.split("-"))
+
+
+ROW_ORDER = ("SFT", "Hydra-SFT") + tuple(paper_name(m) for m in H.METHODS)
 
 
 def results_rows(summaries):
@@ -969,12 +899,14 @@ def results_rows(summaries):
     rows = []
     for d, s in summaries:
         run = {"run": d, "model": s.get("model"), "data": s.get("data"), "rm_accuracy": s.get("rm_accuracy")}
-        hydra = s.get("method") in ("hydra-ppo", "j-hydra-ppo")
-        rows.append({"method": "Hydra-SFT" if hydra else "SFT", **run, "reward": s.get("reward_sft"), "gold": s.get("gold_sft"),
-                     "kl": None, "peak_memory_mib": s.get("peak_memory_mib_sft"), "latency_per_sample_s": None})
+        hydra = s.get("method") in H.ROLES and H.sft_models(s["method"]) == ["hydra"]
+        rows.append({"method": "Hydra-SFT" if hydra else "SFT", **run, "reward": s.get("reward_sft"),
+                     "gold": s.get("gold_sft"), "kl": None, "peak_memory_mib": s.get("peak_memory_mib_sft"),
+                     "latency_per_sample_s": None})
         if s.get("reward_ppo") is not None:
-            rows.append({"method": PPO_ROW.get(s["method"], s["method"]), **run, "reward": s["reward_ppo"], "gold": s.get("gold_ppo"),
-                         "kl": s.get("kl"), "peak_memory_mib": s.get("peak_memory_mib"), "latency_per_sample_s": s.get("latency_per_sample_s")})
+            rows.append({"method": paper_name(s["method"]), **run, "reward": s["reward_ppo"], "gold": s.get("gold_ppo"),
+                         "kl": s.get("kl"), "peak_memory_mib": s.get("peak_memory_mib"),
+                         "latency_per_sample_s": s.get("latency_per_sample_s")})
     return sorted(rows, key=lambda r: ROW_ORDER.index(r["method"]) if r["method"] in ROW_ORDER else len(ROW_ORDER))
 
 
@@ -982,8 +914,9 @@ def results_markdown(rows):
     head = ["method", "run", "model", "data", "RM acc", "reward", "gold", "KL", "peak MiB", "latency/sample s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in rows]
-    lines.append("\nreward: each run's own reward model (not comparable across runs; `eval.py compare` gives win-rates). "
-                 "KL: nats per response to the run's reference. peak memory: the PPO run (SFT rows: the SFT stage).")
+    lines.append("\nreward: each run's own reward model (not comparable across runs; `eval.py compare` gives "
+                 "win-rates). KL: nats per response to the run's reference. "
+                 "peak memory: the PPO run (SFT rows: the SFT stage).")
     return "\n".join(lines)
 
 
@@ -1012,29 +945,39 @@ def results_main(argv=None):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bench", action="store_true", help="measure the six rows, each in a fresh process")
-    p.add_argument("--bench-gen", action="store_true", help="ms per generated token, LoRA off vs on, against reading the weights once")
-    p.add_argument("--rows", type=lambda v: v.split(","), default=list(ROWS), help=f"bench these rows only: {','.join(ROWS)}")
+    p.add_argument("--bench-gen", action="store_true",
+                   help="ms per generated token, LoRA off vs on, against reading the weights once")
+    p.add_argument("--rows", type=lambda v: v.split(","), default=list(ROWS),
+                   help=f"bench these rows only: {','.join(ROWS)}")
     p.add_argument("--bench-fsdp", metavar="N,N", type=lambda v: [int(x) for x in v.split(",")],
                    help="FSDP2 per-rank memory of --method (default hydra-ppo) on N ranks each (torchrun), e.g. 1,2")
     p.add_argument("--fsdp", action="store_true", help="(internal, with --bench-one under torchrun) shard the bases")
     p.add_argument("--bench-one", metavar="ROW", help=f"(internal) measure one row in this process: {', '.join(ROWS)}")
-    p.add_argument("--estimate", metavar="MODEL", help=f"analytic memory plan from the config alone: {', '.join(MODELS)}, a local dir or a cached hub id")
+    p.add_argument("--estimate", metavar="MODEL",
+                   help=f"analytic memory plan from the config alone: {', '.join(H.MODELS)}, a local dir or a cached "
+                        "hub id")
     p.add_argument("--save-random", nargs=2, metavar=("MODEL", "DIR"),
-                   help=f"write a random-init MODEL ({', '.join(MODELS)}, a local dir or a cached hub id) with a GPT-2 BPE tokenizer to DIR, "
-                        "loadable by hydra_ppo.py --model DIR; its weight dtype is --dtype")
-    p.add_argument("--model", default="tiny", help="bench model: micro, tiny, smollm2-135m-random (random init of built-in shapes)")
+                   help=f"write a random-init MODEL ({', '.join(H.MODELS)}, a local dir or a cached hub id) with a "
+                        "GPT-2 BPE tokenizer to DIR, loadable by hydra_ppo.py --model DIR; its weight dtype is --dtype")
+    p.add_argument("--model", default="tiny",
+                   help="bench model: micro, tiny, smollm2-135m-random (random init of built-in shapes)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs (sft rows) or rollouts (ppo rows) per step")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--prompt-len", type=int, default=64, help="bench prompt tokens")
     p.add_argument("--response-len", type=int, default=64, help="bench response tokens (sampled in ppo rows)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per bench process (0 = torch's default; 1 is faster when other jobs share the cores)")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (hydra_ppo --grad-ckpt) in bench and estimate")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per bench process (0 = torch's default; 1 is faster when other jobs share "
+                        "the cores)")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing (hydra_ppo --grad-ckpt) in bench and estimate")
     p.add_argument("--out", default="out", help="bench.json / budget.json go here")
-    p.add_argument("--budget-mib", type=float, default=0, help="bench: probe the largest batch per PPO method under this peak; estimate: add that column")
+    p.add_argument("--budget-mib", type=float, default=0,
+                   help="bench: probe the largest batch per PPO method under this peak; estimate: add that column")
     p.add_argument("--max-batch", type=int, default=512, help="largest batch the budget search tries")
     p.add_argument("--method", choices=ROWS, help="estimate one row only")
     p.add_argument("--seq-len", type=int, default=128, help="estimate: prompt + response tokens (response = half)")
@@ -1058,12 +1001,13 @@ def validate(a):
     if a.bench_one and a.bench_one not in ROWS:
         raise H.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
     if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp, a.save_random, a.bench_gen))) != 1:
-        raise H.ConfigError("pass exactly one of --bench, --bench-gen, --bench-fsdp N,N, --bench-one ROW, --estimate MODEL, "
-                            "--save-random MODEL DIR")
+        raise H.ConfigError("pass exactly one of --bench, --bench-gen, --bench-fsdp N,N, --bench-one ROW, "
+                            "--estimate MODEL, --save-random MODEL DIR")
     if a.bench_fsdp and min(a.bench_fsdp) < 1:
         raise H.ConfigError(f"--bench-fsdp {a.bench_fsdp}: rank counts must be >= 1")
-    if (a.bench or a.bench_one or a.bench_fsdp) and model_config(a.model)["model_type"] not in ("llama", "opt"):
-        raise H.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS baseline includes that code)")
+    if (a.bench or a.bench_one or a.bench_fsdp) and H.model_config(a.model)["model_type"] not in ("llama", "opt"):
+        raise H.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS baseline "
+                            "includes that code)")
 
 
 def main(argv=None):

@@ -79,7 +79,8 @@ class LoRALinear(nn.Module):
         # adapters are kept in fp32 even on a bf16 base: they are the weights that train
         A = torch.empty(self.r, self.in_features, device=self.base.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        B = torch.zeros(self.out_features, self.r, device=A.device, dtype=torch.float32)  # B = 0: a fresh adapter changes nothing
+        # B = 0: a fresh adapter changes nothing
+        B = torch.zeros(self.out_features, self.r, device=A.device, dtype=torch.float32)
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
 
     def delta_weight(self, name):
@@ -134,7 +135,8 @@ def lora_parameters(model, name):
 
 def lora_state_dict(model, name):
     """the adapter set `name` alone (A and B of every wrapped layer), keyed by module path."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if f".lora_A.{name}" in k or f".lora_B.{name}" in k}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if f".lora_A.{name}" in k or f".lora_B.{name}" in k}
 
 
 def load_lora_state_dict(model, state, name):

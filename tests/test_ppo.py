@@ -29,7 +29,7 @@ def _prompts(n=8, seed=0):
 
 
 def _setup(method, lm, cfg):
-    sft = {name: H.HydraModel(copy.deepcopy(lm)) for name in H.SFT_MODELS[method]}
+    sft = {name: H.HydraModel(copy.deepcopy(lm)) for name in H.sft_models(method)}
     for i, m in enumerate(sft.values()):  # a reward head that says something
         torch.nn.init.normal_(m.reward_head.weight, std=1.0, generator=torch.Generator().manual_seed(i))
     models = H.ppo_bases(method, sft)
@@ -38,9 +38,12 @@ def _setup(method, lm, cfg):
     return models, params, opt
 
 
-def _iterate(models, method, params, opt, cfg, step=0, prompts=None):
-    kl = H.KLController(cfg.kl_coef)
-    return H.ppo_iteration(models, method, params, opt, kl, prompts or _prompts(cfg.rollout_batch), _tok(), cfg, step, torch.device("cpu"))
+def _iterate(models, method, params, opt, cfg, step=0, prompts=None, norm=None):
+    """one iteration as train_ppo runs it: rollout, calibrate (when there is no score scale yet), update."""
+    roles, kl = H.ROLES[method], H.KLController(cfg.kl_coef)
+    batch = H.rollout(models, roles, prompts or _prompts(cfg.rollout_batch), _tok(), cfg, step, torch.device("cpu"))
+    norm = norm or (H.calibrate(models[roles["critic"][0]], batch, cfg) if cfg.score_norm == "sft" else {})
+    return H.ppo_update(models, roles, params, opt, kl, batch, norm, cfg, step), batch["responses"]
 
 
 # ---------------------------------------------------------------- pure math
@@ -100,9 +103,9 @@ def test_policy_loss_clips_the_ratio():
     new = torch.log(torch.tensor([[1.5, 1.1]]))  # first ratio is past 1 + clip
     loss, s = H.policy_loss(new, old, adv, m, clip=0.2)
     assert torch.allclose(loss, torch.tensor(-(1.2 + 1.1) / 2))
-    assert s["clipfrac"] == 0.5
+    assert H.masked_mean(s["clipfrac"], m) == 0.5
     loss0, s0 = H.policy_loss(old, old, adv, m)
-    assert s0["ratio"] == 1.0 and s0["approx_kl"] == 0.0 and loss0.item() == -1.0
+    assert H.masked_mean(s0["ratio"], m) == 1.0 and H.masked_mean(s0["approx_kl"], m) == 0.0 and loss0.item() == -1.0
 
 
 def test_value_loss_is_clipped_around_the_old_value():
@@ -256,11 +259,11 @@ def test_reference_logprobs_do_not_move_while_the_actor_trains(tiny_lm, method):
     models, params, opt = _setup(method, tiny_lm, cfg)
     ids, mask, P = data.collate([[1, 2, 3], [4, 5]], [[6, 7, EOS], [8, 9]], PAD)
     with torch.no_grad():
-        ref0 = H.run_roles(models, method, ("reference", "actor"), ids, mask, P, 1.0)
+        ref0 = H.run_roles(models, H.ROLES[method], ("reference", "actor"), ids, mask, P, 1.0)
     for step in range(3):
         _iterate(models, method, params, opt, cfg, step=step)
     with torch.no_grad():
-        ref1 = H.run_roles(models, method, ("reference", "actor"), ids, mask, P, 1.0)
+        ref1 = H.run_roles(models, H.ROLES[method], ("reference", "actor"), ids, mask, P, 1.0)
     assert torch.equal(ref0["reference"][0], ref1["reference"][0])
     assert not torch.equal(ref0["actor"][0], ref1["actor"][0])
 
@@ -274,7 +277,7 @@ def test_hydra_reference_and_reward_share_one_lora_off_pass(tiny_lm, monkeypatch
     monkeypatch.setattr(H.HydraModel, "hidden", lambda self, *a, **k: (calls.append(lora.live_adapter()), orig(self, *a, **k))[1])
     ids, mask, P = data.collate([[1, 2]], [[3, EOS]], PAD)
     with torch.no_grad():
-        H.run_roles(models, "hydra-ppo", ("actor", "reference", "critic", "reward"), ids, mask, P, 1.0)
+        H.run_roles(models, H.ROLES["hydra-ppo"], ("actor", "reference", "critic", "reward"), ids, mask, P, 1.0)
     assert sorted(calls, key=str) == sorted(["actor", None, "critic"], key=str)
 
 
@@ -288,8 +291,8 @@ def test_dropout_is_off_in_every_ppo_role(tiny_lm):
     ids, mask, P = data.collate([[1, 2, 3]], [[4, 5, EOS]], PAD)
     for m in models.values():
         m.train()
-    a = H.run_roles(models, "ppo", ("actor", "critic"), ids, mask, P, 1.0)
-    b = H.run_roles(models, "ppo", ("actor", "critic"), ids, mask, P, 1.0)
+    a = H.run_roles(models, H.ROLES["ppo"], ("actor", "critic"), ids, mask, P, 1.0)
+    b = H.run_roles(models, H.ROLES["ppo"], ("actor", "critic"), ids, mask, P, 1.0)
     assert torch.equal(a["actor"][0], b["actor"][0]) and torch.equal(a["critic"], b["critic"])
 
 
@@ -322,9 +325,8 @@ def test_value_head_copied_from_reward_head_is_put_on_the_normalised_score_scale
     models, params, opt = _setup("hydra-ppo", tiny_lm, cfg)
     m = models["hydra"]
     w0, b0 = m.reward_head.weight.detach().clone(), m.reward_head.bias.detach().clone()
-    norm = {}
-    H.ppo_iteration(models, "hydra-ppo", params, torch.optim.SGD(params["actor"], lr=0.0), H.KLController(cfg.kl_coef),
-                    _prompts(cfg.rollout_batch), _tok(), cfg, 0, torch.device("cpu"), norm)
+    batch = H.rollout(models, H.ROLES["hydra-ppo"], _prompts(cfg.rollout_batch), _tok(), cfg, 0, torch.device("cpu"))
+    norm = H.calibrate(m, batch, cfg)
     assert torch.allclose(m.value_head.weight, w0 / norm["std"]) and torch.allclose(m.value_head.bias, (b0 - norm["mean"]) / norm["std"])
     assert torch.equal(m.reward_head.weight, w0)  # the reward model itself is untouched
 

@@ -21,9 +21,8 @@ def sft_moves(dtype, steps=4, lr=1e-5):
     m = models["hydra"]
     train, _, _, _ = H.split_data(cfg)
     rows, _ = H.encode_pairs(train[:8 * steps], tok, cfg)
-    params = H.prepare_sft(m, cfg)
+    params, opt = H.prepare_sft(m, cfg, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     m.train()
     for s in range(steps):
         H.sft_step(m, rows[8 * s:8 * s + 8], 1.0, 1.0, params, opt, tok.pad_id, torch.device("cpu"), 1.0, s + 1)
@@ -184,9 +183,9 @@ def meta_llama7b(method, r=128):
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = H.Config(model="llama-7b", method=method, lora_r=r, lora_alpha=2 * r)
     models = {}
-    for name in H.SFT_MODELS[method]:
+    for name in H.sft_models(method):
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**E.MODELS["llama-7b"]), dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**H.MODELS["llama-7b"]), dtype=torch.float32)
         models[name] = H.HydraModel(lm, compute_dtype=torch.bfloat16)
     bases = H.ppo_bases(method, models)
     return bases, H.setup_ppo(bases, method, cfg)
@@ -197,7 +196,7 @@ def test_llama7b_roles_train_what_the_estimator_counts(method):
     """the memory plan printed before a Llama-7b run counts other weights than the code trains and stores if this
     fails."""
     bases, params = meta_llama7b(method)
-    e = E.estimate(E.MODELS["llama-7b"], method, 1, 800, dtype_bytes=2, lora_r=128)
+    e = H.estimate(H.MODELS["llama-7b"], method, 1, 800, dtype_bytes=2, lora_r=128)
     assert sum(p.numel() for ps in params.values() for p in ps) == e["trainable_params"]
     assert len({id(m) for m in bases.values()}) == e["base_copies"]
     assert len({a for m in bases.values() for a in lora.adapter_names(m.lm)}) == e["lora_sets"]
@@ -208,7 +207,7 @@ def test_llama7b_roles_train_what_the_estimator_counts(method):
 def test_llama7b_plan_at_the_papers_setting_orders_methods_as_table_1():
     """the plan contradicts the paper's Table 1 on one 80 GB GPU (r 128, 400 + 400 tokens) if this fails: full PPO
     does not fit, the LoRA methods do, and Hydra's freed memory buys a larger batch than LoRA-PPO's."""
-    est = lambda m, b: E.estimate(E.MODELS["llama-7b"], m, b, 800, dtype_bytes=2, lora_r=128)["total"]  # noqa: E731
+    est = lambda m, b: H.estimate(H.MODELS["llama-7b"], m, b, 800, dtype_bytes=2, lora_r=128)["total"]  # noqa: E731
     limit = 80 * 2**30
     assert est("ppo", 1) > limit
     batch = {m: E.largest_batch(lambda b: est(m, b) <= limit) for m in ("lora-ppo", "j-hydra-ppo", "hydra-ppo")}
