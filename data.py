@@ -10,15 +10,19 @@ A tiny model learns this in minutes, and the chosen responses average well below
 1.0, so SFT on them leaves room for PPO.
 
 Files (.jsonl, or .jsonl.gz), one JSON object a line, either Anthropic HH-RLHF
-{"chosen": transcript, "rejected": transcript} or plain {"prompt", "chosen", "rejected"}.
+{"chosen": transcript, "rejected": transcript} or plain {"prompt", "chosen", "rejected"}; a file may also be an
+http(s) URL, fetched once into a cache directory ($HYDRA_CACHE, default ~/.cache/hydra).
 
 Batch layout: [left-padded prompt | right-padded response], so every response starts at column P.
 """
 import gzip
+import hashlib
 import json
 import os
 import random
 import re
+import urllib.error
+import urllib.request
 import zlib
 from dataclasses import dataclass
 
@@ -86,7 +90,29 @@ ASSISTANT = "\n\nAssistant:"
 KEYS_HELP = "expected keys chosen, rejected (HH-RLHF transcripts) or prompt, chosen, rejected (plain)"
 
 
+def fetch(url: str) -> str:
+    """an http(s) URL -> the path of its copy in the cache, downloaded on first use (to a temporary name, then
+    renamed: an interrupted download is never taken for the file)."""
+    cache = os.environ.get("HYDRA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hydra")
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(url.split("?")[0])
+    path = os.path.join(cache, name)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise DataError(f"{url}: cannot fetch it ({getattr(e, 'reason', e)}); offline? download the file and "
+                        "pass its path to --data") from None
+    os.replace(path + ".part", path)
+    return path
+
+
 def _read_lines(path: str) -> list[bytes]:
+    if path.startswith(("http://", "https://")):
+        path = fetch(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; --data takes 'builtin' or a .jsonl/.jsonl.gz path")
     try:
@@ -115,7 +141,7 @@ def _split_hh(transcript: str, key: str, where: str) -> tuple[str, str]:
     return transcript[:i], transcript[i:]
 
 
-def _json_records(path: str):
+def json_records(path: str):
     """-> [(where, record or None for a blank line)]; every bad line is a DataError naming PATH:LINE."""
     lines = _read_lines(path)
     if not lines:
@@ -144,7 +170,7 @@ def _json_records(path: str):
 
 def load_pairs(path: str) -> tuple[list[Pair], dict]:
     """read pairs from a .jsonl/.jsonl.gz file; returns (pairs, stats). every dropped line is counted."""
-    records = _json_records(path)
+    records = json_records(path)
     stats = {"lines": len(records), "blank": 0, "hh": 0, "plain": 0, "empty_response": 0,
              "dropped_identical": 0, "dropped_prompt_mismatch": 0, "pairs": 0}
     pairs = []
@@ -276,7 +302,7 @@ def load_summaries(path: str) -> tuple[list[tuple[str, str]], dict]:
     ("prompt" wins when both are there; other keys are ignored). returns (rows, stats); blank lines are counted."""
     stats = {"lines": 0, "blank": 0, "summaries": 0}
     rows = []
-    for where, rec in _json_records(path):
+    for where, rec in json_records(path):
         stats["lines"] += 1
         if rec is None:
             stats["blank"] += 1

