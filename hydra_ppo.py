@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -132,9 +133,10 @@ def last_token_index(mask):
     return T - 1 - mask.long().flip(-1).argmax(-1)
 
 
-def _cache_kw(module):
-    # transformers renamed past_key_values -> cache; support both
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+@functools.cache
+def _cache_kw(cls):
+    # transformers renamed past_key_values -> cache; support both (read once per class: hidden() runs every token)
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class HydraModel(nn.Module):
@@ -162,11 +164,11 @@ class HydraModel(nn.Module):
     def hidden(self, ids, mask, cache=None):
         """-> last hidden state (B, T, H), after the final norm, and the KV cache when one is passed or asked for."""
         base = self.lm.base_model
-        kw = {_cache_kw(base): cache} if cache is not None else {}
+        kw = {_cache_kw(type(base)): cache} if cache is not None else {}
         with self.autocast(ids.device):
             out = base(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)[:, -ids.shape[1]:],
                        use_cache=cache is not None, **kw)
-        return out.last_hidden_state, out.get(_cache_kw(base))  # (.get: the old attribute name warns on access)
+        return out.last_hidden_state, out.get(_cache_kw(type(base)))  # (.get: the old attribute name warns on access)
 
     def logits(self, h):
         with self.autocast(h.device):
