@@ -15,10 +15,12 @@ Read in this order (everything above the fence is the algorithm; below it, nothi
   ROLES, run_roles        the paper's Table 2 as data: which base, adapter and head serve each of the 4 roles
   the PPO math            log-probs, whitening, KL-shaped rewards, GAE, clipped losses: pure functions
   generate                sampling with a KV cache, one seeded generator per response
-  Hydra-SFT               sft_loss, prepare_sft, train_sft (sec. 3.1)
-  one PPO iteration       rollout, calibrate (once), ppo_update; prepare_ppo, train_ppo (sec. 3.2)
+  Hydra-SFT               sft_loss, prepare_sft, sft_step (sec. 3.1)
+  one PPO iteration       prepare_ppo; rollout, calibrate (once), ppo_update (sec. 3.2)
+  the loops               train_sft, train_ppo: steps, logs, checkpoints, resume
   evaluate, run, main     SFT policy vs PPO policy on held-out prompts; the three stages of a run
-  ---- the fence ----     distributed helpers, checkpoints and stopping, loading, flags, files, the memory plan
+  ---- the fence ----     distributed helpers, checkpoints and stopping, loading, exports, flags, files, the memory
+                          plan
 """
 import argparse
 import contextlib
@@ -69,6 +71,7 @@ class Config:
     fresh: bool = flag(False, "ignore checkpoints in OUT and start over (default: resume)")
     # data
     n_builtin: int = flag(2000, "pairs generated for the built-in task")
+    max_pairs: int = flag(0, "read only the first N pairs of a --data file (0 = all): a CPU-sized slice")
     heldout_frac: float = flag(0.1, "fraction of pairs held out for evaluation")
     max_prompt: int = flag(128, "prompt tokens kept (cut from the left)")
     max_response: int = flag(48, "response tokens kept in SFT (cut from the right)")
@@ -1222,12 +1225,14 @@ def load_trainable(models, state):
 
 
 def run_meta(cfg):
-    return {"model": cfg.model, "method": cfg.method, "data": cfg.data, "seed": cfg.seed, "sft_lora": cfg.sft_lora}
+    return {"model": cfg.model, "method": cfg.method, "data": cfg.data, "seed": cfg.seed, "sft_lora": cfg.sft_lora,
+            "max_pairs": cfg.max_pairs}
 
 
 def check_meta(meta, cfg, path):
     mine = run_meta(cfg)
-    bad = [f"{k}={meta.get(k)!r} (now {v!r})" for k, v in mine.items() if meta.get(k) != v]
+    was = lambda k: meta.get(k, 0 if k == "max_pairs" else None)  # noqa: E731  (runs from before the flag: all)
+    bad = [f"{k}={was(k)!r} (now {v!r})" for k, v in mine.items() if was(k) != v]
     if bad:
         raise ConfigError(f"{path} is from another run: {', '.join(bad)}; use another --out or pass --fresh")
 
@@ -1707,6 +1712,8 @@ def load_run(out, device="auto"):
 def split_data(cfg):
     """a run's data: (train pairs, held-out pairs, gold reward fn or None, stats), the same split for every tool."""
     pairs, gold_fn, dstats = data.load_data(cfg.data, cfg.n_builtin, cfg.seed)
+    if cfg.max_pairs and cfg.data != "builtin":
+        pairs, dstats = pairs[:cfg.max_pairs], {**dstats, "pairs": min(len(pairs), cfg.max_pairs)}
     train, held = data.split_pairs(pairs, cfg.heldout_frac, cfg.seed)
     return train, held, gold_fn, dstats
 
@@ -1863,7 +1870,7 @@ def validate(cfg):
                  "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
         checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
     checks.append((cfg.threads >= 0, f"--threads {cfg.threads}: must be >= 0"))
-    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight"):
+    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs"):
         checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
     checks.append((cfg.rollout_batch % cfg.minibatch == 0,
                    f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))

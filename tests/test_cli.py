@@ -277,3 +277,18 @@ def test_hh_prompt_becomes_chat_messages():
     msgs = H.hh_to_messages("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:")
     assert msgs == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
                     {"role": "user", "content": "how are you?"}]
+
+
+def test_max_pairs_takes_the_first_pairs_of_a_file_and_is_part_of_the_run(tmp_path, capsys):
+    """if this fails, --max-pairs reads other pairs than the first N (or all of them), or a run resumed with another
+    --max-pairs silently trains on other data."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " yes.", "rejected": " no."}) + "\n"
+                            for i in range(100)))
+    train, held, _, _ = H.split_data(H.Config(data=str(path), max_pairs=30))
+    assert sorted(p.prompt for p in train + held) == sorted(f"Q{i}:" for i in range(30))
+    meta = H.run_meta(H.Config(data=str(path), max_pairs=30))
+    with pytest.raises(H.ConfigError, match="max_pairs=30"):
+        H.check_meta(meta, H.Config(data=str(path)), "ckpt.pt")
+    H.check_meta({k: v for k, v in H.run_meta(H.Config(data=str(path))).items() if k != "max_pairs"},
+                 H.Config(data=str(path)), "ckpt.pt")  # a run from before the flag read every pair
