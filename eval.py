@@ -164,8 +164,8 @@ def sync(device):
 def bench_one(a):
     """child process: build one row, a warm-up step, a.steps timed steps. -> the row's dict (printed as one JSON
     line)."""
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
+        torch.set_num_threads(a.threads or 1)
     device = H.init_distributed(a.device) if a.fsdp else H.pick_device(a.device)
     dtype = H.pick_dtype("auto", device)
     cfg = H.model_config(a.model)
@@ -244,8 +244,8 @@ def bench_gen(a):
     """decoding cost per generated token at a batch: LoRA off (the frozen base, as the reference samples) against LoRA
     on (two adapter sets injected, one live, as Hydra-PPO's actor samples), repeats interleaved, medians; and the
     floor a token cannot beat on this machine, reading every weight once at the memory bandwidth measured here."""
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
+        torch.set_num_threads(a.threads or 1)
     device = H.pick_device(a.device)
     dtype = H.pick_dtype("auto", device)
     cfg = H.model_config(a.model)
@@ -1013,8 +1013,8 @@ def parse_args(argv):
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per bench process (0 = torch's default; 1 is faster when other jobs share "
-                        "the cores)")
+                   help="torch threads per bench process (0 = as hydra_ppo.py: 1 for tiny, torch's default "
+                        "otherwise; 1 is faster when other jobs share the cores)")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing (hydra_ppo --grad-ckpt) in bench and estimate")
     p.add_argument("--out", default="out", help="bench.json / budget.json go here")
@@ -1073,6 +1073,8 @@ def main(argv=None):
             rows = H.gather_lists([row]) if a.fsdp else row  # under torchrun: rank 0 prints every rank's row
             if H.is_writer():
                 print(json.dumps(rows))
+            if torch.distributed.is_initialized():  # its threads stop before the interpreter exits, or it may abort
+                torch.distributed.destroy_process_group()
         elif a.bench_fsdp:
             bench_fsdp(a)
         elif a.estimate:

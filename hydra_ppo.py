@@ -459,8 +459,9 @@ def sft_loss(model, rows, lm_w, rm_w, pad_id, device):
     return loss, stats
 
 
-def prepare_sft(model, cfg, device):
+def prepare_sft(model, cfg, device, lm_w=1.0, rm_w=1.0):
     """what Hydra-SFT trains: everything but the value head, or (--sft-lora) an "sft" adapter and the reward head;
+    a baseline's plain SFT model (rm_w 0) leaves its reward head, its reward model (lm_w 0) an untied LM head;
     activation checkpointing (--grad-ckpt); sharding (--fsdp); AdamW. the one setup that train_sft and eval.py's
     bench share. -> (trained parameters, optimizer)."""
     if cfg.sft_lora:
@@ -472,6 +473,11 @@ def prepare_sft(model, cfg, device):
     # the pairwise loss sees r(chosen) - r(rejected): the reward bias gets exactly no gradient, and AdamW would only
     # turn rounding noise in that zero into steps of size lr
     model.reward_head.bias.requires_grad_(False)
+    # a weight no loss reaches stays out of the optimizer (a sharded checkpoint expects state for every one it holds)
+    if not rm_w:
+        model.reward_head.requires_grad_(False)
+    if not lm_w and model.lm.get_output_embeddings().weight is not model.lm.get_input_embeddings().weight:
+        model.lm.get_output_embeddings().requires_grad_(False)
     if cfg.grad_ckpt:
         enable_checkpointing(model.lm)
     if cfg.fsdp:  # after injecting: a sharded module takes no new weights
@@ -532,8 +538,11 @@ def role_parameters(models, method):
     roles, params, seen = ROLES[method], {}, set()
     for role in ("actor", "critic"):
         base, adapter, _ = roles[role]
-        ps = lora.lora_parameters(models[base].lm, adapter) if adapter else list(models[base].lm.parameters())
-        if role == "critic":
+        lm = models[base].lm
+        ps = lora.lora_parameters(lm, adapter) if adapter else list(lm.parameters())
+        if role == "critic":  # values read the hidden state: an untied LM head gets no gradient, so no optimizer state
+            head = lm.get_output_embeddings().weight
+            ps = [p for p in ps if p is not head or head is lm.get_input_embeddings().weight]
             ps = ps + list(models[base].value_head.parameters())
         params[role] = [p for p in ps if id(p) not in seen]  # j-hydra: the shared adapter trains once, as the actor
         seen |= {id(p) for p in params[role]}
@@ -688,7 +697,7 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, out, start=
     SFT models this run already trained, {name: (model, stats)} (the baselines train two), kept in the checkpoint
     so that a resume skips them."""
     torch.manual_seed(step_seed(cfg.seed, f"sft-{name}-init", 0))  # LoRA init: the same on every rank and on resume
-    params, opt = prepare_sft(model, cfg, device)
+    params, opt = prepare_sft(model, cfg, device, lm_w, rm_w)
     # what a checkpoint holds: the finished models whole; this one whole, or (--sft-lora) what trains: the frozen
     # base is rebuilt from --model on resume, not written into every checkpoint (13 GB each for Llama-7b)
     held = {**{n: (m, "all") for n, (m, _) in (finished or {}).items()}, name: (model, "trained" if cfg.sft_lora
@@ -931,6 +940,8 @@ def run(cfg):
     # what SFT just trained is in memory already: no second copy from disk (it doubled a run's peak). under --fsdp
     # sharded modules cannot take the PPO adapters: fresh unsharded ones (rank 0 reads sft.pt), sharded in train_ppo
     if cfg.fsdp and sft_ran and cfg.stage != "sft":
+        del models  # sharded modules sit in reference cycles: only a collection frees their shards
+        free_memory(device)
         models, tok = build_sft_models(cfg, dtype, device)
     if os.path.exists(sft_path) and (not sft_ran or (cfg.fsdp and cfg.stage != "sft")):
         load_sft(models, cfg)
@@ -996,8 +1007,8 @@ def main(argv=None):
         validate(cfg)
         STOP.install()
         run(cfg)
-        if world()[1] > 1:
-            dist.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():  # (torchrun, even on one rank): gloo's threads stop
+            dist.destroy_process_group()  # before the interpreter exits, or it may abort ("terminate called ...")
     except (ConfigError, data.DataError, NumericalFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1158,8 +1169,8 @@ def shard(model, device):
     if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
         model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for b in model.buffers():
-        y = b.detach().to(_comm_device())
+    for b in model.buffers():  # float64 carries any rank's float dtype exactly (gloo sends bytes, not values)
+        y = b.detach().to(_comm_device(), torch.float64 if b.is_floating_point() else b.dtype)
         dist.broadcast(y, src=0)
         b.data.copy_(y)
     return model
@@ -1286,6 +1297,10 @@ def load_ckpt(cfg):
     else:
         path = os.path.join(cfg.out, "ckpt.pt")
         ck = load_file(path) if os.path.exists(path) else None
+    other = os.path.join(cfg.out, "ckpt.pt" if cfg.fsdp else "ckpt")
+    if ck is None and os.path.exists(other):
+        raise ConfigError(f"{other} is a checkpoint of a run {'without' if cfg.fsdp else 'with'} --fsdp: resume "
+                          f"with the flags it ran with, or pass --fresh")
     if ck is not None:
         check_meta(ck["meta"], cfg, path)
     return ck
@@ -1331,8 +1346,8 @@ def save_checkpoint(out, extra, held, opt):
     dcp.save(_sharded_state(held, opt), checkpoint_id=tmp)
     if is_writer():
         torch.save({**extra, "dcp": True}, os.path.join(tmp, "extra.pt"))  # inside tmp: renamed with it
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
+        if os.path.exists(path):  # aside, then in: a kill at any moment leaves a whole one as ckpt or ckpt.old
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -1393,7 +1408,7 @@ class StopFlag:
 
     def exit_if_requested(self, out):
         if self.requested:
-            print(f"stopped; checkpoint in {out}/ckpt.pt. resume with the same command (add --fresh to start over).",
+            print(f"stopped; checkpoint in {out}. resume with the same command (add --fresh to start over).",
                   file=sys.stderr)
             sys.exit(128 + self.requested)
 
@@ -1606,8 +1621,8 @@ def load_smollm2_gguf(dtype, meta=False):
     d, name = os.path.split(files[0])
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     cfg = AutoConfig.from_pretrained(d, gguf_file=name)
-    if meta:
-        return meta_lm(cfg, dtype), tok
+    if meta:  # built as below: from the config in fp32, then cast (buffers included)
+        return meta_lm(cfg, torch.float32).to(dtype), tok
     lm = AutoModelForCausalLM.from_config(cfg)
     tensors = load_gguf_checkpoint(files[0], return_tensors=True, model_to_load=lm)["tensors"]
     lm.load_state_dict(tensors, strict=False)
@@ -1755,6 +1770,8 @@ def write_hf(path, config, state, tok, generation=None):
     """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
     from safetensors.torch import save_file
     os.makedirs(path)
+    config = copy.deepcopy(config)
+    config.dtype = next(iter(state.values())).dtype  # what dtype="auto" loads: the saved tensors' own
     config.save_pretrained(path)
     if getattr(config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
@@ -1765,11 +1782,11 @@ def write_hf(path, config, state, tok, generation=None):
         generation.save_pretrained(path)
 
 
-def write_peft(path, model, adapter, base_dir):
-    """adapter set `adapter` in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors, PEFT's key
-    names), for peft.PeftModel.from_pretrained on the exported base in base_dir."""
+def write_peft(path, model, adapter, sd, base_dir):
+    """adapter set `adapter` (its gathered state sd) in PEFT's on-disk format (adapter_config.json +
+    adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
+    base_dir (relative to this directory)."""
     from safetensors.torch import save_file
-    sd = full_state(lora.lora_state_dict(model.lm, adapter))
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
     tensors = {"base_model.model." + k.replace(f".lora_A.{adapter}", ".lora_A.weight")
@@ -1788,7 +1805,8 @@ def export_run(bases, cfg, tok, has_ppo, out):
     """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
     ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
     actor, its adapter merged) and OUT/adapters/NAME (each trained LoRA set, PEFT format, on its base's export).
-    written to OUT.tmp, then renamed over OUT. every rank calls it; rank 0 writes. -> the directories written."""
+    written to OUT.tmp, then swapped in. every rank calls it (the gathers are collective); rank 0 writes.
+    -> the directories written."""
     import shutil
     from transformers import GenerationConfig
     roles, hf_tok = ROLES[cfg.method], export_tokenizer(tok)
@@ -1796,40 +1814,55 @@ def export_run(bases, cfg, tok, has_ppo, out):
     gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                            do_sample=True, temperature=cfg.temperature, top_k=0, max_new_tokens=cfg.max_new_tokens)
     rw = bases[roles["reward"][0]]
-    if rw.reward_head.bias.abs().max() > 0:  # transformers' score layers have no bias; hydra's stays 0 (no gradient)
+    if to_full(rw.reward_head.bias.detach()).abs().max() > 0:  # transformers' score layers have no bias; hydra's
         raise ConfigError("the reward head has a non-zero bias, which a transformers score layer cannot hold")
-    rw_config = copy.deepcopy(rw.lm.config)
+    rw_config, rw_tok = copy.deepcopy(rw.lm.config), hf_tok
     rw_config.architectures = [type(rw.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
     rw_config.num_labels, rw_config.pad_token_id = 1, tok.pad_id
+    if tok.pad_id == tok.eos_id and getattr(hf_tok, "unk_token_id", None) not in (None, tok.eos_id):
+        # transformers' classifiers score the last token that is not the pad: with pad == EOS that skips the EOS
+        # that hydra's reward head reads. pad with a token text never encodes to (llama's <unk>) instead
+        rw_tok = copy.deepcopy(hf_tok)
+        rw_tok.pad_token = hf_tok.unk_token
+        rw_config.pad_token_id = hf_tok.unk_token_id
+    elif tok.pad_id == tok.eos_id:
+        say("export: this tokenizer pads with its EOS and has no other token to pad with; the exported reward model "
+            "scores the token before a trailing EOS, where hydra's reward head reads the EOS")
     used = dict.fromkeys(roles[r][0] for r in ("reference", "reward", "actor"))
     gathered = {b: full_state(bases[b].lm.state_dict()) for b in used}
     ref = roles["reference"][0]
-    dirs = {"sft": (lm_config, hf_state(bases[ref], None, gathered[ref]), gen)}
+    dirs = {"sft": (lm_config, hf_state(bases[ref], None, gathered[ref]), gen, hf_tok)}
     # the score head in the base's dtype, as transformers builds it; the head itself is fp32
     body = {k: v for k, v in hf_state(rw, None, gathered[roles["reward"][0]]).items() if k != "lm_head.weight"}
     dtype = next(iter(body.values())).dtype if body else torch.float32
-    dirs["reward"] = (rw_config, {**body, "score.weight": full_state(rw.reward_head.state_dict())
-                                  .get("weight", torch.zeros(0)).to(dtype)}, None)
+    head = full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
+    dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
+    adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
     if has_ppo:
         a_base, a_adapter, _ = roles["actor"]
-        dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen)
-    if not is_writer():
-        return barrier()
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, (config, state, generation) in dirs.items():
-        write_hf(os.path.join(tmp, name), config, state, hf_tok, generation)
-    if has_ppo:
+        dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
         for role in ("actor", "critic"):
             base, adapter, _ = roles[role]
-            where = "sft" if base == roles["reference"][0] else "reward"  # the export holding that base's weights
-            if adapter and not os.path.exists(os.path.join(tmp, "adapters", adapter)):
-                write_peft(os.path.join(tmp, "adapters", adapter), bases[base], adapter, f"../../{where}")
-    if os.path.exists(out):
-        shutil.rmtree(out)
+            if adapter and adapter not in adapters:
+                where = "sft" if base == roles["reference"][0] else "reward"
+                adapters[adapter] = (base, full_state(lora.lora_state_dict(bases[base].lm, adapter)), where)
+    written = sorted(dirs) + (["adapters"] if adapters else [])
+    if not is_writer():
+        barrier()
+        return written
+    tmp, old = out.rstrip("/") + ".tmp", out.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (config, state, generation, t) in dirs.items():
+        write_hf(os.path.join(tmp, name), config, state, t, generation)
+    for name, (base, sd, where) in adapters.items():
+        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, f"../../{where}")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out):  # aside, then in: a kill at any moment leaves a whole export under OUT or OUT.old
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     barrier()
-    return sorted(dirs) + (["adapters"] if has_ppo and any(roles[r][1] for r in ("actor", "critic")) else [])
+    return written
 
 
 # -----------------------------------------------------------------------------
@@ -1995,6 +2028,13 @@ def peak_memory_mib(device):
     return (vm_hwm_kib() - _RSS_BASELINE_KIB) / 1024
 
 
+def free_memory(device):
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def reset_peak_memory(device):
     """start the peak reading afresh, so that each stage of a run is measured on its own (cuda: the allocator's
     counter; linux: writing 5 to clear_refs sets VmHWM to the current RSS)."""
@@ -2075,7 +2115,7 @@ def shapes(cfg):
 #   d-byte copy of each weight that autocast makes for the matmuls and autograd saves for backward ("casts"; with
 #   activation checkpointing only the weights outside the decoder layers keep theirs). no separate master copy.
 # - reward + value heads fp32 in every copy (HydraModel never casts them).
-# - the critic's own lm_head of an untied model is in the optimizer but never gets a grad: no grad, no state.
+# - the critic's own lm_head of an untied model never gets a gradient: it stays out of the optimizer (no state).
 # - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
 #   recounted for transformers' blocks (saved_tensors_hooks, one storage counted once): no dropout (disabled), SDPA
 #   flash attention (no s^2 term; its output is also o_proj's input), GQA keys/values saved expanded to all heads.
@@ -2146,7 +2186,7 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     )
     out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(
         out["activations"] + out["logits"] + out["casts"], out["kv_cache"])
-    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=p["full"] * s["params"] + lora_n + head_n)
+    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=full_n + lora_n + head_n)
     return out
 
 

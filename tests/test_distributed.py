@@ -193,3 +193,32 @@ def test_under_fsdp_only_rank_0_holds_a_whole_copy_while_loading(tmp_path):
     full = 27e6 * 4 / 2**20
     # both ranks import and build the same things; only rank 0 reads the weights (rank 1: the architecture, on meta)
     assert ranks["load"][0] - ranks["load"][1] > 0.8 * full, ranks
+
+
+def test_fsdp_baseline_stopped_in_its_first_sft_model_resumes_and_exports(tmp_path):
+    """if this fails, a sharded checkpoint holds optimizer state the next load does not expect (a weight no loss
+    reaches, as a plain SFT model's reward head, in the optimizer), so a stopped --fsdp baseline cannot resume; or
+    --export under torchrun crashes or hangs on the ranks that do not write, or exports other weights than the run's."""
+    import signal
+    import time
+    from safetensors.torch import load_file
+    args = ["--method", "lora-ppo", "--ppo-steps", "1", "--sft-steps", "6", "--fsdp", "--export"]
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT] + ARGS + args
+    p = subprocess.Popen(cmd + ["--out", str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["step"] >= 2 for r in (metrics(out, "sft-sft") if (out / "metrics.jsonl").exists() else [])):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.communicate(timeout=300)[1].count("stopped; checkpoint in") == 2
+    assert torch.load(out / "ckpt" / "extra.pt", weights_only=False)["stage"] == "sft-sft"
+    assert "resuming sft-sft" in launch(out, *args, nproc=2).stdout
+    assert [r["step"] for r in metrics(out, "sft-sft")] == list(range(1, 7)) and len(metrics(out, "ppo")) == 1
+    # the export gathered on two ranks holds the run's weights: the same as one process exporting its files
+    subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "export", str(out), "--out", str(tmp_path / "one")],
+                   check=True, capture_output=True)
+    for d in ("policy", "reward", "sft"):
+        a, b = (load_file(os.path.join(x, d, "model.safetensors")) for x in (out / "hf", tmp_path / "one"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
+    assert sorted(os.listdir(out / "hf" / "adapters")) == ["actor", "critic"]
