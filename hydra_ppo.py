@@ -843,10 +843,10 @@ def sample_policy(models, roles, role, prompts, tok, cfg, seed, stage="eval", bs
     bs = bs or cfg.minibatch
     mine, n_real = my_rows(len(prompts))
     got = []
+    t = cfg.temperature if temperature is None else temperature
     for i in range(0, len(mine), bs):
         chunk = [prompts[j] for j in mine[i:i + bs]]
         seeds = [step_seed(seed, stage, 0, j) for j in mine[i:i + bs]]
-        t = cfg.temperature if temperature is None else temperature
         r = generate(models[base], adapter, chunk, tok, cfg.max_new_tokens, t, seeds)
         ids, mask, P = data.collate(chunk, r, tok.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
@@ -1223,8 +1223,7 @@ def load_optimizer_state(opt, sd):
 
 def trainable_state(models):
     """adapters + value head (LoRA methods) or full weights (full PPO): whatever requires grad, nothing frozen."""
-    return {name: full_state({k: v for k, v in m.state_dict(keep_vars=True).items() if v.requires_grad}, clone=True)
-            for name, m in models.items()}
+    return {name: full_state(_state(m, "trained"), clone=True) for name, m in models.items()}
 
 
 def load_trainable(models, state):
@@ -1242,7 +1241,8 @@ def run_meta(cfg):
 
 def check_meta(meta, cfg, path):
     mine = run_meta(cfg)
-    was = lambda k: meta.get(k, 0 if k == "max_pairs" else None)  # noqa: E731  (runs from before the flag: all)
+    # a key missing from a checkpoint's meta: written before that flag existed, when the run had its default
+    was = lambda k: meta.get(k, Config.__dataclass_fields__[k].default)  # noqa: E731
     bad = [f"{k}={was(k)!r} (now {v!r})" for k, v in mine.items() if was(k) != v]
     if bad:
         raise ConfigError(f"{path} is from another run: {', '.join(bad)}; use another --out or pass --fresh")
@@ -1360,8 +1360,13 @@ def _sharded_state(held, opt):
     sd = {"models": {n: get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=what == "trained"))
                      for n, (m, what) in held.items()}}
     if opt is not None:
-        sd["opt"] = get_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt)
+        sd["opt"] = get_optimizer_state_dict(_one_module(held), opt)
     return sd
+
+
+def _one_module(held):
+    # the optimizer's parameters may span several bases (full PPO): one module holding them all names them
+    return nn.ModuleDict({n: m for n, (m, _) in held.items()})
 
 
 def restore_checkpoint(ck, held, opt):
@@ -1369,7 +1374,10 @@ def restore_checkpoint(ck, held, opt):
     sharded under --fsdp (each rank reads its own shards)."""
     if "dcp" not in ck:
         for n, (m, what) in held.items():
-            load_trainable({n: m}, {n: ck["models"][n]}) if what == "trained" else m.load_state_dict(ck["models"][n])
+            if what == "trained":
+                load_trainable({n: m}, {n: ck["models"][n]})
+            else:
+                m.load_state_dict(ck["models"][n])
         if opt is not None:
             load_optimizer_state(opt, ck["opt"])
         return
@@ -1380,7 +1388,7 @@ def restore_checkpoint(ck, held, opt):
     for n, (m, what) in held.items():
         set_model_state_dict(m, sd["models"][n], options=StateDictOptions(strict=what == "all"))
     if opt is not None:
-        set_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt, sd["opt"])
+        set_optimizer_state_dict(_one_module(held), opt, sd["opt"])
 
 
 class StopFlag:
@@ -1738,11 +1746,10 @@ def split_data(cfg):
 # transformers (and peft) alone can load what hydra trained. written by rank 0 (sharded weights gathered), atomically
 
 
-def hf_state(model, adapter=None, sd=None):
+def hf_state(model, adapter, sd):
     """the LM's weights under transformers' names, LoRA wrappers taken off; adapter given: folded in
-    (W + B A * alpha / r, computed in fp32, stored in W's dtype). sd: the model's gathered state, if at hand; else
-    every rank calls it (sharded weights are gathered). -> the state on rank 0, {} on the others."""
-    sd = full_state(model.lm.state_dict()) if sd is None else sd
+    (W + B A * alpha / r, computed in fp32, stored in W's dtype). sd: the LM's gathered state (full_state: rank 0
+    holds it, the others {})."""
     wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
     out = {}
     for k, v in sd.items():
@@ -2038,8 +2045,7 @@ def free_memory(device):
 def reset_peak_memory(device):
     """start the peak reading afresh, so that each stage of a run is measured on its own (cuda: the allocator's
     counter; linux: writing 5 to clear_refs sets VmHWM to the current RSS)."""
-    import gc
-    gc.collect()
+    free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif os.path.exists("/proc/self/clear_refs"):
