@@ -155,6 +155,18 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     return step, opt, bases
 
 
+def set_malloc(mode):
+    """how glibc hands freed host memory back (a CPU run's tensors live there). "track" (the memory phase): every
+    block over 64 KiB goes back at free, so that RSS follows the live tensors, at the cost of page-faulting each
+    large tensor in afresh (+30-80% on a CPU PPO step, 135M shape). "keep" (the clock): freed blocks up to 32 MiB stay
+    for reuse, as in a plain run, where glibc raises its thresholds so as it frees large blocks. -> whether set."""
+    libc = H.glibc()
+    if libc is None:
+        return False
+    mmap_threshold, trim_threshold = {"track": (2**16, 0), "keep": (2**25, 2**30)}[mode]
+    return bool(libc.mallopt(-3, mmap_threshold)) and bool(libc.mallopt(-1, trim_threshold))  # M_MMAP_, M_TRIM_
+
+
 def sync(device):
     """wait for the device's queued work, so that a host clock times it."""
     if device.type == "cuda":
@@ -162,8 +174,8 @@ def sync(device):
 
 
 def bench_one(a):
-    """child process: build one row, a warm-up step, a.steps timed steps. -> the row's dict (printed as one JSON
-    line)."""
+    """child process: build one row, a warm-up step, a.steps timed steps (on the CPU after two steps that measure its
+    memory). -> the row's dict (printed as one JSON line)."""
     if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
         torch.set_num_threads(a.threads or 1)
     device = H.init_distributed(a.device) if a.fsdp else H.pick_device(a.device)
@@ -173,14 +185,22 @@ def bench_one(a):
                 response_len=a.response_len, device=str(device), dtype=str(dtype).removeprefix("torch."),
                 memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
     times, lens, gens = [], [], []
+    # on the CPU memory and time are measured apart: RSS follows the live tensors only while malloc hands every freed
+    # block back ("track"), and that costs page faults a run does not pay (it keeps them: "keep"). so a warm-up and one
+    # step under "track" give the peak, then a warm-up and a.steps steps under "keep" give the clock
+    apart = device.type == "cpu" and set_malloc("track")
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
                                       a.grad_ckpt, a.fsdp)
         H.reset_peak_memory(device)  # measure the steps, not the build (under --fsdp each rank built the whole model on
         # the CPU first; full PPO casts its frozen fp32 copies to the compute dtype once)
-        for i in range(a.steps + 1):  # step 0 is the warm-up: AdamW state appears at its first step()
+        if apart:
+            step(0), step(1)  # step 0 is a warm-up: AdamW state appears at its first step()
+            peak = (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024
+            set_malloc("keep")
+        for i in range(a.steps + 1):  # (one more) warm-up, then the timed steps
             t0 = time.perf_counter()
-            n, clock = step(i)
+            n, clock = step(i + 2 * apart)
             lens.append(n), gens.append(clock)
             sync(device)
             times.append(time.perf_counter() - t0)
@@ -188,8 +208,9 @@ def bench_one(a):
         return dict(head, oom=True, peak_memory_mib=None)
     sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
     mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
-    return dict(head, peak_memory_mib=round(H.peak_memory_mib(device) if device.type == "cuda"
-                                            else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024, 1),
+    if not apart:
+        peak = H.peak_memory_mib(device) if device.type == "cuda" else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024
+    return dict(head, peak_memory_mib=round(peak, 1),
                 latency_per_sample_s=mid(times) / a.batch_size,
                 **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
@@ -258,15 +279,23 @@ def bench_gen(a):
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     prompts = torch.randint(0, V - 1, (a.batch_size, a.prompt_len), generator=g).tolist()
     tok = bench_tokenizer(V)
-    ms = {None: [], "actor": []}
+    # the matmuls alone: every weight matrix once against batch rows, what one token cannot do without
+    mats = [m.weight for m in model.lm.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {n: torch.randn(a.batch_size, n, device=device, dtype=dtype) for n in {w.shape[1] for w in mats}}
+    ms = {None: [], "actor": [], "matmuls": []}
     for rep in range(a.steps + 1):  # rep 0 warms up
         for adapter in ms:
             sync(device)
             t0 = time.perf_counter()
-            H.generate(model, adapter, prompts, tok, a.response_len, 1.0, list(range(a.batch_size)))
+            if adapter == "matmuls":
+                with torch.no_grad(), model.autocast(device):
+                    for w in mats:
+                        torch.nn.functional.linear(rows[w.shape[1]], w)
+            else:
+                H.generate(model, adapter, prompts, tok, a.response_len, 1.0, list(range(a.batch_size)))
             sync(device)
             if rep:
-                ms[adapter].append(1000 * (time.perf_counter() - t0) / a.response_len)
+                ms[adapter].append(1000 * (time.perf_counter() - t0) / (1 if adapter == "matmuls" else a.response_len))
     x = torch.ones(2**28, device=device)  # 1 GiB: the read bandwidth, median of 5 sums
     reads = []
     for _ in range(6):
@@ -279,15 +308,19 @@ def bench_gen(a):
     out = dict(model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, new_tokens=a.response_len,
                device=str(device), dtype=str(dtype).removeprefix("torch."), lora_r=a.lora_r,
                ms_per_token_lora_off=mid(ms[None]), ms_per_token_lora_on=mid(ms["actor"]), read_gib_per_s=gib_s,
-               weight_mib=weight_bytes / MIB, weight_read_ms=1000 * weight_bytes / 2**30 / gib_s, code=code_version())
+               weight_mib=weight_bytes / MIB, weight_read_ms=1000 * weight_bytes / 2**30 / gib_s,
+               matmul_ms=mid(ms["matmuls"]), code=code_version())
     out.update(lora_on_over_off=out["ms_per_token_lora_on"] / out["ms_per_token_lora_off"],
-               lora_off_over_weight_read=out["ms_per_token_lora_off"] / out["weight_read_ms"])
+               lora_off_over_weight_read=out["ms_per_token_lora_off"] / out["weight_read_ms"],
+               lora_off_over_matmuls=out["ms_per_token_lora_off"] / out["matmul_ms"])
     print(f"\ngeneration {a.model}: batch {a.batch_size}, prompt {a.prompt_len}, {a.response_len} new tokens, "
           f"{out['dtype']} on {device}, {a.steps} interleaved repeats (median)")
     print(f"  LoRA off {out['ms_per_token_lora_off']:.1f} ms/token, LoRA on (r {a.lora_r}) "
           f"{out['ms_per_token_lora_on']:.1f} ms/token: x {out['lora_on_over_off']:.2f}")
     print(f"  weights {out['weight_mib']:.0f} MiB read once at {gib_s:.1f} GiB/s: {out['weight_read_ms']:.1f} ms; "
           f"LoRA off is x {out['lora_off_over_weight_read']:.2f} of that")
+    print(f"  the matmuls alone (every weight x {a.batch_size} rows, once): {out['matmul_ms']:.1f} ms; LoRA off is "
+          f"x {out['lora_off_over_matmuls']:.2f} of that")
     save_json(out, a.out, "gen.json")
     return out
 
@@ -299,8 +332,8 @@ def code_version():
 
 
 def run_child(a, name, batch_size, fsdp_ranks=0):
-    """one row in a fresh process (fsdp_ranks > 0: that many, under torchrun, with --fsdp), malloc told to hand big
-    blocks back (so RSS tracks live memory). -> its dict (under torchrun: one per rank)."""
+    """one row in a fresh process (fsdp_ranks > 0: that many, under torchrun, with --fsdp): a fresh VmHWM, and
+    bench_one sets malloc for its memory and its time. -> its dict (under torchrun: one per rank)."""
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={fsdp_ranks}"]
                                  if fsdp_ranks else [])
     cmd = (launch + [os.path.abspath(__file__), "--bench-one", name, "--model", a.model,
@@ -308,8 +341,7 @@ def run_child(a, name, batch_size, fsdp_ranks=0):
                      "--response-len", str(a.response_len), "--lora-r", str(a.lora_r), "--device", a.device,
                      "--threads", str(a.threads)]
            + ["--grad-ckpt"] * a.grad_ckpt + ["--fsdp"] * bool(fsdp_ranks))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         where = f" --fsdp on {fsdp_ranks} ranks" if fsdp_ranks else ""
         raise RuntimeError(f"{name} (batch {batch_size}){where} failed with exit {r.returncode}:\n{r.stderr[-2000:]}")

@@ -25,6 +25,7 @@ Read in this order (everything above the fence is the algorithm; below it, nothi
 import argparse
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -173,9 +174,10 @@ class HydraModel(nn.Module):
                        use_cache=cache is not None, **kw)
         return out.last_hidden_state, out.get(_cache_kw(type(base)))  # (.get: the old attribute name warns on access)
 
-    def logits(self, h):
+    def logits(self, h):  # (..., H) -> (..., V)
         with self.autocast(h.device):
-            return self.lm.get_output_embeddings()(h)
+            # as one (N, H) matmul: a sliced (B, R, H) went to a batched matmul that read the head once per row
+            return self.lm.get_output_embeddings()(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
 
     # the scalar heads read fp32 hidden states in fp32, autocast or not: a score is a difference of nearby numbers
     def score(self, h, mask):  # reward at the last real token, (B,)
@@ -239,9 +241,9 @@ def ppo_bases(method, sft):
     return bases
 
 
-def run_roles(models, roles, wanted, ids, mask, P, temperature):
+def run_roles(models, roles, wanted, ids, mask, P, temperature, entropy=False):
     """one forward per distinct (base, adapter): in Hydra-PPO the reference and the reward share one LoRA-off pass.
-    -> {role: (logp, entropy) (B, R) for lm heads | values (B, R) | score (B,)}."""
+    -> {role: (logp, entropy or None) (B, R) for lm heads | values (B, R) | score (B,)}."""
     groups = {}
     for role in wanted:
         base, adapter, head = roles[role]
@@ -254,7 +256,7 @@ def run_roles(models, roles, wanted, ids, mask, P, temperature):
             h, _ = m.hidden(ids, mask)  # (B, T, H)
         for role, head in heads:
             if head == "lm":  # logits at P-1 .. T-2 predict the response tokens
-                out[role] = response_logprobs(m, h[:, P - 1:-1], resp, temperature)
+                out[role] = response_logprobs(m, h[:, P - 1:-1], resp, temperature, entropy=entropy)
             elif head == "value":
                 out[role] = m.values(h[:, P - 1:-1])
             else:
@@ -266,26 +268,31 @@ def run_roles(models, roles, wanted, ids, mask, P, temperature):
 # the PPO math: small pure functions (no collectives: a sum over ranks is passed in), imported by the tests
 
 
-def logprobs_of(logits, tokens, temperature=1.0):
-    """log p(token) under logits / temperature: (B, R, V), (B, R) -> (B, R) log-probs and (B, R) entropy."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    with torch.no_grad():  # logged, not trained: keeps two more (B, R, V) tensors out of the autograd graph
-        entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), entropy
+def logprobs_of(logits, tokens, temperature=1.0, entropy=False):
+    """log p(token) under logits / temperature: (B, R, V), (B, R) -> (B, R) log-probs and, when asked, the (B, R)
+    entropy (else None: it costs three more passes over (B, R, V), and only the actor's is ever logged)."""
+    x = logits.float()
+    logp = F.log_softmax(x / temperature if temperature != 1 else x, dim=-1)  # x / 1 == x: one pass fewer
+    ent = None
+    if entropy:
+        with torch.no_grad():  # logged, not trained: keeps two more (B, R, V) tensors out of the autograd graph
+            ent = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), ent
 
 
 LOGIT_CHUNK = 2**24  # logits elements (B x positions x V) alive at once in response_logprobs: 64 MiB in fp32 (a
 # quarter of it halves the memory again, but small matmuls and the recomputation made the update 35% slower on CPU)
 
 
-def response_logprobs(model, h, tokens, temperature=1.0, chunk=None):
-    """log p(token) and entropy from hidden states, a few positions at a time: each chunk's logits are made, reduced
-    to (B, c) and dropped, and made again in backward (activation checkpointing), so no (B, R, V) fp32 tensor ever
-    exists whole (3 of them were alive at the actor's backward). (B, R, H), (B, R) -> (B, R), (B, R)."""
+def response_logprobs(model, h, tokens, temperature=1.0, chunk=None, entropy=False):
+    """log p(token) (and the entropy, when asked) from hidden states, a few positions at a time: each chunk's logits
+    are made, reduced to (B, c) and dropped, and made again in backward (activation checkpointing), so no (B, R, V)
+    fp32 tensor ever exists whole (3 of them were alive at the actor's backward). (B, R, H), (B, R) -> (B, R) x 2."""
     w = model.lm.get_output_embeddings().weight
     B, R, V = tokens.shape[0], tokens.shape[1], w.shape[0]
     step = max(1, (chunk or LOGIT_CHUNK) // max(1, B * V))
-    f = lambda hc, tc: logprobs_of(model.logits(hc), tc, temperature)  # noqa: E731
+    want = [entropy]  # read at call time: backward's recompute needs the log-probs only, not the (logged) entropy
+    f = lambda hc, tc: logprobs_of(model.logits(hc), tc, temperature, want[0])  # noqa: E731
     # one call when chunks gain nothing: without gradients nothing is kept (and one large matmul is faster than
     # several), with one chunk backward starts with the head beside every activation anyway, and an FSDP-sharded
     # head must be gathered as often on every rank while their response widths differ
@@ -293,7 +300,8 @@ def response_logprobs(model, h, tokens, temperature=1.0, chunk=None):
         return f(h, tokens)
     parts = [torch.utils.checkpoint.checkpoint(f, h[:, i:i + step], tokens[:, i:i + step], use_reentrant=False)
              for i in range(0, R, step)]
-    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    want[0] = False
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1) if entropy else None
 
 
 def masked_mean(x, mask, n=None):
@@ -406,8 +414,11 @@ def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
     model.eval()
     from transformers import DynamicCache
     cache = DynamicCache()
+    # inference mode: no autograd bookkeeping on any op either (~5% of a CPU token); not under FSDP2, whose gathered
+    # weights outlive the call, and a tensor made in inference mode cannot be written outside it
+    fast = not any(is_fsdp(m) for m in model.modules())
     try:
-        with lora.adapter(adapter):
+        with torch.inference_mode() if fast else contextlib.nullcontext(), lora.adapter(adapter):
             h, cache = model.hidden(ids, mask, cache)
             for t in range(max_new):
                 nxt = sample_tokens(model.logits(h[:, -1]), temperature, gens)  # (B,)
@@ -652,7 +663,7 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
             # backward each loss on its own so only one set of activations is alive at a time (same gradients)
             new, shared = {}, roles["actor"][:2] == roles["critic"][:2]
             for group in (("actor", "critic"),) if shared else (("actor",), ("critic",)):
-                new.update(run_roles(models, roles, group, ids, mask, P, cfg.temperature))
+                new.update(run_roles(models, roles, group, ids, mask, P, cfg.temperature, entropy=True))
                 loss = 0.0
                 if "actor" in group:
                     pg, diag = policy_loss(new["actor"][0], logp[sl, :w], adv[sl, :w], m, cfg.clip, n)
@@ -2028,18 +2039,32 @@ _RSS_BASELINE_KIB = vm_hwm_kib()  # after imports: what the run adds is ours
 
 
 def peak_memory_mib(device):
-    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline (the bench tells malloc to return
-    freed blocks, so that RSS tracks live memory)."""
+    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline (the bench's memory phase has malloc
+    hand every freed block back, so that RSS tracks live memory)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return (vm_hwm_kib() - _RSS_BASELINE_KIB) / 1024
 
 
+@functools.cache
+def glibc():
+    """glibc's malloc controls, or None (musl, macOS, windows: their allocators are left as they are)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def free_memory(device):
+    """drop what nothing references: python's cycles, the CUDA cache, and on the CPU the freed blocks malloc kept
+    (between stages, so that each stage's peak RSS starts from live memory)."""
     import gc
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif glibc() is not None:
+        glibc().malloc_trim(0)
 
 
 def reset_peak_memory(device):

@@ -96,8 +96,9 @@ class LoRALinear(nn.Module):
         A, B = self.lora_A[name], self.lora_B[name]
         if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts for the matmuls
             x = x.to(A.dtype)
-        d = F.linear(F.linear(x, A), B) * self.scale  # (..., out); runs once per layer per generated token: lean
-        return y + (d if d.dtype == y.dtype else d.to(y.dtype))
+        d = F.linear(F.linear(x, A), B)  # (..., out); runs once per layer per generated token: lean
+        # y is base(x)'s own fresh output (its backward does not need it): scale and add in place, one op, no copy
+        return y.add_(d if d.dtype == y.dtype else d.to(y.dtype), alpha=self.scale)
 
 
 # -----------------------------------------------------------------------------

@@ -168,9 +168,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, msg, capsys):
 
 def test_bench_one_row_reports_its_fields():
     """`--bench` cannot build its table (missing or wrong fields, responses of varying length) if this fails."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     r = subprocess.run([sys.executable, "eval.py", "--bench-one", "hydra-ppo", "--model", "micro", "--batch-size", "2", "--steps", "1",
-                        "--prompt-len", "6", "--response-len", "5", "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
+                        "--prompt-len", "6", "--response-len", "5", "--threads", "1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["name"] == "hydra-ppo" and row["frozen_bases"] == 1 and row["lora_sets"] == 2
@@ -178,6 +177,31 @@ def test_bench_one_row_reports_its_fields():
     assert row["peak_memory_mib"] > 0 and row["latency_per_sample_s"] > 0
     assert row["trainable_params"] == H.estimate(H.MODELS["micro"], "hydra-ppo", 2, 11, 4, 16, 5)["trainable_params"]
     assert row["mean_response_len"] == 5  # eos can never be sampled: every response has the fixed length
+
+
+@pytest.mark.skipif(H.glibc() is None, reason="malloc settings are glibc's")
+def test_bench_memory_phase_hands_blocks_back_and_its_clock_keeps_them():
+    """if this fails, the bench's peak is read while malloc keeps freed blocks (RSS is not live memory), or its clock
+    runs while every large tensor is page-faulted in afresh (a time no real run pays)."""
+    code = """
+import resource, sys, torch, eval as E
+assert E.set_malloc(sys.argv[1])
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # noqa: E731
+t = torch.ones(2**20)  # 4 MiB
+del t
+f0 = faults()
+for _ in range(20):
+    t = torch.ones(2**20)
+    del t
+print(faults() - f0)
+"""
+    pages = {}
+    for mode in ("track", "keep"):
+        r = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        pages[mode] = int(r.stdout.split()[-1])
+    assert pages["track"] > 20 * 2**20 * 4 // 4096 // 2  # each 4 MiB tensor faulted in afresh (>= half its pages)
+    assert pages["keep"] * 10 < pages["track"]  # reused (at most the first one is faulted in)
 
 
 def test_bench_gen_reports_lora_on_and_off_per_token(tmp_path):
@@ -190,6 +214,7 @@ def test_bench_gen_reports_lora_on_and_off_per_token(tmp_path):
     g = json.load(open(tmp_path / "gen.json"))
     assert g["ms_per_token_lora_off"] > 0 and g["ms_per_token_lora_on"] > 0 and g["read_gib_per_s"] > 0
     assert g["lora_on_over_off"] == g["ms_per_token_lora_on"] / g["ms_per_token_lora_off"]
+    assert g["matmul_ms"] > 0 and g["lora_off_over_matmuls"] == g["ms_per_token_lora_off"] / g["matmul_ms"]
 
 
 @pytest.mark.slow

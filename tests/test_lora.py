@@ -60,6 +60,27 @@ def test_gradients_reach_only_the_live_adapter(tiny_lm):
     assert all(p.grad is None for n, p in tiny_lm.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.parametrize("alpha", [8.0, 5.0])  # scale 2 (a power of two) and 1.25
+def test_lora_layer_is_w_x_plus_scaled_b_a_x_in_value_and_gradient(alpha):
+    """if this fails, the in-place scaled add in LoRALinear.forward gives other outputs or gradients than the
+    formula y = W x + b + (alpha / r) B A x (for the input too: a frozen base passes gradient through it)."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(6, 5), r=4, alpha=alpha)
+    layer.add_adapter("a")
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+    x = torch.randn(3, 2, 6, requires_grad=True)
+    with lora.adapter("a"):
+        y = layer(x)
+    A, B, W, b = layer.lora_A["a"], layer.lora_B["a"], layer.base.weight, layer.base.bias
+    ref = x @ W.T + b + (x @ A.T @ B.T) * (alpha / 4)
+    assert torch.allclose(y, ref, atol=1e-6)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, A, B), g)
+    want = torch.autograd.grad(ref, (x, A, B), g)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+
+
 def test_switch_state_is_restored_after_an_exception():
     """if this fails, an error inside a reference pass leaves LoRA off (or on) for the rest of the run."""
     with lora.adapter("actor"):

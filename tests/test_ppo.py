@@ -281,6 +281,37 @@ def test_hydra_reference_and_reward_share_one_lora_off_pass(tiny_lm, monkeypatch
     assert sorted(calls, key=str) == sorted(["actor", None, "critic"], key=str)
 
 
+def test_only_the_updates_forward_pays_for_an_entropy(tiny_lm, monkeypatch):
+    """if this fails, scoring or backward's recompute spends passes over (B, R, V) on an entropy nobody logs, or the
+    logged entropy is gone."""
+    cfg = _cfg(rollout_batch=4, minibatch=4, ppo_epochs=1)
+    models, params, opt = _setup("hydra-ppo", tiny_lm, cfg)
+    monkeypatch.setattr(H, "LOGIT_CHUNK", 4 * 64 * 2)  # 2 positions a chunk: the update recomputes in backward
+    asked, orig = [], H.logprobs_of
+    monkeypatch.setattr(H, "logprobs_of", lambda *a: (asked.append(a[3]), orig(*a))[1])
+    roles = H.ROLES["hydra-ppo"]
+    batch = H.rollout(models, roles, _prompts(4), _tok(), cfg, 0, torch.device("cpu"))
+    assert asked and not any(asked)  # actor and reference log-probs: no entropy
+    asked.clear()
+    stats = H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, 0)
+    chunks = -(-batch["rmask"].shape[1] // 2)
+    assert asked == [True] * chunks + [False] * chunks  # the forward's chunks, then backward's recompute
+    assert stats["entropy"] > 0
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_generation_records_no_graph_and_uses_inference_mode_unless_sharded(tiny_lm, monkeypatch, sharded):
+    """if this fails, sampling builds autograd graphs (memory and time per token), or runs in inference mode under
+    FSDP2, whose gathered weights then cannot be written by the training forward."""
+    m = H.HydraModel(tiny_lm)
+    monkeypatch.setattr(H, "is_fsdp", lambda mod: sharded)
+    seen, orig = [], H.HydraModel.hidden
+    monkeypatch.setattr(H.HydraModel, "hidden", lambda self, *a: (
+        seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled())), orig(self, *a))[1])
+    H.generate(m, None, [[1, 2, 3], [4]], _tok(), 3, 1.0, [0, 1])
+    assert seen and set(seen) == {(False, not sharded)}
+
+
 def test_dropout_is_off_in_every_ppo_role(tiny_lm):
     """if this fails, train-mode forwards are stochastic and PPO ratios are noise."""
     tiny_lm.config.attention_dropout = 0.5
@@ -373,13 +404,13 @@ def test_chunked_logprobs_equal_whole_logits_in_value_and_gradient(tiny_lm):
     h = torch.randn(3, 7, 32, requires_grad=True)
     tokens = torch.randint(0, 64, (3, 7))
     w = torch.randn(3, 7)
-    ref, ref_ent = H.logprobs_of(m.logits(h), tokens, temperature=0.7)
+    ref, ref_ent = H.logprobs_of(m.logits(h), tokens, temperature=0.7, entropy=True)
     (ref * w).sum().backward()
     g_ref, gw_ref = h.grad.clone(), m.lm.get_output_embeddings().weight.grad.clone()
     h.grad, m.lm.get_output_embeddings().weight.grad = None, None
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x.numel()), x)[1], lambda x: x):
-        lp, ent = H.response_logprobs(m, h, tokens, temperature=0.7, chunk=2 * 3 * 64)  # 2 positions a chunk
+        lp, ent = H.response_logprobs(m, h, tokens, temperature=0.7, chunk=2 * 3 * 64, entropy=True)  # 2 positions
     (lp * w).sum().backward()
     assert torch.allclose(lp, ref, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
     assert torch.allclose(h.grad, g_ref, atol=1e-6) and torch.allclose(m.lm.get_output_embeddings().weight.grad, gw_ref, atol=1e-6)
