@@ -189,6 +189,8 @@ def bench_one(a):
     # block back ("track"), and that costs page faults a run does not pay (it keeps them: "keep"). so a warm-up and one
     # step under "track" give the peak, then a warm-up and a.steps steps under "keep" give the clock
     apart = device.type == "cpu" and set_malloc("track")
+    peak_now = lambda: (H.peak_memory_mib(device) if device.type == "cuda"  # noqa: E731
+                        else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024)
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
                                       a.grad_ckpt, a.fsdp)
@@ -196,7 +198,7 @@ def bench_one(a):
         # the CPU first; full PPO casts its frozen fp32 copies to the compute dtype once)
         if apart:
             step(0), step(1)  # step 0 is a warm-up: AdamW state appears at its first step()
-            peak = (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024
+            peak = peak_now()
             set_malloc("keep")
         for i in range(a.steps + 1):  # (one more) warm-up, then the timed steps
             t0 = time.perf_counter()
@@ -208,9 +210,7 @@ def bench_one(a):
         return dict(head, oom=True, peak_memory_mib=None)
     sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
     mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
-    if not apart:
-        peak = H.peak_memory_mib(device) if device.type == "cuda" else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024
-    return dict(head, peak_memory_mib=round(peak, 1),
+    return dict(head, peak_memory_mib=round(peak if apart else peak_now(), 1),
                 latency_per_sample_s=mid(times) / a.batch_size,
                 **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),

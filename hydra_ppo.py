@@ -416,7 +416,7 @@ def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
     cache = DynamicCache()
     # inference mode: no autograd bookkeeping on any op either (~5% of a CPU token); not under FSDP2, whose gathered
     # weights outlive the call, and a tensor made in inference mode cannot be written outside it
-    fast = not any(is_fsdp(m) for m in model.modules())
+    fast = not is_fsdp(model)  # shard() makes the root an FSDP module too
     try:
         with torch.inference_mode() if fast else contextlib.nullcontext(), lora.adapter(adapter):
             h, cache = model.hidden(ids, mask, cache)
@@ -1350,18 +1350,14 @@ def save_checkpoint(out, extra, held, opt):
         return save_atomic({**extra, "models": models, "opt": optimizer_state(opt)}, os.path.join(out, "ckpt.pt"))
     import shutil
     import torch.distributed.checkpoint as dcp
-    path, tmp, old = (os.path.join(out, n) for n in ("ckpt", "ckpt.tmp", "ckpt.old"))
+    path, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
     if is_writer():
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     dcp.save(_sharded_state(held, opt), checkpoint_id=tmp)
     if is_writer():
         torch.save({**extra, "dcp": True}, os.path.join(tmp, "extra.pt"))  # inside tmp: renamed with it
-        if os.path.exists(path):  # aside, then in: a kill at any moment leaves a whole one as ckpt or ckpt.old
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, path)
     barrier()
 
 
@@ -1868,17 +1864,13 @@ def export_run(bases, cfg, tok, has_ppo, out):
     if not is_writer():
         barrier()
         return written
-    tmp, old = out.rstrip("/") + ".tmp", out.rstrip("/") + ".old"
+    tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for name, (config, state, generation, t) in dirs.items():
         write_hf(os.path.join(tmp, name), config, state, t, generation)
     for name, (base, sd, where) in adapters.items():
         write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, f"../../{where}")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(out):  # aside, then in: a kill at any moment leaves a whole export under OUT or OUT.old
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_dir(tmp, out)
     barrier()
     return written
 
@@ -1982,6 +1974,18 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
     os.replace(tmp, path)
     barrier()
+
+
+def swap_dir(tmp, path):
+    """put the finished directory tmp at path: the old one aside, then the new one in, so that a kill at any moment
+    leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both)."""
+    import shutil
+    old = path.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_file(path):
