@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import hydra_ppo as H
@@ -170,6 +171,30 @@ def test_kv_cache_generation_matches_a_full_forward(tiny_lm, monkeypatch):
                 with torch.no_grad():
                     full = torch.softmax(tiny_lm(x).logits[0, -1] / T, -1)
                 assert torch.allclose(seen[t][i], full, atol=1e-5)
+
+
+def test_next_token_logits_in_vocab_blocks_are_the_heads_own(tiny_lm, monkeypatch):
+    """if this fails, decoding on the CPU samples from logits in another vocab order, without the head's bias, or from
+    a small head cut into blocks it gains nothing from."""
+    m = H.HydraModel(tiny_lm)  # V = 64
+    head = tiny_lm.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.randn(64))
+    h = torch.randn(3, 32)
+    calls, real = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: (calls.append(w.shape[0]), real(x, w, b))[1])
+    for block, want in ((3, [3] * 21 + [1]), (5, [64])):  # 22 blocks, the last one short; under 16 blocks: one call
+        monkeypatch.setattr(H, "HEAD_BLOCK", block)
+        calls.clear()
+        with torch.no_grad():
+            got = H.next_token_logits(m, h)
+        assert calls == want
+        torch.testing.assert_close(got, m.logits(h).detach())
+    head.bias = None
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    monkeypatch.setattr(H, "HEAD_BLOCK", 2)
+    blocked = H.generate(m, None, prompts, _tok(), 6, 1.0, [0, 1])
+    monkeypatch.setattr(H, "HEAD_BLOCK", 10**6)
+    assert blocked == H.generate(m, None, prompts, _tok(), 6, 1.0, [0, 1])
 
 
 def test_sampling_draws_from_the_tempered_softmax():
