@@ -279,9 +279,12 @@ def bench_gen(a):
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     prompts = torch.randint(0, V - 1, (a.batch_size, a.prompt_len), generator=g).tolist()
     tok = bench_tokenizer(V)
-    # the matmuls alone: every weight matrix once against batch rows, what one token cannot do without
-    mats = [m.weight for m in model.lm.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {n: torch.randn(a.batch_size, n, device=device, dtype=dtype) for n in {w.shape[1] for w in mats}}
+    # the matmuls alone: every weight matrix once against batch rows, what one token cannot do without (the head as
+    # decoding multiplies it)
+    head = model.lm.get_output_embeddings()
+    mats = [m.weight for m in model.lm.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    dims = {w.shape[1] for w in mats + [head.weight]}
+    rows = {n: torch.randn(a.batch_size, n, device=device, dtype=dtype) for n in dims}
     ms = {None: [], "actor": [], "matmuls": []}
     for rep in range(a.steps + 1):  # rep 0 warms up
         for adapter in ms:
@@ -291,6 +294,7 @@ def bench_gen(a):
                 with torch.no_grad(), model.autocast(device):
                     for w in mats:
                         torch.nn.functional.linear(rows[w.shape[1]], w)
+                    H.next_token_logits(model, rows[head.weight.shape[1]])
             else:
                 H.generate(model, adapter, prompts, tok, a.response_len, 1.0, list(range(a.batch_size)))
             sync(device)
