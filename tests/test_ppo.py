@@ -173,13 +173,14 @@ def test_kv_cache_generation_matches_a_full_forward(tiny_lm, monkeypatch):
                 assert torch.allclose(seen[t][i], full, atol=1e-5)
 
 
-def test_next_token_logits_in_vocab_blocks_are_the_heads_own(tiny_lm, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_logits_in_vocab_blocks_are_the_heads_own(tiny_lm, monkeypatch, dtype):
     """if this fails, decoding on the CPU samples from logits in another vocab order, without the head's bias, or from
-    a small head cut into blocks it gains nothing from."""
-    m = H.HydraModel(tiny_lm)  # V = 64
+    a small head cut into blocks it gains nothing from (fp32, and a bf16 base under autocast)."""
+    m = H.HydraModel(tiny_lm.to(dtype), compute_dtype=dtype)  # V = 64
     head = tiny_lm.get_output_embeddings()
-    head.bias = torch.nn.Parameter(torch.randn(64))
-    h = torch.randn(3, 32)
+    head.bias = torch.nn.Parameter(torch.randn(64, dtype=dtype))
+    h = torch.randn(3, 32, dtype=dtype)
     calls, real = [], F.linear
     monkeypatch.setattr(F, "linear", lambda x, w, b=None: (calls.append(w.shape[0]), real(x, w, b))[1])
     for block, want in ((3, [3] * 21 + [1]), (5, [64])):  # 22 blocks, the last one short; under 16 blocks: one call
