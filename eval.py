@@ -46,9 +46,6 @@ PPO_ROWS = H.METHODS
 MIB = 2**20
 
 
-vm_hwm_kib = H.vm_hwm_kib  # peak RSS of this process image (VmHWM)
-HWM_BASELINE_KIB = vm_hwm_kib()  # after imports, at the same point as hydra_ppo's baseline
-
 # -----------------------------------------------------------------------------
 # the memory plan (hydra_ppo.estimate) beside the paper's figures, and the largest batch under a budget
 
@@ -189,8 +186,6 @@ def bench_one(a):
     # block back ("track"), and that costs page faults a run does not pay (it keeps them: "keep"). so a warm-up and one
     # step under "track" give the peak, then a warm-up and a.steps steps under "keep" give the clock
     apart = device.type == "cpu" and set_malloc("track")
-    peak_now = lambda: (H.peak_memory_mib(device) if device.type == "cuda"  # noqa: E731
-                        else (vm_hwm_kib() - HWM_BASELINE_KIB) / 1024)
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
                                       a.grad_ckpt, a.fsdp)
@@ -198,7 +193,7 @@ def bench_one(a):
         # the CPU first; full PPO casts its frozen fp32 copies to the compute dtype once)
         if apart:
             step(0), step(1)  # step 0 is a warm-up: AdamW state appears at its first step()
-            peak = peak_now()
+            peak = H.peak_memory_mib(device)
             set_malloc("keep")
         for i in range(a.steps + 1):  # (one more) warm-up, then the timed steps
             t0 = time.perf_counter()
@@ -210,7 +205,7 @@ def bench_one(a):
         return dict(head, oom=True, peak_memory_mib=None)
     sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
     mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
-    return dict(head, peak_memory_mib=round(peak if apart else peak_now(), 1),
+    return dict(head, peak_memory_mib=round(peak if apart else H.peak_memory_mib(device), 1),
                 latency_per_sample_s=mid(times) / a.batch_size,
                 **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
