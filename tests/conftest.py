@@ -48,3 +48,15 @@ def _saved_peak(fn, weights):
 def saved_peak():
     """saved_peak(fn, weights) -> peak bytes autograd saves for backward while fn() runs, weights excluded."""
     return _saved_peak
+
+
+def read_checkpoint(out):
+    """OUT/ckpt/ whole: its small fields (extra.pt) and, read back from torch.distributed.checkpoint's files, the
+    tensors it holds: {"models": {name: {key: tensor}}, "opt": ...}."""
+    import tempfile
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    path = os.path.join(out, "ckpt")
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(path, os.path.join(d, "ck.pt"))
+        tensors = torch.load(os.path.join(d, "ck.pt"), map_location="cpu", weights_only=False)
+    return {**torch.load(os.path.join(path, "extra.pt"), map_location="cpu", weights_only=False), **tensors}

@@ -10,6 +10,7 @@ import torch
 import data
 import eval as E
 import hydra_ppo as H
+import infra as I
 
 V = 50304  # >= the GPT-2 BPE's 50257 ids plus each style's special tokens: the real tokenizer, cut by nothing
 ARCHS = {
@@ -37,7 +38,7 @@ def model_dirs(tmp_path_factory):
 def test_hydra_sft_and_a_ppo_iteration_run_on_each_architecture(arch, model_dirs, tmp_path, capsys):
     """if this fails, hydra_ppo.py --model DIR crashes or yields non-finite rewards on this architecture family."""
     out = str(tmp_path / "run")
-    H.STOP.requested = None
+    I.STOP.requested = None
     try:
         H.main(["--model", model_dirs[arch], "--data", "builtin", "--n-builtin", "64", "--sft-steps", "2", "--sft-batch", "4",
                 "--ppo-steps", "1", "--rollout-batch", "4", "--minibatch", "2", "--max-new-tokens", "4", "--eval-prompts", "4",
@@ -49,7 +50,7 @@ def test_hydra_sft_and_a_ppo_iteration_run_on_each_architecture(arch, model_dirs
         s = json.load(f)
     for k in ("reward_sft", "reward_ppo", "gold_sft", "gold_ppo", "kl", "sft_loss"):
         assert s[k] is not None and math.isfinite(s[k]), (k, s[k])
-    for f in ("sft.pt", "ckpt.pt", "ppo.pt", "metrics.jsonl"):
+    for f in ("sft.pt", "ckpt/extra.pt", "ppo.pt", "metrics.jsonl"):
         assert os.path.exists(os.path.join(out, f)), f
 
 
@@ -57,7 +58,7 @@ def test_hydra_sft_and_a_ppo_iteration_run_on_each_architecture(arch, model_dirs
 def test_kv_cache_logits_equal_a_full_forward_on_each_architecture(arch, model_dirs):
     """if this fails, rollouts on this architecture are sampled from other logits than PPO scores them with
     (cache, left padding or position ids are wrong for it)."""
-    lm, tok = H.load_lm(model_dirs[arch], torch.float32)
+    lm, tok = I.load_lm(model_dirs[arch], torch.float32)
     m = H.HydraModel(lm.eval())
     prompts = [tok.encode("Review of the lamp:"), tok.encode("Review of the new garden chair:"), tok.encode("Hi")]
     assert len({len(p) for p in prompts}) == 3  # rows of three lengths: two of them left-padded

@@ -10,7 +10,10 @@ import time
 import pytest
 import torch
 
+import data
 import hydra_ppo as H
+import infra as I
+from conftest import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-builtin", "200", "--sft-steps", "8", "--ppo-steps", "6", "--ckpt-every", "2", "--eval-prompts", "8",
@@ -24,12 +27,12 @@ def _metrics(out):
 
 
 def _summary(out):
-    return H.load_file(os.path.join(out, "summary.json"))
+    return I.load_file(os.path.join(out, "summary.json"))
 
 
 def _main(args, capsys=None):
     """run main in-process; -> (exit code, the one 'error: ' line of stderr, or all of stderr if none)."""
-    H.STOP.requested = None
+    I.STOP.requested = None
     try:
         H.main(args)
         code = 0
@@ -70,13 +73,13 @@ def test_run_writes_the_metrics_and_summary_contract(reference_run):
 
 def _stop_at(monkeypatch, stage, step):
     """make the run receive SIGTERM right after it logs (stage, step)."""
-    real = H.log_metrics
+    real = I.log_metrics
 
     def hooked(out, rec):
         real(out, rec)
         if rec["stage"] == stage and rec["step"] == step:
-            H.STOP.requested = signal.SIGTERM
-    monkeypatch.setattr(H, "log_metrics", hooked)
+            I.STOP.requested = signal.SIGTERM
+    monkeypatch.setattr(I, "log_metrics", hooked)
 
 
 @pytest.mark.parametrize("stage,step", [("sft-hydra", 3), ("ppo", 3)])
@@ -87,7 +90,7 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one_bitwise(reference_
         _stop_at(m, stage, step)
         code, err = _main(["--out", out] + SMALL, capsys)
     assert code == 128 + signal.SIGTERM and "resume" in err
-    assert H.load_file(os.path.join(out, "ckpt.pt"))["step"] == step
+    assert I.load_file(os.path.join(out, "ckpt", "extra.pt"))["step"] == step
     assert _main(["--out", out] + SMALL)[0] == 0
     assert _metrics(out) == _metrics(reference_run)
     for k in ("rm_accuracy", "reward_sft", "reward_ppo", "gold_ppo", "kl"):
@@ -115,15 +118,15 @@ def test_baseline_stopped_in_its_second_sft_model_does_not_train_the_first_again
 def test_save_atomic_leaves_the_previous_checkpoint_when_a_write_dies(tmp_path, monkeypatch):
     """if this fails, a kill during a checkpoint write destroys the last good checkpoint."""
     path = str(tmp_path / "ckpt.pt")
-    H.save_atomic({"step": 1}, path)
+    I.save_atomic({"step": 1}, path)
 
     def dying_save(obj, f):
         open(f, "wb").write(b"partial")
         raise KeyboardInterrupt  # killed mid-write
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        H.save_atomic({"step": 2}, path)
-    assert H.load_file(path) == {"step": 1}
+        I.save_atomic({"step": 2}, path)
+    assert I.load_file(path) == {"step": 1}
 
 
 @pytest.mark.slow
@@ -138,7 +141,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(re
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t_end = time.time() + 2 + rng.random() * 5  # during start-up or somewhere in training
         while time.time() < t_end and p.poll() is None:
-            if os.path.exists(os.path.join(out, "ckpt.pt.tmp")):  # a checkpoint is being written: kill now
+            if os.path.exists(os.path.join(out, "ckpt.tmp")):  # a checkpoint is being written: kill now
                 break
             time.sleep(0.002)
         if p.poll() is not None:
@@ -167,7 +170,7 @@ def test_nonfinite_reward_stops_with_step_and_quantity_and_keeps_the_checkpoint(
                                                                          "--ppo-steps", "6", "--ckpt-every", "1"], capsys)
     assert code == 2
     assert err.startswith("error: non-finite reward-model scores at step")
-    ck = H.load_file(os.path.join(out, "ckpt.pt"))
+    ck = read_checkpoint(out)
     assert all(torch.isfinite(v).all() for sd in ck["models"].values() for v in sd.values())
 
 
@@ -205,9 +208,9 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, capsys, args,
 def test_batches_that_ranks_cannot_share_equally_are_refused(monkeypatch):
     """if this fails, under torchrun a batch is split unevenly and N ranks no longer compute the combined batch."""
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(H.ConfigError, match="--minibatch 6 must be a multiple of the 4 ranks"):
-        H.validate(H.Config(rollout_batch=12, minibatch=6))
-    H.validate(H.Config(rollout_batch=16, minibatch=8, sft_batch=8))
+    with pytest.raises(I.ConfigError, match="--minibatch 6 must be a multiple of the 4 ranks"):
+        I.validate(H.Config(rollout_batch=12, minibatch=6))
+    I.validate(H.Config(rollout_batch=16, minibatch=8, sft_batch=8))
 
 
 def test_malformed_data_line_is_named(tmp_path, capsys):
@@ -233,9 +236,10 @@ def test_gpu_memory_plan_refuses_early_when_the_method_cannot_fit(monkeypatch, c
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * gib, 80 * gib))
     cuda = torch.device("cuda")
     full = H.Config(model="llama-7b", method="ppo", sft_lora=True, minibatch=4)
-    with pytest.raises(H.ConfigError, match="needs about .* GiB, 80.0 GiB is free"):
-        H.check_memory_plan(full, cuda, torch.bfloat16)
-    H.check_memory_plan(H.Config(model="llama-7b", method="hydra-ppo", sft_lora=True, sft_batch=2, minibatch=2), cuda, torch.bfloat16)
+    with pytest.raises(I.ConfigError, match="needs about .* GiB, 80.0 GiB is free"):
+        I.check_memory_plan(full, cuda, torch.bfloat16, H.ROLES["ppo"], 2)
+    I.check_memory_plan(H.Config(model="llama-7b", method="hydra-ppo", sft_lora=True, sft_batch=2, minibatch=2), cuda, torch.bfloat16,
+                        H.ROLES["hydra-ppo"], 1)
     assert "memory plan (eval.py --estimate)" in capsys.readouterr().out
 
 
@@ -243,7 +247,7 @@ def test_lora_sft_merges_before_ppo_and_the_run_completes(tmp_path):
     """if this fails, --sft-lora (the path for bases too big to fine-tune) breaks or leaves the SFT adapter live in PPO."""
     out = str(tmp_path)
     assert _main(["--out", out, "--sft-lora", "--sft-lr", "1e-2"] + SMALL)[0] == 0
-    sd = H.load_file(os.path.join(out, "sft.pt"))["models"]["hydra"]
+    sd = I.load_file(os.path.join(out, "sft.pt"))["models"]["hydra"]
     assert not any("lora_" in k for k in sd)  # merged and unloaded: PPO's LoRA-off is the LoRA-SFT model
     s = _summary(out)
     assert s["rm_accuracy"] > 0.5 and s["kl"] >= 0
@@ -258,11 +262,11 @@ def test_lora_sft_checkpoint_holds_what_trains_and_resumes_to_the_uninterrupted_
     with monkeypatch.context() as m:
         _stop_at(m, "sft-hydra", 3)
         assert _main(["--out", out] + args, capsys)[0] == 128 + signal.SIGTERM
-    ck = H.load_file(os.path.join(out, "ckpt.pt"))["models"]["hydra"]
+    ck = read_checkpoint(out)["models"]["hydra"]
     assert ck and all("lora_" in k or k.startswith("reward_head.") for k in ck)  # adapter + reward head, no base
     assert _main(["--out", out] + args)[0] == 0
     assert _metrics(out) == _metrics(ref)
-    a, b = (H.load_file(os.path.join(d, "sft.pt"))["models"]["hydra"] for d in (ref, out))
+    a, b = (I.load_file(os.path.join(d, "sft.pt"))["models"]["hydra"] for d in (ref, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -274,7 +278,7 @@ def test_stage_ppo_without_sft_checkpoint_names_what_to_run(tmp_path, capsys):
 
 def test_hh_prompt_becomes_chat_messages():
     """if this fails, a chat model sees raw 'Human:/Assistant:' text instead of its own template."""
-    msgs = H.hh_to_messages("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:")
+    msgs = data.hh_to_messages("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:")
     assert msgs == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
                     {"role": "user", "content": "how are you?"}]
 
@@ -285,10 +289,10 @@ def test_max_pairs_takes_the_first_pairs_of_a_file_and_is_part_of_the_run(tmp_pa
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " yes.", "rejected": " no."}) + "\n"
                             for i in range(100)))
-    train, held, _, _ = H.split_data(H.Config(data=str(path), max_pairs=30))
+    train, held, _, _ = data.split_data(H.Config(data=str(path), max_pairs=30))
     assert sorted(p.prompt for p in train + held) == sorted(f"Q{i}:" for i in range(30))
-    meta = H.run_meta(H.Config(data=str(path), max_pairs=30))
-    with pytest.raises(H.ConfigError, match="max_pairs=30"):
-        H.check_meta(meta, H.Config(data=str(path)), "ckpt.pt")
-    H.check_meta({k: v for k, v in H.run_meta(H.Config(data=str(path))).items() if k != "max_pairs"},
+    meta = I.run_meta(H.Config(data=str(path), max_pairs=30))
+    with pytest.raises(I.ConfigError, match="max_pairs=30"):
+        I.check_meta(meta, H.Config(data=str(path)), "ckpt.pt")
+    I.check_meta({k: v for k, v in I.run_meta(H.Config(data=str(path))).items() if k != "max_pairs"},
                  H.Config(data=str(path)), "ckpt.pt")  # a run from before the flag read every pair

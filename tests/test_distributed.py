@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import hydra_ppo as H
+import infra as I
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "hydra_ppo.py")
@@ -82,7 +83,7 @@ def test_two_ranks_match_one_process_on_the_combined_batch(single, tmp_path, mod
     two_sft = json.load(open(os.path.join(tmp_path, "summary.json")))
     assert two_sft["world_size"] == 2 and two_sft["fsdp"] == (mode == "fsdp")
     assert close(two_sft["rm_accuracy"], json.load(open(os.path.join(single, "summary.json")))["rm_accuracy"])
-    # Hydra-PPO from the same sft.pt. FSDP: stopped after iteration 1 and resumed by every rank from ckpt.pt
+    # Hydra-PPO from the same sft.pt. FSDP: stopped after iteration 1 and resumed by every rank from ckpt/
     shutil.copy(os.path.join(single, "sft.pt"), os.path.join(tmp_path, "sft.pt"))
     if mode == "fsdp":
         launch(tmp_path, "--stage", "ppo", "--ppo-steps", "1", *extra, nproc=2)
@@ -91,7 +92,7 @@ def test_two_ranks_match_one_process_on_the_combined_batch(single, tmp_path, mod
         launch(tmp_path, "--stage", "ppo", nproc=2)
     keys = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "score", "kl", "explained_var", "response_len", "first_ratio")
     assert_same_records(metrics(tmp_path, "ppo"), metrics(single, "ppo"), keys)
-    assert_same_weights(load(tmp_path, "ppo.pt")["trainable"], load(single, "ppo.pt")["trainable"])
+    assert_same_weights(load(tmp_path, "ppo.pt")["models"], load(single, "ppo.pt")["models"])
     two, one = (json.load(open(os.path.join(d, "summary.json"))) for d in (tmp_path, single))
     for k in ("reward_sft", "reward_ppo", "kl_ppo", "gold_sft", "gold_ppo", "length_ppo"):
         assert close(two[k], one[k], atol=1e-5), (k, two[k], one[k])
@@ -113,7 +114,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_they_all_resume(tm
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=300)[1]
     assert err.count("stopped; checkpoint in") == 2  # both ranks, after agreeing on the step
-    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(out / "ckpt" / "extra.pt", map_location="cpu", weights_only=False)
     assert ck["stage"] == "ppo" and 2 <= ck["step"] < 12
     assert "resuming ppo" in launch(out, *args, nproc=2).stdout
     timing = ("step_s", *H.PHASES)
@@ -137,7 +138,7 @@ def test_a_sharded_checkpoint_resumes_on_one_rank_as_on_two(single, tmp_path):
     keys = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "score", "kl", "explained_var", "response_len")
     assert_same_records(metrics(out, "ppo"), metrics(single, "ppo"), keys)
     load = lambda d, f: torch.load(os.path.join(d, f), map_location="cpu", weights_only=False)  # noqa: E731
-    assert_same_weights(load(out, "ppo.pt")["trainable"], load(single, "ppo.pt")["trainable"])
+    assert_same_weights(load(out, "ppo.pt")["models"], load(single, "ppo.pt")["models"])
 
 
 def _worker_pids(agent_pid):
@@ -183,7 +184,7 @@ def test_under_fsdp_only_rank_0_holds_a_whole_copy_while_loading(tmp_path):
     """if this fails, every rank loads the whole pretrained model into host memory before sharding it (8 ranks x a
     70B model = 1.1 TB of RAM on one node)."""
     import eval as E
-    conf = dict(H.MODELS["micro"], vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+    conf = dict(I.MODELS["micro"], vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                 num_attention_heads=8, num_key_value_heads=8)  # ~27M parameters: 100 MiB in fp32
     # saved in bf16, trained in fp32: the loaded copy is a real one, not pages of the file mapped in
     E.save_random_model(conf, str(tmp_path / "model"), dtype="bfloat16")

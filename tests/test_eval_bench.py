@@ -9,6 +9,7 @@ import torch
 
 import eval as E
 import hydra_ppo as H
+import infra as I
 import lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,34 +27,34 @@ def test_estimator_matches_hand_count_on_small_config():
     lora_set = 2 * 256
     heads = 2 * 9 * 4  # reward + value head (8 weights + bias) in fp32, per model copy
     B, T = 3, 10
-    e = H.estimate(SMALL, "hydra-ppo", B, T, dtype_bytes=2, lora_r=2)
+    e = E.estimate(SMALL, "hydra-ppo", B, T, dtype_bytes=2, lora_r=2)
     assert e["weights"] == n * 2 + heads
     assert e["lora"] == 2 * lora_set * 4
     assert e["grads"] == (2 * lora_set + 9) * 4  # actor + critic LoRA and the value head, fp32
     assert e["optimizer"] == (2 * lora_set + 9) * 8  # two fp32 AdamW states
     assert e["kv_cache"] == 2 * 2 * B * T * 4 * 2  # k and v, 2 layers, 1 kv head of 4, bf16
-    f = H.estimate(SMALL, "ppo", B, T, dtype_bytes=2, lora_r=2)
+    f = E.estimate(SMALL, "ppo", B, T, dtype_bytes=2, lora_r=2)
     assert f["weights"] == 2 * n * 2 + 2 * n * 4 + 4 * heads  # frozen reference + reward in bf16, trained actor + critic fp32
     assert f["grads"] == (2 * n + 9) * 4  # actor + critic full and the value head, all fp32
     assert f["optimizer"] == (2 * n + 9) * 8  # two fp32 AdamW states, no separate master copy
     assert f["casts"] == 2 * n * 2  # autocast's bf16 copy of every trained weight, saved for backward
     assert f["lora"] == 0 and e["casts"] == 0  # a frozen bf16 base needs no cast
-    s = H.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2)
+    s = E.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2)
     assert s["optimizer"] == n * 8 + 8 * 8 and s["kv_cache"] == 0  # fp32: no master copy; reward-head weight only (its bias gets no gradient); no rollout in SFT
     # logits: 3 fp32 (B, response, V) tensors; activations: (10h + 4 ffn) elements per token per layer + 2h final norm
     assert s["logits"] == 3 * B * 5 * 10 * 4
     assert s["activations"] == 2 * B * T * (2 * (10 * 8 + 4 * 16) * 4 + 2 * 8 * 4)
     # activation checkpointing: each layer keeps its input (h), one layer is recomputed in backward
-    c = H.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2, grad_ckpt=True)
+    c = E.estimate(SMALL, "sft", B, T, dtype_bytes=4, lora_r=2, grad_ckpt=True)
     assert c["activations"] == 2 * B * T * (2 * 8 * 4 + (10 * 8 + 4 * 16) * 4 + 2 * 8 * 4)
 
 
-@pytest.mark.parametrize("cfg", [H.MODELS["micro"], dict(model_type="opt", vocab_size=50, hidden_size=32, ffn_dim=64,
+@pytest.mark.parametrize("cfg", [I.MODELS["micro"], dict(model_type="opt", vocab_size=50, hidden_size=32, ffn_dim=64,
                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)])
 def test_estimator_param_counts_match_built_models(cfg):
     """the plan's parameter and LoRA counts drift from what transformers and lora.inject actually build if this fails."""
     lm = E.build_lm(cfg, 0, "cpu", torch.float32)
-    s = H.shapes(cfg)
+    s = I.shapes(cfg)
     assert s["params"] == sum(p.numel() for p in lm.parameters())
     lora.inject(lm, ["a"], r=4)
     assert 4 * s["lora_r1"] == sum(p.numel() for p in lora.lora_parameters(lm, "a"))
@@ -69,7 +70,7 @@ OPT_MICRO = dict(model_type="opt", vocab_size=64, hidden_size=64, ffn_dim=128, n
 def test_activation_count_matches_saved_tensors(row, dtype, arch):
     """the plan's activation bytes drift from what autograd keeps for transformers' blocks (fp32, or bf16 autocast
     over fp32 trained weights / a bf16 frozen base, as hydra_ppo builds them) if this fails."""
-    cfg = OPT_MICRO if arch == "opt" else dict(H.MODELS["micro"], hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    cfg = OPT_MICRO if arch == "opt" else dict(I.MODELS["micro"], hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                                num_key_value_heads=2)
     store = torch.float32 if row == "sft" else dtype  # hydra_ppo.build_sft_models' rule
     model = H.HydraModel(E.build_lm(cfg, 0, "cpu", store), compute_dtype=dtype)
@@ -90,7 +91,7 @@ def test_activation_count_matches_saved_tensors(row, dtype, arch):
         return x
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), lora.adapter("sft" if row == "lora-sft" else None):
         model.hidden(torch.randint(0, 60, (2 * B, T)), torch.ones(2 * B, T, dtype=torch.long))  # chosen + rejected
-    est = H.estimate(cfg, row, B, T, dtype_bytes=torch.finfo(dtype).bits // 8, lora_r=4)
+    est = E.estimate(cfg, row, B, T, dtype_bytes=torch.finfo(dtype).bits // 8, lora_r=4)
     assert abs(sum(saved.values()) / est["activations"] - 1) < 0.1
     # casts: the plan counts a d-byte copy of every fully trained weight (the decoder's matmul weights are most of
     # it); LoRA's own casts are at most half its fp32 bytes
@@ -101,17 +102,17 @@ def test_activation_count_matches_saved_tensors(row, dtype, arch):
 def test_activation_peak_of_a_real_step_matches_the_plan(row, saved_peak):
     """the plan misjudges how many forwards' activations a real step keeps alive at once (e.g. ppo_update
     backpropagating actor and critic together again) if this fails."""
-    cfg = dict(H.MODELS["micro"], hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2)
+    cfg = dict(I.MODELS["micro"], hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_key_value_heads=2)
     B, P, R = 3, 16, 16
     step, opt, models = E.build_row(row, cfg, B, P, R, 4, torch.device("cpu"), torch.float32)
     peak = saved_peak(lambda: step(0), [p for m in models.values() for p in m.parameters()])
-    e = H.estimate(cfg, row, B, P + R, dtype_bytes=4, lora_r=4, response_len=R)
+    e = E.estimate(cfg, row, B, P + R, dtype_bytes=4, lora_r=4, response_len=R)
     assert abs(peak / e["activations"] - 1) < 0.15
 
 
 def test_plan_follows_the_role_table():
     """the estimator no longer reflects hydra_ppo.ROLES (the paper's Table 2: bases / LoRA sets) if this fails."""
-    got = {m: (H.plan(m)["copies"], H.plan(m)["sets"], H.plan(m)["full"]) for m in E.ROWS}
+    got = {m: (I.plan(H.ROLES.get(m, m))["copies"], I.plan(H.ROLES.get(m, m))["sets"], I.plan(H.ROLES.get(m, m))["full"]) for m in E.ROWS}
     assert got == {"floor": (1, 1, 0), "sft": (1, 0, 1), "lora-sft": (1, 1, 0), "ppo": (4, 0, 2), "lora-ppo": (2, 2, 0),
                    "j-hydra-ppo": (1, 1, 0), "hydra-ppo": (1, 2, 0)}
 
@@ -119,28 +120,28 @@ def test_plan_follows_the_role_table():
 @pytest.mark.parametrize("model", ["smollm2-135m", "llama-7b", "opt-1.3b"])
 def test_method_ordering_invariants(model):
     """the plan contradicts the paper's structure (one frozen base for Hydra, four copies for PPO) if this fails."""
-    cfg, n = H.MODELS[model], H.shapes(H.MODELS[model])["params"]
+    cfg, n = I.MODELS[model], I.shapes(I.MODELS[model])["params"]
     for B, d in [(b, d) for b in (1, 4, 16) for d in (2, 4)]:
-        e = {m: H.estimate(cfg, m, B, 256, dtype_bytes=d, lora_r=16) for m in E.ROWS}
+        e = {m: E.estimate(cfg, m, B, 256, dtype_bytes=d, lora_r=16) for m in E.ROWS}
         base = e["hydra-ppo"]["weights"]
         assert base > n * d and e["j-hydra-ppo"]["weights"] == base
-        fp32_copy = H.estimate(cfg, "hydra-ppo", B, 256, dtype_bytes=4, lora_r=16)["weights"]
+        fp32_copy = E.estimate(cfg, "hydra-ppo", B, 256, dtype_bytes=4, lora_r=16)["weights"]
         assert e["lora-ppo"]["weights"] == 2 * base and e["ppo"]["weights"] == 2 * base + 2 * fp32_copy  # trained copies fp32
         assert e["hydra-ppo"]["lora"] == 2 * e["j-hydra-ppo"]["lora"] == e["lora-ppo"]["lora"]
         assert e["j-hydra-ppo"]["total"] <= e["hydra-ppo"]["total"] <= e["lora-ppo"]["total"]
         assert e["lora-ppo"]["total"] < e["ppo"]["total"]
         # actor and critic backpropagate one at a time: B sequences alive, half of LoRA-SFT's chosen + rejected
         # (PPO turns dropout off; SFT keeps a config's dropout, so compare with a dropout-free SFT)
-        sft = H.estimate(dict(cfg, dropout=0.0), "lora-sft", B, 256, dtype_bytes=d, lora_r=16)
+        sft = E.estimate(dict(cfg, dropout=0.0), "lora-sft", B, 256, dtype_bytes=d, lora_r=16)
         assert 2 * e["hydra-ppo"]["activations"] == 2 * e["j-hydra-ppo"]["activations"] == sft["activations"]
 
 
 def test_bench_rows_train_what_the_plan_counts():
     """the bench's optimizer and the plan disagree on trainable parameters, bases or LoRA sets if this fails."""
-    cfg = H.MODELS["micro"]
+    cfg = I.MODELS["micro"]
     for name in E.ROWS:
         step, opt, models = E.build_row(name, cfg, 2, 4, 3, 4, torch.device("cpu"), torch.float32)
-        e = H.estimate(cfg, name, 2, 7, dtype_bytes=4, lora_r=4, response_len=3)
+        e = E.estimate(cfg, name, 2, 7, dtype_bytes=4, lora_r=4, response_len=3)
         assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == e["trainable_params"], name
         assert len({id(m) for m in models.values()}) == e["base_copies"], name
         assert len({a for m in models.values() for a in lora.adapter_names(m.lm)}) == e["lora_sets"], name
@@ -175,11 +176,11 @@ def test_bench_one_row_reports_its_fields():
     assert row["name"] == "hydra-ppo" and row["frozen_bases"] == 1 and row["lora_sets"] == 2
     assert row["memory_measure"] == ("cuda" if torch.cuda.is_available() else "cpu-rss")
     assert row["peak_memory_mib"] > 0 and row["latency_per_sample_s"] > 0
-    assert row["trainable_params"] == H.estimate(H.MODELS["micro"], "hydra-ppo", 2, 11, 4, 16, 5)["trainable_params"]
+    assert row["trainable_params"] == E.estimate(I.MODELS["micro"], "hydra-ppo", 2, 11, 4, 16, 5)["trainable_params"]
     assert row["mean_response_len"] == 5  # eos can never be sampled: every response has the fixed length
 
 
-@pytest.mark.skipif(H.glibc() is None, reason="malloc settings are glibc's")
+@pytest.mark.skipif(I.glibc() is None, reason="malloc settings are glibc's")
 def test_bench_memory_phase_hands_blocks_back_and_its_clock_keeps_them():
     """if this fails, the bench's peak is read while malloc keeps freed blocks (RSS is not live memory), or its clock
     runs while every large tensor is page-faulted in afresh (a time no real run pays)."""
@@ -227,7 +228,7 @@ def test_fsdp_bench_halves_each_ranks_share_of_the_weights(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     one, two = json.load(open(tmp_path / "fsdp.json"))["rows"]
     assert (one["ranks"], two["ranks"]) == (1, 2) and len(two["per_rank"]) == 2
-    full = sum(p.numel() * 4 for p in H.HydraModel(E.build_lm(H.MODELS["micro"], 0, "cpu", torch.float32)).parameters()) / E.MIB
+    full = sum(p.numel() * 4 for p in H.HydraModel(E.build_lm(I.MODELS["micro"], 0, "cpu", torch.float32)).parameters()) / E.MIB
     assert abs(one["frozen_mib_per_rank"] - full) < 0.01  # one rank holds every frozen weight (the LoRA sets train)
     for x in two["per_rank"]:  # each of two ranks holds half, up to FSDP's padding of dim 0 to a multiple of 2
         assert abs(x["frozen_mib_this_rank"] - one["frozen_mib_per_rank"] / 2) < 0.01

@@ -13,6 +13,7 @@ import torch
 import data
 import eval as E
 import hydra_ppo as H
+import infra as I
 
 # -----------------------------------------------------------------------------
 # ROUGE
@@ -213,7 +214,7 @@ def tiny_runs(tmp_path_factory):
     with one_thread():
         for args in (["--out", d, "--sft-steps", "30", "--ppo-steps", "3", *small],
                      ["--out", d2, "--sft-steps", "5", "--stage", "sft", "--seed", "1", *small]):
-            H.STOP.requested = None
+            I.STOP.requested = None
             H.main(args)
     return root, d, d2
 
@@ -321,7 +322,7 @@ def test_score_reads_the_runs_reward_model_on_any_preference_file(tiny_runs, tmp
         last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         flipped = E.main(["score", d, "--data", str(tmp_path / "swapped.jsonl"), "--n", "50", "--device", "cpu"])
         bases, cfg, tok, _ = H.load_run(d, "cpu")
-        rows, _ = H.encode_pairs(pairs[:50], tok, cfg)
+        rows, _ = data.encode_pairs(pairs[:50], tok, cfg)
         own = H.rm_accuracy(bases[H.ROLES[cfg.method]["reward"][0]], rows, tok.pad_id, "cpu")
     assert last["n"] == 50 and last["accuracy"] == res["accuracy"] and set(last) >= {"accuracy", "interval", "n", "mean_margin"}
     assert last["interval"][0] <= last["accuracy"] <= last["interval"][1]

@@ -8,6 +8,7 @@ import torch
 import data
 import eval as E
 import hydra_ppo as H
+import infra as I
 import lora
 
 ARGS = ["--sft-steps", "40", "--ppo-steps", "2", "--rollout-batch", "8", "--minibatch", "4", "--eval-prompts", "4",
@@ -28,8 +29,8 @@ def loaded(run_dir):
 
 
 def _prompt_ids(tok, cfg, n=4):
-    _, held, _, _ = H.split_data(cfg)
-    return [H.prompt_tokens(tok, p.prompt, cfg.max_prompt)[0] for p in held[:n]], [p.prompt for p in held[:n]]
+    _, held, _, _ = data.split_data(cfg)
+    return [data.prompt_tokens(tok, p.prompt, cfg.max_prompt)[0] for p in held[:n]], [p.prompt for p in held[:n]]
 
 
 def test_export_writes_the_three_models_and_one_peft_dir_per_adapter(run_dir):
@@ -66,14 +67,14 @@ def test_exported_policy_generates_greedily_what_eval_py_sample_greedy_gives(run
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rows
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "hf", "policy")).eval()
     for t, row in zip(texts, rows):
-        ids = torch.tensor([H.prompt_tokens(tok, t, cfg.max_prompt)[0]])
+        ids = torch.tensor([data.prompt_tokens(tok, t, cfg.max_prompt)[0]])
         out = policy.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                               max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         assert out[0, ids.shape[1]:].tolist() == row["tokens"]
     # greedy answers of a briefly trained tiny model are short: the merged weights are also checked token by token
     bases = loaded[0]
     actor = bases[H.ROLES[cfg.method]["actor"][0]]
-    ids = torch.tensor([H.prompt_tokens(tok, texts[0], cfg.max_prompt)[0] + [400, 13, 99, 7, 1200, 13]])
+    ids = torch.tensor([data.prompt_tokens(tok, texts[0], cfg.max_prompt)[0] + [400, 13, 99, 7, 1200, 13]])
     mask = torch.ones_like(ids)
     with torch.no_grad(), lora.adapter("actor"):
         ours = actor.logits(actor.hidden(ids, mask)[0])
@@ -87,8 +88,8 @@ def test_exported_reward_model_scores_as_the_reward_head_under_padding(run_dir, 
     from transformers import AutoModelForSequenceClassification
     bases, cfg, tok, _ = loaded
     rm = AutoModelForSequenceClassification.from_pretrained(os.path.join(run_dir, "hf", "reward")).eval()
-    _, held, _, _ = H.split_data(cfg)
-    rows, _ = H.encode_pairs(held[:12], tok, cfg)
+    _, held, _, _ = data.split_data(cfg)
+    rows, _ = data.encode_pairs(held[:12], tok, cfg)
     seqs = [p + c for p, c, _ in rows] + [p + r for p, _, r in rows]  # lengths differ: right padding in a batch
     T = max(map(len, seqs))
     ids = torch.tensor([s + [tok.pad_id] * (T - len(s)) for s in seqs])
@@ -135,9 +136,9 @@ def test_a_failed_export_leaves_the_previous_one_whole(run_dir, loaded, monkeypa
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(H, "write_peft", boom)
+    monkeypatch.setattr(I, "write_peft", boom)
     with pytest.raises(OSError):
-        H.export_run(bases, cfg, tok, has_ppo, out)
+        I.export_run(bases, cfg, tok, has_ppo, out)
     assert sorted(os.listdir(out)) == before
     assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["actor", "critic"]
 
@@ -148,7 +149,7 @@ def test_a_bf16_base_exports_in_bf16(run_dir, tmp_path):
     bases, cfg, tok, has_ppo = H.load_run(run_dir, "cpu")
     for m in bases.values():
         m.lm.to(torch.bfloat16)  # as setup_ppo stores a frozen base in a bf16 run
-    H.export_run(bases, cfg, tok, has_ppo, str(tmp_path / "hf"))
+    I.export_run(bases, cfg, tok, has_ppo, str(tmp_path / "hf"))
     for d in ("policy", "sft", "reward"):
         with safe_open(str(tmp_path / "hf" / d / "model.safetensors"), "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}, d

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import hydra_ppo
+import infra
 import lora
 
 
@@ -106,9 +106,9 @@ def test_adapter_save_load_round_trip(tiny_lm, tmp_path):
     with lora.adapter("actor"):
         want = tiny_lm(x).logits
     path = str(tmp_path / "actor.pt")
-    hydra_ppo.save_atomic(lora.lora_state_dict(tiny_lm, "actor"), path)
+    infra.save_atomic(lora.lora_state_dict(tiny_lm, "actor"), path)
     assert not os.path.exists(path + ".tmp")
-    sd = hydra_ppo.load_file(path)
+    sd = infra.load_file(path)
     assert all("lora_" in k for k in sd) and len(sd) == 2 * len(lora.lora_layers(tiny_lm))
     _perturb(tiny_lm, ["actor"], seed=5)
     lora.load_lora_state_dict(tiny_lm, sd, "actor")
@@ -153,7 +153,7 @@ def test_gpt2_conv1d_layers_take_lora():
 def _grads_with_backward_outside_switch(lm, ckpt):
     """forward under the actor adapter, backward after the switch is back off (as a PPO loop may do)."""
     if ckpt:
-        hydra_ppo.enable_checkpointing(lm)
+        infra.enable_checkpointing(lm)
     lm.train()
     with lora.adapter("actor"):
         loss = lm(_ids()).logits.pow(2).mean()

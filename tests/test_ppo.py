@@ -1,5 +1,6 @@
 """PPO math and the rollout details of ../shared/notes/ppo-details.md, each pinned by a test."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -7,13 +8,14 @@ import torch.nn.functional as F
 
 import data
 import hydra_ppo as H
+import infra as I
 import lora
 
 EOS, PAD = 62, 63
 
 
 def _tok(pad=PAD):
-    return H.Tokenizer(encode=lambda s: [ord(c) % 60 for c in s], decode=lambda ids: "".join(chr(65 + i % 26) for i in ids),
+    return data.Tokenizer(encode=lambda s: [ord(c) % 60 for c in s], decode=lambda ids: "".join(chr(65 + i % 26) for i in ids),
                        eos_id=EOS, pad_id=pad, vocab_size=64)
 
 
@@ -34,7 +36,7 @@ def _setup(method, lm, cfg):
     for i, m in enumerate(sft.values()):  # a reward head that says something
         torch.nn.init.normal_(m.reward_head.weight, std=1.0, generator=torch.Generator().manual_seed(i))
     models = H.ppo_bases(method, sft)
-    params = H.setup_ppo(models, method, cfg)
+    params, _ = H.prepare_ppo(models, method, cfg, torch.device("cpu"))
     opt = torch.optim.AdamW([{"params": params["actor"], "lr": cfg.actor_lr}, {"params": params["critic"], "lr": cfg.critic_lr}])
     return models, params, opt
 
@@ -173,36 +175,11 @@ def test_kv_cache_generation_matches_a_full_forward(tiny_lm, monkeypatch):
                 assert torch.allclose(seen[t][i], full, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_next_token_logits_in_vocab_blocks_are_the_heads_own(tiny_lm, monkeypatch, dtype):
-    """if this fails, decoding on the CPU samples from logits in another vocab order, without the head's bias, or from
-    a small head cut into blocks it gains nothing from (fp32, and a bf16 base under autocast)."""
-    m = H.HydraModel(tiny_lm.to(dtype), compute_dtype=dtype)  # V = 64
-    head = tiny_lm.get_output_embeddings()
-    head.bias = torch.nn.Parameter(torch.randn(64, dtype=dtype))
-    h = torch.randn(3, 32, dtype=dtype)
-    calls, real = [], F.linear
-    monkeypatch.setattr(F, "linear", lambda x, w, b=None: (calls.append(w.shape[0]), real(x, w, b))[1])
-    for block, want in ((3, [3] * 21 + [1]), (5, [64])):  # 22 blocks, the last one short; under 16 blocks: one call
-        monkeypatch.setattr(H, "HEAD_BLOCK", block)
-        calls.clear()
-        with torch.no_grad():
-            got = H.next_token_logits(m, h)
-        assert calls == want
-        torch.testing.assert_close(got, m.logits(h).detach())
-    head.bias = None
-    prompts = [[1, 2, 3, 4], [5, 6]]
-    monkeypatch.setattr(H, "HEAD_BLOCK", 2)
-    blocked = H.generate(m, None, prompts, _tok(), 6, 1.0, [0, 1])
-    monkeypatch.setattr(H, "HEAD_BLOCK", 10**6)
-    assert blocked == H.generate(m, None, prompts, _tok(), 6, 1.0, [0, 1])
-
-
 def test_sampling_draws_from_the_tempered_softmax():
     """if this fails, rollouts come from another distribution than the one the log-probs score (temperature mismatch)."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     T, n = 0.5, 20000
-    gens = [H.generator("cpu", i) for i in range(n)]
+    gens = [I.generator("cpu", i) for i in range(n)]
     counts = torch.bincount(H.sample_tokens(logits.expand(n, 4), T, gens), minlength=4).float() / n
     want = torch.softmax(logits[0] / T, -1)
     assert torch.allclose(counts, want, atol=0.015), (counts, want)
@@ -213,9 +190,9 @@ def test_sampling_is_the_gumbel_max_of_each_rows_own_noise(T):
     """the in-place sampler draws other noise than -log(-log(u)) from each row's generator, so a run's (and a resumed
     run's, and every rank's) samples change, if this fails."""
     logits = torch.randn(5, 300)
-    want = torch.stack([torch.rand(300, generator=H.generator("cpu", s)) for s in range(5)])
+    want = torch.stack([torch.rand(300, generator=I.generator("cpu", s)) for s in range(5)])
     want = (logits / T - torch.log(-torch.log(want.clamp(min=1e-20)))).argmax(-1)
-    assert torch.equal(H.sample_tokens(logits, T, [H.generator("cpu", s) for s in range(5)]), want)
+    assert torch.equal(H.sample_tokens(logits, T, [I.generator("cpu", s) for s in range(5)]), want)
 
 
 def test_a_response_depends_only_on_its_own_seed(tiny_lm):
@@ -312,7 +289,7 @@ def test_only_the_updates_forward_pays_for_an_entropy(tiny_lm, monkeypatch):
     logged entropy is gone."""
     cfg = _cfg(rollout_batch=4, minibatch=4, ppo_epochs=1)
     models, params, opt = _setup("hydra-ppo", tiny_lm, cfg)
-    monkeypatch.setattr(H, "LOGIT_CHUNK", 4 * 64 * 2)  # 2 positions a chunk: the update recomputes in backward
+    monkeypatch.setattr(I, "LOGIT_CHUNK", 4 * 64 * 2)  # 2 positions a chunk: the update recomputes in backward
     asked, orig = [], H.logprobs_of
     monkeypatch.setattr(H, "logprobs_of", lambda *a: (asked.append(a[3]), orig(*a))[1])
     roles = H.ROLES["hydra-ppo"]
@@ -396,7 +373,7 @@ def test_adapter_init_does_not_depend_on_what_ran_before(tiny_lm, tmp_path):
     for burn in (0, 5):
         models = H.ppo_bases("hydra-ppo", {"hydra": H.HydraModel(copy.deepcopy(tiny_lm))})
         torch.rand(burn)  # what SFT steps did to the global RNG
-        H.train_ppo(models, "hydra-ppo", [], _tok(), cfg, torch.device("cpu"), str(tmp_path))
+        H.train_ppo(models, "hydra-ppo", [], _tok(), dataclasses.replace(cfg, out=str(tmp_path)), torch.device("cpu"))
         got.append(torch.cat([p.detach().flatten() for p in lora.lora_parameters(models["hydra"].lm, "actor")]))
     assert torch.equal(got[0], got[1])
 
@@ -414,7 +391,7 @@ def test_adapter_init_is_the_same_in_every_process():
             " num_attention_heads=2, num_key_value_heads=2))\n"
             "models = H.ppo_bases('lora-ppo', {n: H.HydraModel(copy.deepcopy(lm)) for n in ('sft', 'rm')})\n"
             "torch.manual_seed(1)\n"
-            "H.setup_ppo(models, 'lora-ppo', H.Config(lora_r=2, lora_alpha=4))\n"
+            "H.prepare_ppo(models, 'lora-ppo', H.Config(lora_r=2, lora_alpha=4), torch.device('cpu'))\n"
             "print(float(lora.lora_parameters(models['sft'].lm, 'actor')[0].sum()), float(lora.lora_parameters(models['rm'].lm, 'critic')[0].sum()))\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs = {subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONHASHSEED": seed},

