@@ -74,8 +74,12 @@ def load_run(out, device="auto"):
     bases = H.ppo_bases(cfg.method, models)
     ppo_path = os.path.join(out, "ppo.pt")
     if os.path.exists(ppo_path):
+        ppo = I.load_file(ppo_path)
+        I.check_meta(ppo["meta"], cfg, ppo_path, "sft", than=sft_path)  # PPO trained on top of this sft.pt
+        # PPO's own flags (--lora-r, --temperature, ...) from ppo.pt: a --stage ppo may have set others than SFT's
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in ppo["meta"].items() if k in names})
         H.prepare_ppo(bases, cfg.method, cfg, dev)
-        for n, sd in I.load_file(ppo_path)["models"].items():
+        for n, sd in ppo["models"].items():
             if bases[n].load_state_dict(sd, strict=False).unexpected_keys:  # weights this run's setup does not have
                 raise I.ConfigError(f"{ppo_path} does not fit base {n!r} of {sft_path}")
     for m in bases.values():

@@ -340,8 +340,8 @@ def sample_tokens(logits, temperature, gens):
 
 @torch.no_grad()
 def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
-    """sample responses for token-id prompts, row i from seeds[i]. -> list of response token lists, each cut after
-    its first EOS."""
+    """sample responses for token-id prompts, row i from seeds[i], one token a step with a KV cache (infra.decoder:
+    on a GPU the step is a captured graph). -> list of response token lists, each cut after its first EOS."""
     dev = next(model.parameters()).device
     gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
     ids, mask, _ = data.collate(prompts, [[] for _ in prompts], tok.pad_id)
@@ -349,21 +349,21 @@ def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
     out, was_training = [], model.training
     model.eval()
-    from transformers import DynamicCache
     # inference mode: no autograd bookkeeping at all; not under FSDP2, whose gathered weights outlive the call
     with contextlib.nullcontext() if is_fsdp(model) else torch.inference_mode(), lora.adapter(adapter):
         try:
-            h, cache = model.hidden(ids, mask, DynamicCache())
+            dec = infra.decoder(model, ids.shape[0], ids.shape[1] + max_new)
+            logits = dec.prefill(ids, mask)
             for t in range(max_new):
-                nxt = sample_tokens(model.logits(h[:, -1]), temperature, gens)  # (B,)
+                nxt = sample_tokens(logits, temperature, gens)  # (B,)
                 nxt = torch.where(done, torch.full_like(nxt, tok.pad_id), nxt)
                 out.append(nxt)
-                mask = torch.cat([mask, (~done).long().unsqueeze(-1)], 1)  # a token is real if its row still ran
+                real = (~done).long()  # a token is real if its row was still running
                 done |= nxt == tok.eos_id
                 # the last token needs no forward; every rank's rows: sharded ranks must run the same forwards
-                if t == max_new - 1 or all_sum((~done).sum()).item() == 0:
+                if t == max_new - 1 or ((t + 1) % dec.check_every == 0 and all_sum((~done).sum()).item() == 0):
                     break
-                h, cache = model.hidden(nxt.unsqueeze(-1), mask, cache)
+                logits = dec.step(nxt, real)
         finally:
             model.train(was_training)
     return [row[: row.index(tok.eos_id) + 1] if tok.eos_id in row else row for row in torch.stack(out, 1).tolist()]

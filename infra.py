@@ -215,6 +215,104 @@ def end_run():
 
 
 # -----------------------------------------------------------------------------
+# decoding, one token at a time (hydra_ppo.generate): eager with a growing cache on the CPU and under FSDP, whose
+# all-gathers cannot be captured; on CUDA a static cache and the one-token step captured as a CUDA graph, since an
+# eager step is hundreds of small kernel launches queued from Python (launch-bound, not bandwidth-bound)
+
+
+class EagerDecoder:
+    """transformers' DynamicCache, the attention mask grown by a column a token. prefill(ids, mask) and step(tokens,
+    real) -> the next token's logits (B, V); real (B,): 1 where the row still runs."""
+    check_every = 1  # tokens between the all-rows-done checks
+
+    def __init__(self, model, batch, length):
+        from transformers import DynamicCache
+        self.model, self.cache = model, DynamicCache()
+
+    def prefill(self, ids, mask):
+        self.mask = mask
+        h, self.cache = self.model.hidden(ids, mask, self.cache)
+        return self.model.logits(h[:, -1])
+
+    def step(self, tokens, real):
+        self.mask = torch.cat([self.mask, real.unsqueeze(-1)], 1)
+        h, self.cache = self.model.hidden(tokens.unsqueeze(-1), self.mask, self.cache)
+        return self.model.logits(h[:, -1])
+
+
+class StaticDecoder:
+    """transformers' StaticCache for `batch` rows of at most `length` tokens, and every tensor a step reads or writes
+    at a fixed address: the token (B, 1) and a full-length mask (B, length) written in place (the columns not yet
+    written are 0, so hidden()'s position ids are generate's), the write offset advanced by the cache itself. on
+    CUDA the step is captured as a graph at its first call under an adapter, then replayed; on the CPU it runs
+    eagerly (the tests). a graph bakes in the adapter live at its capture: one graph per adapter, and a step under
+    another adapter than the prefill's raises. LoRA stays unmerged and is read afresh at each replay. generate builds
+    one per call, so its cache never outlives the rollout."""
+    check_every = 8  # each check is a host sync that stalls the replays
+
+    def __init__(self, model, batch, length):
+        from transformers import StaticCache
+        dev = next(model.parameters()).device
+        self.model, self.graphs = model, {}  # adapter -> (graph, its output buffer)
+        self.cache = StaticCache(config=model.lm.config, max_cache_len=length)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(batch, length, dtype=torch.long, device=dev)
+
+    def _forward(self):
+        h, _ = self.model.hidden(self.tok, self.mask, self.cache)
+        return self.model.logits(h[:, -1])
+
+    def prefill(self, ids, mask):
+        P = ids.shape[1]
+        self.cache.reset()  # in place: the graphs keep their addresses
+        self.mask.zero_()
+        self.mask[:, :P] = mask
+        self.adapter, self.col = lora.live_adapter(), P
+        h, _ = self.model.hidden(ids, self.mask[:, :P], self.cache)  # eager
+        return self.model.logits(h[:, -1])
+
+    def step(self, tokens, real):
+        if lora.live_adapter() != self.adapter:  # checked on every device, so that the CPU tests see it
+            raise RuntimeError(f"decoder prefilled under adapter {self.adapter!r}, stepped under "
+                               f"{lora.live_adapter()!r}")
+        self.tok.copy_(tokens.view(-1, 1))
+        self.mask[:, self.col] = real
+        self.col += 1
+        # no autocast weight cache: a cached bf16 copy of a LoRA weight would be baked into the graph
+        with torch.autocast(self.mask.device.type, dtype=self.model.compute_dtype, cache_enabled=False,
+                            enabled=self.model.compute_dtype != torch.float32):
+            if self.mask.device.type != "cuda":
+                return self._forward()
+            if self.adapter not in self.graphs:
+                self.graphs[self.adapter] = self._capture()
+            graph, out = self.graphs[self.adapter]
+            graph.replay()
+            return out  # the graph's output buffer: read it before the next step
+
+    def _capture(self):
+        # warm up on a side stream (as torch.cuda.graph asks), put the cache's write offset back, then capture
+        offsets = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(s)
+        for layer, o in zip(self.cache.layers, offsets):
+            layer.cumulative_length.copy_(o)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._forward()
+        return graph, out
+
+
+def decoder(model, batch, length):
+    """the one-token decoder generate uses: captured on CUDA (unless sharded), eager elsewhere."""
+    cuda = next(model.parameters()).device.type == "cuda" and not is_fsdp(model)
+    return (StaticDecoder if cuda else EagerDecoder)(model, batch, length)
+
+
+# -----------------------------------------------------------------------------
 # checkpoints, resume, stopping: a kill at any moment leaves the last complete checkpoint
 
 
@@ -229,16 +327,39 @@ def full_state(sd, clone=False):
     return out
 
 
-def run_meta(cfg):
-    return {"model": cfg.model, "method": cfg.method, "data": cfg.data, "seed": cfg.seed, "sft_lora": cfg.sft_lora,
-            "max_pairs": cfg.max_pairs}
+def run_meta(cfg, stage="ppo"):
+    """the run's identity: every flag that changes what it computes, {field: value}. stage "sft": only the flags
+    that sft.pt and an SFT checkpoint depend on (one sft.pt may start PPO runs with other PPO flags)."""
+    # not the identity: where it writes (out); what this invocation does (fresh; stage: --stage sft, then --stage
+    # ppo, is one run); where and how fast it runs (device, threads; fsdp: the one-process result up to rounding,
+    # and a sharded checkpoint resumes on any number of ranks; grad_ckpt: recomputes the same activations); what it
+    # writes besides the training state (ckpt_every, wandb, export); eval_prompts (the final evaluation only, redone
+    # by every invocation); skip_nonfinite (how a NaN is met, not what a finite step computes)
+    other = {"out", "fresh", "stage", "device", "threads", "fsdp", "grad_ckpt", "ckpt_every", "wandb", "export",
+             "eval_prompts", "skip_nonfinite"}
+    other |= {"max_pairs"} if cfg.data == "builtin" else {"n_builtin"}  # each only reads one kind of --data
+    # read by PPO alone: not sft.pt's (lora_r and lora_alpha also shape the SFT adapter under --sft-lora)
+    ppo_only = {"ppo_steps", "rollout_batch", "minibatch", "ppo_epochs", "actor_lr", "critic_lr", "max_new_tokens",
+                "temperature", "kl_coef", "target_kl", "kl_horizon", "clip", "value_clip", "vf_coef", "gamma", "lam",
+                "score_clip", "score_norm", "missing_eos_penalty", "stop_kl", "value_init"}
+    ppo_only |= set() if cfg.sft_lora else {"lora_r", "lora_alpha"}
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in other and not (stage == "sft" and f.name in ppo_only)}
 
 
-def check_meta(meta, cfg, path):
-    mine = run_meta(cfg)
+def check_meta(meta, cfg, path, stage="ppo", resumable=(), than=None):
+    """refuse a file whose meta is another run's than cfg's, on the flags of `stage` (run_meta) but `resumable`
+    (flags a resume may change), with one line naming each flag and both values. than: the file cfg came from."""
+    mine = run_meta(cfg, stage)
     # a key missing from a checkpoint's meta: written before that flag existed, when the run had its default
     was = lambda k: meta.get(k, type(cfg).__dataclass_fields__[k].default)  # noqa: E731
-    bad = [f"{k}={was(k)!r} (now {v!r})" for k, v in mine.items() if was(k) != v]
+    show = lambda v: ("on" if v else "off") if isinstance(v, bool) else v  # noqa: E731
+    now = f"{os.path.basename(than)}:" if than else "now"
+    bad = [f"--{k.replace('_', '-')} {show(was(k))} ({now} {show(v)})" for k, v in mine.items()
+           if k not in resumable and was(k) != v]
+    if bad and than:
+        raise ConfigError(f"{path} is from another run than {than}: {', '.join(bad)}; it is not this run's: delete it "
+                          f"or run again with --fresh")
     if bad:
         raise ConfigError(f"{path} is from another run: {', '.join(bad)}; use another --out or pass --fresh")
 
@@ -258,12 +379,16 @@ def start_run(cfg):
             raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
         wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
     if cfg.fresh and is_writer():
+        # every file the old run wrote, and what a kill left half-written (.tmp: save_atomic, trim_metrics, the
+        # export's and a checkpoint's directories; .old: swap_dir's): nothing of it may be read with the new run's
+        # files (eval.py reads sft.pt with ppo.pt). other files in OUT are not ours (wandb/: this run's logs)
         import shutil
-        for f in ("ckpt.pt", "sft.pt", "metrics.jsonl", "summary.json"):
-            if os.path.exists(os.path.join(cfg.out, f)):
-                os.remove(os.path.join(cfg.out, f))
-        for d in ("ckpt", "ckpt.old"):  # --fsdp's sharded checkpoints
-            shutil.rmtree(os.path.join(cfg.out, d), ignore_errors=True)
+        for f in ("ckpt.pt", "sft.pt", "ppo.pt", "metrics.jsonl", "summary.json", "ckpt", "hf"):
+            for path in (os.path.join(cfg.out, f + end) for end in ("", ".tmp", ".old")):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
     barrier()  # no rank reads OUT before rank 0 has cleared it
     return device, dtype
 
@@ -275,7 +400,7 @@ def load_sft(models, cfg):
         return
     path = os.path.join(cfg.out, "sft.pt")
     ck = load_file(path)
-    check_meta(ck["meta"], cfg, path)
+    check_meta(ck["meta"], cfg, path, "sft")  # PPO flags may differ: a PPO run starts from a finished SFT
     for n, m in models.items():
         m.load_state_dict(ck["models"][n])
 
@@ -289,7 +414,15 @@ def load_ckpt(cfg):
     if cfg.fresh or path is None:
         return None
     ck = {**load_file(os.path.join(path, "extra.pt")), "path": path}
-    check_meta(ck["meta"], cfg, path)
+    # checked on the flags its state depends on: an SFT checkpoint's are sft.pt's. a resume may run the stage it
+    # stopped in on to more steps (nothing reads the count but the loop), but not a baseline's SFT with a model
+    # finished at the old count
+    stage = "ppo" if ck["stage"] == "ppo" else "sft"
+    steps = f"{stage}_steps"
+    check_meta(ck["meta"], cfg, path, stage, (steps,) if stage == "ppo" or not ck["state"].get("finished") else ())
+    if ck["step"] > getattr(cfg, steps):
+        raise ConfigError(f"{path} is at {ck['stage']} step {ck['step']}, past --{stage}-steps {getattr(cfg, steps)}; "
+                          f"pass --{stage}-steps {ck['step']} or more, use another --out or pass --fresh")
     return ck
 
 
@@ -355,9 +488,9 @@ def save_models(path, models, cfg, what):
     """a stage's result for eval.py and export: sft.pt (every weight) or ppo.pt (what trains: adapters, value head),
     whole tensors on the CPU, written by rank 0 (sharded weights gathered by every rank)."""
     state = {n: full_state(_state(m, what), clone=what == "trained") for n, m in models.items()}
-    save_atomic({"models": state, "meta": run_meta(cfg), "config": dataclasses.asdict(cfg),  # and the dtype --dtype
-                 # auto chose, for reloading it elsewhere
-                 "compute_dtype": str(next(iter(models.values())).compute_dtype).removeprefix("torch.")}, path)
+    dtype = str(next(iter(models.values())).compute_dtype).removeprefix("torch.")  # what --dtype auto chose
+    save_atomic({"models": state, "meta": run_meta(cfg, "sft" if what == "all" else "ppo"),
+                 "config": dataclasses.asdict(cfg), "compute_dtype": dtype}, path)
 
 
 def run_steps(stage, total, step_fn, state, held, opt, cfg, start=None, show=(), desc=None):
