@@ -7,7 +7,6 @@ import signal
 import pytest
 
 import eval as E
-import hydra_ppo as H
 import infra as I
 from test_cli import SMALL, _main, _metrics, _stop_at
 
@@ -63,7 +62,7 @@ def test_load_run_refuses_a_ppo_pt_of_another_run_with_one_line(finished_run, re
 @pytest.mark.parametrize("flag,value,needle", [
     ("--lora-r", "8", "ckpt is from another run: --lora-r 16 (now 8);"),  # a PPO flag: the checkpoint's adapters
     ("--temperature", "0.7", "ckpt is from another run: --temperature 1.0 (now 0.7);"),  # no shape: was silent
-    ("--sft-lr", "0.01", "sft.pt is from another run: --sft-lr 0.0 (now 0.01);"),  # an SFT flag: sft.pt's
+    ("--sft-lr", "0.01", "sft.pt is from another run: --sft-lr 0.001 (now 0.01);"),  # an SFT flag: sft.pt's
 ])
 def test_resume_with_a_changed_flag_that_changes_results_is_refused_naming_it(finished_run, tmp_path, capsys, flag,
                                                                                value, needle):

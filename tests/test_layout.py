@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import data
 import hydra_ppo as H
 import infra as I
 
