@@ -444,8 +444,11 @@ def _dcp_state(held, opt):
     """the state dicts torch.distributed.checkpoint writes and reads in place: {name: (model, "all" | "trained")}
     (each rank's shards under FSDP, whole tensors otherwise) and the optimizer's."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    sd = {"models": {n: get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=what == "trained"))
-                     for n, (m, what) in held.items()}}
+    sd = {"models": {}}
+    for n, (m, what) in held.items():
+        got = get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=what == "trained"))
+        keep = _state(m, what)  # (ignore_frozen_params lets a frozen weight through under its tied name)
+        sd["models"][n] = {k: v for k, v in got.items() if k in keep}
     if opt is not None:  # the optimizer's weights may span several bases (full PPO): one module names them all
         sd["opt"] = get_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt)
     return sd
@@ -1125,7 +1128,9 @@ def shapes(cfg):
 # - structure from hydra_ppo.ROLES: base copies = distinct bases, LoRA sets = distinct (base, adapter). PPO rows hold
 #   one forward's activations (B sequences): ppo_iteration backpropagates actor and critic one at a time unless they
 #   share a forward (J-Hydra). sft rows: chosen and rejected go through one forward, 2B sequences; Hydra-SFT trains
-#   all but the value head (lm + reward head).
+#   all but the value head (lm + reward head). a baseline (lora-ppo, ppo) has two SFT models, both on the device
+#   from the start, trained in turn: the one not training adds its weights (idle_models; its optimizer is gone or not
+#   made yet). its plain SFT model (B sequences) and reward model (no logits) each need no more than a Hydra-SFT step.
 # - mixed precision as hydra_ppo does it: a weight that trains is fp32 (full fine-tuning: every weight of the copy;
 #   else LoRA and the scalar heads), a frozen base copy is stored in d, and its matmuls run under autocast to d. so
 #   a fully trained copy costs 4 (weight) + 4 (grad) + 8 (two fp32 AdamW states) per parameter, plus, in d < 4, the
@@ -1149,9 +1154,14 @@ def shapes(cfg):
 # - logits: fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad coming into
 #   it, the grad it passes on), for one chunk of positions only (hydra_ppo.response_logprobs makes them a chunk at a
 #   time, again in backward): B x min(R, LOGIT_CHUNK / (B V)) x V. only the actor (sft: the chosen half) has them.
-# - KV cache of the rollout: 2 L B T kv d; it never coexists with training activations, so
+# - KV cache of the rollout: 2 L B' T kv d, B' the rollout batch (hydra_ppo.generate decodes all of a rank's
+#   --rollout-batch / ranks prompts at once; scoring and the update then go one --minibatch at a time, so B, of the
+#   activations and logits, is the minibatch). it never coexists with training activations, so
 #   total = weights + lora + grads + optimizer + max(activations + logits + casts, kv cache). no allocator slack,
 #   no runtime.
+# - lengths (check_memory_plan): SFT T = --max-prompt + --max-response (its batches hold the data's responses), PPO
+#   T = --max-prompt + --max-new-tokens (sampled responses). a run's peak is that of the stages it will run: SFT
+#   unless OUT/sft.pt is there already (and no --fresh), or --stage ppo; PPO unless --stage sft.
 
 
 def plan(method):
@@ -1168,9 +1178,13 @@ def plan(method):
                 full=sum(a is None for _, a in train), seqs=1)
 
 
-def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False):
+def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False,
+             rollout_batch=None, idle_models=0):
     """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
-    seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given."""
+    seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given.
+    batch_size: the sequences of one forward (PPO: the minibatch); rollout_batch: the prompts one generate decodes
+    at once, the KV cache's batch (default batch_size). idle_models (sft rows): SFT models held on the device beside
+    the one that trains (a baseline's second)."""
     s, p = shapes(config_dict), plan(method)
     B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
     lora_n = p["sets"] * lora_r * s["lora_r1"]
@@ -1190,9 +1204,12 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
     # autocast's d-byte weight copies, saved for backward: all of them, or (checkpointing) those outside the layers
     casts = (p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0
+    heads = 2 * (h + 1) * 4  # reward + value head, fp32, in every copy
+    # an idle SFT model: stored as the one that trains is (fp32 for full SFT, else d: --sft-lora merged its adapter)
+    idle = idle_models * (s["params"] * (4 if full else d) + heads) if method in ("sft", "lora-sft") else 0
     out = dict(
-        weights=((p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4
-                 + p["copies"] * 2 * (h + 1) * 4),
+        weights=((p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * heads
+                 + idle),
         lora=lora_n * 4,
         grads=(full_n + small_n) * 4,
         optimizer=(full_n + small_n) * 8,
@@ -1200,7 +1217,7 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
         # hydra_ppo.response_logprobs' chunk; the floor row's library loss makes fp32 logits at every position
         logits=3 * B * (T if method == "floor" else min(R, max(1, LOGIT_CHUNK // (B * s["V"])))) * s["V"] * 4,
         casts=casts,
-        kv_cache=2 * s["L"] * B * T * s["kv"] * d if ppo else 0,
+        kv_cache=2 * s["L"] * (rollout_batch or B) * T * s["kv"] * d if ppo else 0,
     )
     out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(
         out["activations"] + out["logits"] + out["casts"], out["kv_cache"])
@@ -1209,9 +1226,11 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
 
 
 def check_memory_plan(cfg, device, dtype, roles, n_sft):
-    """before loading a real model: print the analytic plan (estimate above) and, on a GPU, refuse early when it
-    cannot fit.
-    -> {"load", "sft", "ppo", "peak"} in bytes (per rank), or None (tiny, or a shape eval.py cannot read)."""
+    """before loading a real model: print the analytic plan (estimate above) of the stages this run will run, and, on
+    a GPU, refuse early when they cannot fit. SFT runs under --stage all/sft unless OUT/sft.pt is there (and no
+    --fresh); PPO under --stage all/ppo.
+    -> {"load", "sft" (if it runs), "ppo" (if it runs), "peak"} in bytes (per rank), or None (tiny, or a shape eval.py
+    cannot read)."""
     if cfg.model == "tiny":
         return None
     try:
@@ -1219,19 +1238,26 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
     except ConfigError as e:
         say(f"memory plan: skipped ({e})")
         return None
-    T, W, d = cfg.max_prompt + cfg.max_new_tokens, world()[1], torch.finfo(dtype).bits // 8
+    W, d = world()[1], torch.finfo(dtype).bits // 8
+    runs = {"sft": cfg.stage in ("all", "sft") and (cfg.fresh or not os.path.exists(os.path.join(cfg.out, "sft.pt"))),
+            "ppo": cfg.stage in ("all", "ppo")}
 
     def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
         shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
         return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
     try:
-        plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch, T, d, cfg.lora_r,
-                                           cfg.max_new_tokens, cfg.grad_ckpt)),
-                "ppo": per_rank(estimate(conf, roles, cfg.minibatch, T, d, cfg.lora_r, cfg.max_new_tokens,
-                                         cfg.grad_ckpt))}
+        # SFT: batches of prompt + data response (cut to --max-response); a baseline's two SFT models both on device
+        # PPO: prompt + sampled response; the update a minibatch at a time, generate the whole rollout batch at once
+        plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
+                                         cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
+                                         cfg.grad_ckpt, idle_models=n_sft - 1)),
+                "ppo": per_rank(estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d,
+                                         cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt,
+                                         rollout_batch=cfg.rollout_batch))}
     except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
         say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
         return None
+    plan = {k: v for k, v in plan.items() if runs[k]}  # a stage that will not run does not set the peak
     # host memory while loading (transformers loads to the host first): each SFT model in its training dtype, the
     # last one beside the pages of its checkpoint file when the file holds another dtype (they stay mapped until the
     # load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
@@ -1239,19 +1265,26 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
     file_dtype = getattr(torch, str(conf.get("dtype") or conf.get("torch_dtype") or ""), None)
     is_float = isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point
     file_d = torch.finfo(file_dtype).bits // 8 if is_float else store
-    plan["load"] = n_sft * n * store + (n * file_d if file_d != store else 0)
+    held = n_sft * n * store  # the SFT models' weights (all a run that trains nothing holds: --stage sft, done)
+    plan["load"] = held + (n * file_d if file_d != store else 0)
+    stages = ", ".join(f"{k} step {v / 2**30:.1f}" for k, v in plan.items() if k != "load") or "no training stage"
     if device.type == "cuda":
-        plan["peak"] = max(plan["sft"], plan["ppo"])
+        plan["peak"] = max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1))
         free, _ = torch.cuda.mem_get_info(device)
-        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak; "
+        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ({stages}); "
             f"{free / 2**30:.1f} GiB free on {device}")
         if plan["peak"] > free:
+            tips = ["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
+            smaller = (["--sft-batch", "--max-response"] if runs["sft"] else []) + (
+                ["--minibatch", "--rollout-batch", "--max-new-tokens"] if runs["ppo"] else [])
+            tips += [f"smaller {'/'.join(smaller)}"] * bool(smaller)
+            # Hydra-PPO: one base and one SFT model where a baseline has two (and full PPO four bases)
+            tips += ["--method hydra-ppo"] * (cfg.method in ("lora-ppo", "ppo"))
+            tips = ", ".join(tips[:-1]) + " or " + tips[-1] if len(tips) > 1 else "".join(tips)
             raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB, "
-                              f"{free / 2**30:.1f} GiB is free: try --sft-lora, --grad-ckpt, smaller "
-                              "--minibatch/--sft-batch/--max-new-tokens, or --method hydra-ppo")
+                              f"{free / 2**30:.1f} GiB is free" + (f": try {tips}" if tips else ""))
     else:
         plan["peak"] = max(plan.values())
         say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak "
-            f"(loading {plan['load'] / 2**30:.1f}, "
-            f"sft step {plan['sft'] / 2**30:.1f}, ppo step {plan['ppo'] / 2**30:.1f})")
+            f"(loading {plan['load'] / 2**30:.1f}, {stages})")
     return plan

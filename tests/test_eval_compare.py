@@ -321,7 +321,7 @@ def test_score_reads_the_runs_reward_model_on_any_preference_file(tiny_runs, tmp
         res = E.main(["score", d, "--data", str(tmp_path / "p.jsonl"), "--n", "50", "--device", "cpu"])
         last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         flipped = E.main(["score", d, "--data", str(tmp_path / "swapped.jsonl"), "--n", "50", "--device", "cpu"])
-        bases, cfg, tok, _ = H.load_run(d, "cpu")
+        bases, cfg, tok, _ = E.load_run(d, "cpu")
         rows, _ = data.encode_pairs(pairs[:50], tok, cfg)
         own = H.rm_accuracy(bases[H.ROLES[cfg.method]["reward"][0]], rows, tok.pad_id, "cpu")
     assert last["n"] == 50 and last["accuracy"] == res["accuracy"] and set(last) >= {"accuracy", "interval", "n", "mean_margin"}

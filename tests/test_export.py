@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    return H.load_run(run_dir, "cpu")
+    return E.load_run(run_dir, "cpu")
 
 
 def _prompt_ids(tok, cfg, n=4):
@@ -146,7 +146,7 @@ def test_a_failed_export_leaves_the_previous_one_whole(run_dir, loaded, monkeypa
 def test_a_bf16_base_exports_in_bf16(run_dir, tmp_path):
     """if this fails, a bf16 run's export doubles in size (fp32) or a bf16 user loads other weights than trained."""
     from safetensors import safe_open
-    bases, cfg, tok, has_ppo = H.load_run(run_dir, "cpu")
+    bases, cfg, tok, has_ppo = E.load_run(run_dir, "cpu")
     for m in bases.values():
         m.lm.to(torch.bfloat16)  # as setup_ppo stores a frozen base in a bf16 run
     I.export_run(bases, cfg, tok, has_ppo, str(tmp_path / "hf"))

@@ -417,3 +417,32 @@ def test_chunked_logprobs_equal_whole_logits_in_value_and_gradient(tiny_lm):
     assert torch.allclose(lp, ref, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-6)
     assert torch.allclose(h.grad, g_ref, atol=1e-6) and torch.allclose(m.lm.get_output_embeddings().weight.grad, gw_ref, atol=1e-6)
     assert max(saved) < 3 * 7 * 64  # nothing of the whole logits' size is kept for backward
+
+
+def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_before_it(tiny_lm, monkeypatch, tmp_path):
+    """if this fails, --skip-nonfinite counts a PPO step as skipped while the minibatches before its fault have moved
+    the weights and AdamW's state already (and the loop's own fields) - a skipped step kept part of its updates."""
+    import math
+    cfg = _cfg(rollout_batch=8, minibatch=2, ppo_epochs=1, stop_kl=math.inf, skip_nonfinite=True, out=str(tmp_path))
+    models, params, opt = _setup("hydra-ppo", tiny_lm, cfg)
+    roles, real, calls = H.ROLES["hydra-ppo"], H.value_loss, []
+
+    def nan_in_the_third_minibatch_of_step_two(*a, **k):  # 4 minibatches a step, one critic loss each
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) == 7 else 1.0)
+    monkeypatch.setattr(H, "value_loss", nan_in_the_third_minibatch_of_step_two)
+    state, before = {"skipped": 0, "steps_seen": 0}, []
+
+    def step(i):
+        before.append(([p.detach().clone() for ps in params.values() for p in ps], copy.deepcopy(opt.state_dict())))
+        state["steps_seen"] += 1
+        batch = H.rollout(models, roles, _prompts(8), _tok(), cfg, i, torch.device("cpu"))
+        return H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, i)
+    I.run_steps("ppo", 2, step, state, {n: (m, "trained") for n, m in models.items()}, opt, cfg)
+    assert len(calls) == 7 and state == {"skipped": 1, "steps_seen": 1}  # the faulty step's field change undone
+    weights, opt_state = before[1]
+    assert all(torch.equal(p, w) for p, w in zip([p for ps in params.values() for p in ps], weights))
+    now = opt.state_dict()
+    assert now["state"].keys() == opt_state["state"].keys() and all(
+        torch.equal(now["state"][i][k], v) for i, s in opt_state["state"].items() for k, v in s.items())
+    assert all(p.grad is None for ps in params.values() for p in ps)
