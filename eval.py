@@ -1,20 +1,28 @@
 """
 Memory and latency of the paper's methods, measured and estimated (Hydra-RLHF, arXiv 2309.00754, Table 2 and sec. 4).
+One job per subcommand; `python eval.py JOB --help` lists its flags.
 
-    python eval.py --bench                             # tiny model: floor, sft, lora-sft, the 4 PPO methods
-    python eval.py --bench --model smollm2-135m-random # SmolLM2-135M shapes, random init (no download)
-    python eval.py --bench --budget-mib 1024           # per PPO method: the largest batch under 1 GiB, its latency
-    python eval.py --estimate llama-7b --seq-len 800 --lora-r 128 --budget-mib 81920   # analytic plan, vs the paper
-    python eval.py --bench-fsdp 1,2 --model smollm2-135m-random   # FSDP2: per-rank peak on 1 vs 2 ranks (torchrun)
+    python eval.py bench                             # tiny model: floor, sft, lora-sft, the 4 PPO methods
+    python eval.py bench --model smollm2-135m-random # SmolLM2-135M shapes, random init (no download)
+    python eval.py bench --budget-mib 1024           # per PPO method: the largest batch under 1 GiB, its latency
+    python eval.py estimate llama-7b --seq-len 800 --lora-r 128 --budget-mib 81920   # analytic plan, vs the paper
+    python eval.py bench-fsdp 1,2 --model smollm2-135m-random   # FSDP2: per-rank peak on 1 vs 2 ranks (torchrun)
+    python eval.py bench-gen --model llama-7b-random --lora-r 128 --prompt-len 400 --response-len 400 \\
+        --batch-sizes 8,12 --dtype bf16                  # ms per generated token: eager vs static (CUDA graph) decoder
+    python eval.py save-random smollm2-135m models/smollm2-random   # a random-init model dir for hydra_ppo.py --model
 
 Alignment of finished runs (the paper's win-rates, and ROUGE for summaries):
 
     python eval.py compare out out:sft        # PPO vs SFT of one run: same held-out prompts, same sampling seeds
     python eval.py table out_lora out_jhydra out_hydra
+    python eval.py score out --data pairs.jsonl         # the run's reward model on a preference file
+    python eval.py sample out:sft --prompt "Q: ..."     # responses, with the reward model's scores
+    python eval.py export out                           # out/hf: Hugging Face and PEFT directories
 
 A run DIR is its PPO actor if DIR/ppo.pt exists, else its SFT policy (the reference role, LoRA off); DIR:sft / DIR:ppo
 choose. Win-rates count ties as half, with a 95% Wilson score interval. An external judge (--judge-cmd / --judge-url)
 is asked both orders: a win needs both to agree, anything else is a tie, so a judge that always says "A" gives all ties.
+Long jobs report progress on stderr; where a job prints JSON, it is stdout's last line.
 """
 import argparse
 import dataclasses
@@ -46,6 +54,13 @@ import lora
 ROWS = ("floor", "sft", "lora-sft") + H.METHODS  # the bench's rows: a LoRA LM step, the two SFTs, the PPO methods
 PPO_ROWS = H.METHODS
 MIB = 2**20
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def note(msg):
+    """a long job's progress, on stderr: stdout's last line stays what scripts read."""
+    tqdm.write(msg, file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +71,7 @@ def load_run(out, device="auto"):
     """rebuild a finished run from its directory (sft.pt, and ppo.pt if PPO ran).
     -> (bases {name: HydraModel}, cfg, tok, has_ppo). the SFT policy is ROLES[method]["reference"], the PPO one
     "actor"."""
-    sft_path = os.path.join(out, "sft.pt")
+    t0, sft_path = time.perf_counter(), os.path.join(out, "sft.pt")
     if not os.path.exists(sft_path):
         raise I.ConfigError(f"{out}: no sft.pt here; expected a run directory written by hydra_ppo.py")
     ck = I.load_file(sft_path)
@@ -84,6 +99,8 @@ def load_run(out, device="auto"):
                 raise I.ConfigError(f"{ppo_path} does not fit base {n!r} of {sft_path}")
     for m in bases.values():
         m.eval()
+    note(f"loaded {out} ({cfg.method}, {'PPO' if os.path.exists(ppo_path) else 'SFT'} policy) on {dev} in "
+         f"{time.perf_counter() - t0:.0f} s")
     return bases, cfg, tok, os.path.exists(ppo_path)
 
 
@@ -113,6 +130,43 @@ def largest_batch(fits, cap=1024):
     return lo
 
 
+def num(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _table(head, rows, right=False):
+    """rows under a head, each column as wide as its widest cell; right: all but the first right-aligned (numbers)."""
+    w = [max(len(_fmt(x)) for x in col) for col in zip(head, *rows)]
+    for r in [head, ["-" * n for n in w], *rows]:
+        print("  ".join(_fmt(x).rjust(n) if right and i else _fmt(x).ljust(n) for i, (x, n) in enumerate(zip(r, w))))
+
+
+def print_estimate(a):
+    cfg = I.model_config(a.model, "estimate")
+    d = {"fp32": 4, "bf16": 2, "fp16": 2}[a.dtype]
+    s = I.shapes(cfg)
+    est = lambda m, b: estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
+    unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
+    print(f"estimate {a.model}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
+          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt
+          + f"; {unit}")
+    keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "casts", "kv_cache", "total")
+    paper = PAPER_PEAK_GIB.get(a.model.removesuffix("-random"), {})
+    fit = lambda m, lim: largest_batch(lambda b: est(m, b)["total"] <= lim)  # noqa: E731  its largest batch
+    rows = []
+    for m in (a.method,) if a.method else ROWS:
+        e, pb = est(m, a.batch_size), fit(m, paper[m] * 2**30) if m in paper else 0
+        rows.append([m, *(f"{e[k] / div:.2f}" for k in keys)] + [fit(m, a.budget_mib * MIB)] * bool(a.budget_mib)
+                    + [f"{paper.get(m, float('nan')):.1f}", f"{pb} ({est(m, pb)['total'] / 2**30:.1f})" if pb else "-"]
+                    * bool(paper))
+    _table(["method", *keys] + ["max batch"] * bool(a.budget_mib) + ["paper GiB", "batch at paper"] * bool(paper),
+           rows, right=True)
+
+
 # -----------------------------------------------------------------------------
 # the bench: one row = one configuration in its own fresh process, built with hydra_ppo's own functions
 
@@ -129,6 +183,9 @@ def bench_tokenizer(vocab):
     return data.Tokenizer(encode=None, decode=None, eos_id=-1, pad_id=vocab - 1, vocab_size=vocab)
 
 
+def set_threads(a):
+    if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
+        torch.set_num_threads(a.threads or 1)
 def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=False):
     """-> (step(i) -> response tokens of step i and the PPO clock, optimizer, models): one training step of row
     `name` on random data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults: learning rates,
@@ -219,8 +276,7 @@ def sync(device):
 def bench_one(a):
     """child process: build one row, a warm-up step, a.steps timed steps (on the CPU after two steps that measure its
     memory). -> the row's dict (printed as one JSON line)."""
-    if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
-        torch.set_num_threads(a.threads or 1)
+    set_threads(a)
     device = I.init_distributed(a.device) if a.fsdp else I.pick_device(a.device)
     dtype = I.pick_dtype("auto", device)
     cfg = I.model_config(a.model)
@@ -260,6 +316,18 @@ def bench_one(a):
                 **(shard_sizes(models) if a.fsdp else {}))
 
 
+def bench_row(a):
+    """the hidden `bench-one` job, run_child's child: one row in this process, printed as one JSON line (under
+    torchrun with --fsdp, rank 0 prints every rank's row)."""
+    row = bench_one(a)
+    rows = I.gather_lists([row]) if a.fsdp else row
+    if I.is_writer():
+        print(json.dumps(rows))
+    if torch.distributed.is_initialized():  # its threads stop before the interpreter exits, or it may abort
+        torch.distributed.destroy_process_group()
+    return rows
+
+
 def shard_sizes(models):
     """this rank's bytes of frozen base weights and of trained weights (its shards under FSDP2), exact."""
     seen, frozen, trained = set(), 0, 0
@@ -278,95 +346,24 @@ def shard_sizes(models):
 def bench_fsdp(a):
     """--fsdp over 1, 2, ... ranks (torchrun on this machine), the same model and the same batch per rank: the frozen
     base's share on each rank must shrink as the ranks grow."""
-    name = a.method or "hydra-ppo"
     res = []
-    for n in tqdm(a.bench_fsdp, desc=f"fsdp {name}"):
-        ranks = run_child(a, name, a.batch_size, fsdp_ranks=n)
+    for n in a.ranks:
+        ranks = run_child(a, a.method, a.batch_size, fsdp_ranks=n)
         res.append(dict(ranks=n, per_rank=ranks, peak_mib_max=max(x["peak_memory_mib"] for x in ranks),
                         frozen_mib_per_rank=max(x["frozen_mib_this_rank"] for x in ranks),
                         trained_mib_per_rank=max(x["trained_mib_this_rank"] for x in ranks),
                         latency_per_sample_s=ranks[0]["latency_per_sample_s"]))
     one = res[0]
-    print(f"\nfsdp {name} on {a.model}: batch {a.batch_size} per rank, prompt {a.prompt_len} + response "
+    print(f"\nfsdp {a.method} on {a.model}: batch {a.batch_size} per rank, prompt {a.prompt_len} + response "
           f"{a.response_len}, {ranks[0]['dtype']} on {ranks[0]['device']}, peak = {ranks[0]['memory_measure']} "
           f"after sharding (largest rank)")
-    print(f"{'ranks':>5} {'frozen MiB/rank':>15} {'trained MiB/rank':>16} {'peak MiB/rank':>13} {'x 1st':>6} "
-          f"{'s/sample':>9}")
-    for r in res:
-        print(f"{r['ranks']:>5} {r['frozen_mib_per_rank']:>15.1f} {r['trained_mib_per_rank']:>16.2f} "
-              f"{r['peak_mib_max']:>13.1f} "
-              f"{r['peak_mib_max'] / one['peak_mib_max']:>6.2f} {r['latency_per_sample_s']:>9.4f}")
-    out = dict(method=name, model=a.model, batch_size_per_rank=a.batch_size, prompt_len=a.prompt_len,
+    _table(["ranks", "frozen MiB/rank", "trained MiB/rank", "peak MiB/rank", "x 1st", "s/sample"],
+           [[r["ranks"], f"{r['frozen_mib_per_rank']:.1f}", f"{r['trained_mib_per_rank']:.2f}",
+             f"{r['peak_mib_max']:.1f}", f"{r['peak_mib_max'] / one['peak_mib_max']:.2f}",
+             f"{r['latency_per_sample_s']:.4f}"] for r in res], right=True)
+    out = dict(method=a.method, model=a.model, batch_size_per_rank=a.batch_size, prompt_len=a.prompt_len,
                response_len=a.response_len, code=code_version(), rows=res)
     save_json(out, a.out, "fsdp.json")
-    return out
-
-
-def bench_gen(a):
-    """decoding cost per generated token at a batch: LoRA off (the frozen base, as the reference samples) against LoRA
-    on (two adapter sets injected, one live, as Hydra-PPO's actor samples), repeats interleaved, medians; and the
-    floor a token cannot beat on this machine, reading every weight once at the memory bandwidth measured here."""
-    if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
-        torch.set_num_threads(a.threads or 1)
-    device = I.pick_device(a.device)
-    dtype = I.pick_dtype("auto", device)
-    cfg = I.model_config(a.model)
-    model = H.HydraModel(build_lm(cfg, 0, device, dtype), compute_dtype=dtype).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
-    lora.inject(model.lm, ["actor", "critic"], r=a.lora_r, alpha=2 * a.lora_r)
-    with torch.no_grad():
-        for p in lora.lora_parameters(model.lm, "actor"):
-            p.normal_(std=0.01)  # a trained adapter, not B = 0
-    V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, V - 1, (a.batch_size, a.prompt_len), generator=g).tolist()
-    tok = bench_tokenizer(V)
-    # the matmuls alone: every weight matrix once against batch rows, what one token cannot do without (the head as
-    # decoding multiplies it)
-    head = model.lm.get_output_embeddings()
-    mats = [m.weight for m in model.lm.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    dims = {w.shape[1] for w in mats + [head.weight]}
-    rows = {n: torch.randn(a.batch_size, n, device=device, dtype=dtype) for n in dims}
-    ms = {None: [], "actor": [], "matmuls": []}
-    for rep in range(a.steps + 1):  # rep 0 warms up
-        for adapter in ms:
-            sync(device)
-            t0 = time.perf_counter()
-            if adapter == "matmuls":
-                with torch.no_grad(), model.autocast(device):
-                    for w in mats:
-                        torch.nn.functional.linear(rows[w.shape[1]], w)
-                    model.logits(rows[head.weight.shape[1]])
-            else:
-                H.generate(model, adapter, prompts, tok, a.response_len, 1.0, list(range(a.batch_size)))
-            sync(device)
-            if rep:
-                ms[adapter].append(1000 * (time.perf_counter() - t0) / (1 if adapter == "matmuls" else a.response_len))
-    x = torch.ones(2**28, device=device)  # 1 GiB: the read bandwidth, median of 5 sums
-    reads = []
-    for _ in range(6):
-        sync(device)
-        t0 = time.perf_counter()
-        x.sum().item()
-        reads.append(time.perf_counter() - t0)
-    gib_s = 1 / sorted(reads[1:])[2]
-    mid = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    out = dict(model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len, new_tokens=a.response_len,
-               device=str(device), dtype=str(dtype).removeprefix("torch."), lora_r=a.lora_r,
-               ms_per_token_lora_off=mid(ms[None]), ms_per_token_lora_on=mid(ms["actor"]), read_gib_per_s=gib_s,
-               weight_mib=weight_bytes / MIB, weight_read_ms=1000 * weight_bytes / 2**30 / gib_s,
-               matmul_ms=mid(ms["matmuls"]), code=code_version())
-    out.update(lora_on_over_off=out["ms_per_token_lora_on"] / out["ms_per_token_lora_off"],
-               lora_off_over_weight_read=out["ms_per_token_lora_off"] / out["weight_read_ms"],
-               lora_off_over_matmuls=out["ms_per_token_lora_off"] / out["matmul_ms"])
-    print(f"\ngeneration {a.model}: batch {a.batch_size}, prompt {a.prompt_len}, {a.response_len} new tokens, "
-          f"{out['dtype']} on {device}, {a.steps} interleaved repeats (median)")
-    print(f"  LoRA off {out['ms_per_token_lora_off']:.1f} ms/token, LoRA on (r {a.lora_r}) "
-          f"{out['ms_per_token_lora_on']:.1f} ms/token: x {out['lora_on_over_off']:.2f}")
-    print(f"  weights {out['weight_mib']:.0f} MiB read once at {gib_s:.1f} GiB/s: {out['weight_read_ms']:.1f} ms; "
-          f"LoRA off is x {out['lora_off_over_weight_read']:.2f} of that")
-    print(f"  the matmuls alone (every weight x {a.batch_size} rows, once): {out['matmul_ms']:.1f} ms; LoRA off is "
-          f"x {out['lora_off_over_matmuls']:.2f} of that")
-    save_json(out, a.out, "gen.json")
     return out
 
 
@@ -381,28 +378,31 @@ def run_child(a, name, batch_size, fsdp_ranks=0):
     bench_one sets malloc for its memory and its time. -> its dict (under torchrun: one per rank)."""
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={fsdp_ranks}"]
                                  if fsdp_ranks else [])
-    cmd = (launch + [os.path.abspath(__file__), "--bench-one", name, "--model", a.model,
+    cmd = (launch + [os.path.abspath(__file__), "bench-one", name, "--model", a.model,
                      "--batch-size", str(batch_size), "--steps", str(a.steps), "--prompt-len", str(a.prompt_len),
                      "--response-len", str(a.response_len), "--lora-r", str(a.lora_r), "--device", a.device,
                      "--threads", str(a.threads)]
            + ["--grad-ckpt"] * a.grad_ckpt + ["--fsdp"] * bool(fsdp_ranks))
+    t0, where = time.perf_counter(), f" --fsdp on {fsdp_ranks} ranks" if fsdp_ranks else ""
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        where = f" --fsdp on {fsdp_ranks} ranks" if fsdp_ranks else ""
         raise RuntimeError(f"{name} (batch {batch_size}){where} failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    peak = max(x["peak_memory_mib"] or math.inf for x in (got if fsdp_ranks else [got]))  # None: out of memory
+    note(f"{name} (batch {batch_size}){where}: peak {peak:.1f} MiB, {time.perf_counter() - t0:.0f} s")
+    return got
 
 
 def bench(a):
     cfg = I.model_config(a.model)
-    res = [run_child(a, name, a.batch_size) for name in tqdm(a.rows, desc=f"bench {a.model}")]
+    res = [run_child(a, name, a.batch_size) for name in a.rows]
     d = torch.finfo(getattr(torch, res[0]["dtype"])).bits // 8
     peak = {r["name"]: r["peak_memory_mib"] for r in res}
     ratio = lambda r, to: (r["peak_memory_mib"] / peak[to]  # noqa: E731
                            if r["peak_memory_mib"] and peak.get(to) else None)
     for r in res:
         est = estimate(cfg, r["name"], a.batch_size, a.prompt_len + a.response_len, d, a.lora_r, a.response_len,
-                         a.grad_ckpt)["total"] / MIB
+                       a.grad_ckpt)["total"] / MIB
         r.update(x_ppo=ratio(r, "ppo"), x_floor=ratio(r, "floor"), x_lora_sft=ratio(r, "lora-sft"),
                  estimate_mib=round(est, 1),
                  estimate_err=est / r["peak_memory_mib"] - 1 if r["peak_memory_mib"] else None)
@@ -419,15 +419,12 @@ def budget(a):
     res = {}
     for name in PPO_ROWS:
         probes = {}
-        bar = tqdm(desc=f"budget {name}", unit="probe")
 
         def fits(b):
             probes[b] = run_child(a, name, b)
-            bar.update(), bar.set_postfix(batch=b, mib=probes[b]["peak_memory_mib"])
             # None: out of memory
             return probes[b]["peak_memory_mib"] is not None and probes[b]["peak_memory_mib"] <= a.budget_mib
         b = largest_batch(fits, a.max_batch)
-        bar.close()
         res[name] = dict(batch_size=b, peak_memory_mib=probes[b]["peak_memory_mib"] if b else None,
                          latency_per_sample_s=probes[b]["latency_per_sample_s"] if b else None, probes=len(probes))
     out = dict(memory_measure=next(iter(probes.values()))["memory_measure"], model=a.model, budget_mib=a.budget_mib,
@@ -436,18 +433,131 @@ def budget(a):
     ref = res["lora-ppo"]
     print(f"\nbudget {a.budget_mib:g} MiB on {a.model} ({out['memory_measure']}), prompt {a.prompt_len} "
           f"+ response {a.response_len}" + ", activation checkpointing" * a.grad_ckpt)
-    print(f"{'method':<12} {'max batch':>9} {'peak MiB':>9} {'s/sample':>9} {'batch x lora-ppo':>17} "
-          f"{'latency vs lora-ppo':>20}")
-    for name, r in res.items():
-        if r["batch_size"]:
-            rel = f"{r['latency_per_sample_s'] / ref['latency_per_sample_s'] - 1:+.0%}" if ref["batch_size"] else "-"
-            xb = f"{r['batch_size'] / ref['batch_size']:.2f}" if ref["batch_size"] else "-"
-            print(f"{name:<12} {r['batch_size']:>9} {r['peak_memory_mib']:>9.0f} {r['latency_per_sample_s']:>9.4f} "
-                  f"{xb:>17} {rel:>20}")
-        else:
-            print(f"{name:<12} {'none fits':>9}")
+    vs = lambda r, k, spec, minus=0: (num(r[k] / ref[k] - minus, spec)  # noqa: E731  relative to lora-ppo's
+                                      if r["batch_size"] and ref["batch_size"] else "-")
+    _table(["method", "max batch", "peak MiB", "s/sample", "batch x lora-ppo", "latency vs lora-ppo"],
+           [[name, r["batch_size"] or "none fits", num(r["peak_memory_mib"], ".0f"),
+             num(r["latency_per_sample_s"], ".4f"), vs(r, "batch_size", ".2f"),
+             vs(r, "latency_per_sample_s", "+.0%", 1)] for name, r in res.items()], right=True)
     save_json(out, a.out, "budget.json")
     return out
+
+
+def save_json(obj, out, fname):
+    os.makedirs(out, exist_ok=True)
+    I.save_atomic(obj, os.path.join(out, fname))
+    print(f"wrote {os.path.join(out, fname)}")
+
+
+def print_bench(o):
+    measure = {"cuda": "torch.cuda.max_memory_allocated",
+               "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[o["memory_measure"]]
+    print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} "
+          f"tokens, {o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}"
+          + ", activation checkpointing" * o["grad_ckpt"])
+    print(f"peak memory = {measure}, one fresh process per row")
+    f = lambda r, k, spec, div=1: num(None if r.get(k) is None else r[k] / div, spec)  # noqa: E731  (oom rows)
+    clock = "gen {gen_s:.2f} ({gen_ms_per_token:.0f} ms/token) score {score_s:.2f} update {update_s:.2f} s"
+    _table(["row", "bases", "LoRA", "trainable M", "peak MiB", "s/sample", "x ppo", "x floor", "x lora-sft", "est MiB",
+            "est err", "ppo clock"],
+           [[r["name"], f(r, "frozen_bases", ".0f"), f(r, "lora_sets", ".0f"), f(r, "trainable_params", ".2f", 1e6),
+             "out of memory" if r.get("oom") else f(r, "peak_memory_mib", ".1f"), f(r, "latency_per_sample_s", ".4f"),
+             f(r, "x_ppo", ".2f"), f(r, "x_floor", ".2f"), f(r, "x_lora_sft", ".2f"), f(r, "estimate_mib", ".0f"),
+             f(r, "estimate_err", "+.0%"), clock.format(**r) if r.get("gen_s") is not None else ""]
+            for r in o["rows"]], right=True)
+
+
+# -----------------------------------------------------------------------------
+# decoding (issue #23): ms per generated token of the eager decoder against the static one, which generate uses on
+# CUDA (its one-token step a captured CUDA graph), and whether the two compute the same thing
+
+DECODERS = {"eager": I.EagerDecoder, "static": I.StaticDecoder}
+
+
+def decode(model, kind, prompts, tok, new, keep=0):
+    """hydra_ppo.generate under the actor's adapter, temperature 1, seeds 0..B-1, with infra.decoder forced to one
+    kind (capture included: generate builds a decoder a call). keep: also the logits (B, V) of its first `keep`
+    forwards, prefill first. -> (responses, seconds, [logits])"""
+    kept = []
+
+    def keeping(f):
+        def forward(*x):
+            out = f(*x)
+            if len(kept) < keep:  # a copy: the static decoder returns its graph's output buffer, reused a step later
+                kept.append(out.float().clone())
+            return out
+        return forward
+
+    def make(m, batch, length):
+        dec = DECODERS[kind](m, batch, length)
+        if keep:
+            dec.prefill, dec.step = keeping(dec.prefill), keeping(dec.step)
+        return dec
+    dev, real = next(model.parameters()).device, I.decoder
+    I.decoder = make  # generate reads infra.decoder at each call
+    try:
+        sync(dev)
+        t0 = time.perf_counter()
+        resp = H.generate(model, "actor", prompts, tok, new, 1.0, list(range(len(prompts))))
+        sync(dev)
+        return resp, time.perf_counter() - t0, kept
+    finally:
+        I.decoder = real
+
+
+def gen_row(a, model, B, start):
+    """one batch size: a first call of each decoder (the warm-up; its tokens and first logits are compared), then up
+    to a.steps timed repeats, the two interleaved, while the time since `start` stays under a.budget_s."""
+    V, dev = model.lm.config.vocab_size, next(model.parameters()).device
+    prompts = torch.randint(0, V - 1, (B, a.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    tok = bench_tokenizer(V)
+    I.reset_peak_memory(dev)
+    (te, _, le), (ts, _, ls) = (decode(model, k, prompts, tok, a.response_len, keep=4) for k in DECODERS)
+    te, ts = torch.tensor(te), torch.tensor(ts)  # (B, R): eos is never sampled, every row is R long
+    differ = (te != ts).any(0).nonzero()
+    first_diff = int(differ[0]) if len(differ) else None
+    n = len(le) if first_diff is None else min(len(le), first_diff + 1)  # logits of the same inputs only
+    ms = {k: [] for k in DECODERS}
+    for rep in range(a.steps):
+        if rep and time.perf_counter() - start > a.budget_s:
+            break  # the time guard: one timed repeat per batch size at least
+        for k in DECODERS:
+            ms[k].append(1000 * decode(model, k, prompts, tok, a.response_len)[1] / a.response_len)
+        note(f"bench-gen batch {B}, repeat {rep + 1}/{a.steps}: "
+             + ", ".join(f"{k} {v[-1]:.2f}" for k, v in ms.items()) + " ms/token")
+    mid = {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
+    return dict(batch_size=B, ms_per_token_eager=mid["eager"], ms_per_token_static=mid["static"],
+                eager_over_static=mid["eager"] / mid["static"], repeats=len(ms["eager"]),
+                rows_identical=int((te == ts).all(1).sum()), first_diff_token=first_diff, logit_steps=n,
+                max_abs_logit_diff=max((x - y).abs().max().item() for x, y in zip(le[:n], ls[:n])),
+                peak_memory_mib=round(I.peak_memory_mib(dev), 1))
+
+
+def bench_gen(a):
+    """ms per generated token, eager decoder against static, LoRA on as Hydra-PPO's actor samples (two adapter sets
+    injected, one live), per batch size; medians of interleaved repeats, and the two decoders' agreement."""
+    set_threads(a)
+    device, dtype, start = I.pick_device(a.device), DTYPES[a.dtype], time.perf_counter()
+    model = H.HydraModel(build_lm(I.model_config(a.model), 0, device, dtype), compute_dtype=dtype).eval()
+    lora.inject(model.lm, ["actor", "critic"], r=a.lora_r, alpha=2 * a.lora_r)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model.lm, "actor"):
+            p.normal_(std=0.01)  # a trained adapter, not B = 0
+    note(f"bench-gen: built {a.model} on {device} in {time.perf_counter() - start:.0f} s")
+    rows = [gen_row(a, model, B, start) for B in a.batch_sizes]
+    out = dict(model=a.model, prompt_len=a.prompt_len, new_tokens=a.response_len, device=str(device),
+               dtype=str(dtype).removeprefix("torch."), lora_r=a.lora_r, steps=a.steps, budget_s=a.budget_s,
+               memory_measure="cuda" if device.type == "cuda" else "cpu-rss", code=code_version(), rows=rows)
+    print(f"\ngeneration {a.model}: prompt {a.prompt_len}, {a.response_len} new tokens, {out['dtype']} on {device}, "
+          f"LoRA r {a.lora_r} (2 sets, 1 live), temperature 1; medians of interleaved repeats")
+    _table(["batch", "eager ms/token", "static ms/token", "x static", "rows same", "1st diff", "max |dlogit|",
+            "peak MiB"], [[r["batch_size"], f"{r['ms_per_token_eager']:.2f}", f"{r['ms_per_token_static']:.2f}",
+                           f"{r['eager_over_static']:.2f}", f"{r['rows_identical']}/{r['batch_size']}",
+                           num(r["first_diff_token"], "d"), f"{r['max_abs_logit_diff']:.2e}",
+                           f"{r['peak_memory_mib']:.0f}"] for r in rows], right=True)
+    save_json(out, a.out, "gen.json")
+    return out
+
 
 
 # -----------------------------------------------------------------------------
@@ -464,8 +574,6 @@ TOKENIZER_STYLES = {
     "gpt_neox": dict(bos=None, eos="<|endoftext|>"),
     "qwen2": dict(bos=None, eos="<|endoftext|>"),
 }
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
@@ -473,7 +581,7 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     (config.json + safetensors) with a GPT-2 BPE tokenizer beside it; config bos/eos/pad ids are the tokenizer's.
     a vocab smaller than the BPE's keeps its first ranks. -> out_dir"""
     conf = (dict(name_or_config) if isinstance(name_or_config, dict)
-            else I.model_config(name_or_config, flag="--save-random"))
+            else I.model_config(name_or_config, flag="save-random"))
     if dtype not in DTYPES:
         raise I.ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     style = dict(TOKENIZER_STYLES.get(conf.get("model_type"), TOKENIZER_STYLES["llama"]))
@@ -496,8 +604,9 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     # built in dtype: one copy of the weights, never two
     lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     n = sum(p.numel() for p in lm.parameters())
+    note(f"save-random: built {conf['model_type']} ({n / 1e6:.1f}M params) in {time.time() - t0:.0f} s; saving")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise I.ConfigError(f"--save-random: {out_dir} exists and is not empty; choose a new directory")
+        raise I.ConfigError(f"save-random: {out_dir} exists and is not empty; choose a new directory")
     tmp = out_dir.rstrip("/") + ".tmp"  # written whole, then renamed: a kill never leaves a half-written model
     lm.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -508,66 +617,6 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
           f"tokenizer of {len(tok)} ids "
           f"(bos {ids['bos']}, eos {ids['eos']}, pad {ids['pad']}), vocab {V}, in {time.time() - t0:.0f} s")
     return out_dir
-
-
-# -----------------------------------------------------------------------------
-# output
-
-
-def save_json(obj, out, fname):
-    os.makedirs(out, exist_ok=True)
-    I.save_atomic(obj, os.path.join(out, fname))
-    print(f"wrote {os.path.join(out, fname)}")
-
-
-def print_bench(o):
-    measure = {"cuda": "torch.cuda.max_memory_allocated",
-               "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[o["memory_measure"]]
-    print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} "
-          f"tokens, {o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}"
-          + ", activation checkpointing" * o["grad_ckpt"])
-    print(f"peak memory = {measure}, one fresh process per row")
-    print(f"{'row':<12} {'bases':>5} {'LoRA':>4} {'trainable':>10} {'peak MiB':>9} {'s/sample':>9} {'x ppo':>6} "
-          f"{'x floor':>7} {'x lora-sft':>10} {'est MiB':>8} {'est err':>8}")
-    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    for r in o["rows"]:
-        if r.get("oom"):
-            print(f"{r['name']:<12} {'out of memory':>31} {'':>19} {'':>25} {r['estimate_mib']:>8.0f}")
-            continue
-        clock = (f"   gen {r['gen_s']:.2f} ({r['gen_ms_per_token']:.0f} ms/token) score {r['score_s']:.2f} "
-                 f"update {r['update_s']:.2f} s" if r.get("gen_s") is not None else "")
-        print(f"{r['name']:<12} {r['frozen_bases']:>5} {r['lora_sets']:>4} {r['trainable_params'] / 1e6:>9.2f}M "
-              f"{r['peak_memory_mib']:>9.1f} {r['latency_per_sample_s']:>9.4f} {f(r['x_ppo'], '.2f'):>6} "
-              f"{f(r['x_floor'], '.2f'):>7} {f(r['x_lora_sft'], '.2f'):>10} {r['estimate_mib']:>8.0f} "
-              f"{r['estimate_err']:>+8.0%}" + clock)
-
-
-def print_estimate(a):
-    cfg = I.model_config(a.estimate, "--estimate")
-    d = {"fp32": 4, "bf16": 2, "fp16": 2}[a.dtype]
-    s = I.shapes(cfg)
-    est = lambda m, b: estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
-    unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
-    print(f"estimate {a.estimate}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
-          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt
-          + f"; {unit}")
-    keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "casts", "kv_cache", "total")
-    paper = PAPER_PEAK_GIB.get(a.estimate.removesuffix("-random"), {})
-    extra = ((f" {'max batch':>9}" if a.budget_mib else "")
-             + (f" {'paper GiB':>9} {'batch at paper':>14}" if paper else ""))
-    print(f"{'method':<12}" + "".join(f" {k:>11}" for k in keys) + extra)
-    fit = lambda m, lim: largest_batch(lambda b: est(m, b)["total"] <= lim)  # noqa: E731
-    for m in (a.method,) if a.method else ROWS:
-        e = est(m, a.batch_size)
-        line = f"{m:<12}" + "".join(f" {e[k] / div:>11.2f}" for k in keys)
-        if a.budget_mib:
-            line += f" {fit(m, a.budget_mib * MIB):>9}"
-        if paper:
-            pb = fit(m, paper[m] * 2**30) if m in paper else 0
-            # the largest batch whose plan stays under it
-            at = f"{pb} ({est(m, pb)['total'] / 2**30:.1f})" if pb else "-"
-            line += f" {paper.get(m, float('nan')):>9.1f} {at:>14}"
-        print(line)
 
 
 # -----------------------------------------------------------------------------
@@ -716,10 +765,6 @@ def heldout_prompts(cfg, n):
     return [p.prompt for p in held][:n], gold_fn
 
 
-def _device(bases):
-    return next(next(iter(bases.values())).parameters()).device
-
-
 @torch.no_grad()
 def sample(pol, prompts, seed, bs, temperature=None):
     """one policy's responses, with its run's tokenizer, temperature (or this one; 0 = greedy) and length, and the
@@ -733,19 +778,38 @@ def sample(pol, prompts, seed, bs, temperature=None):
 
 
 @torch.no_grad()
-def rm_scores(run, prompts, texts, ended, bs):
-    """the reward role of a run (LoRA off) on text re-tokenized with that run's tokenizer. an EOS is appended where
-    the policy stopped: reward models read the last real token, which is the EOS in training and in PPO."""
+def reward(run, prompts, responses):
+    """the reward role of a run (LoRA off, reward head) on one batch of prompt and response token lists. -> [score]"""
     bases, cfg, tok, _ = run
-    dev, out = _device(bases), []
+    dev = next(next(iter(bases.values())).parameters()).device
+    ids, mask, P = data.collate(prompts, responses, tok.pad_id)
+    return H.run_roles(bases, H.ROLES[cfg.method], ("reward",), ids.to(dev), mask.to(dev), P,
+                       cfg.temperature)["reward"].tolist()
+
+
+def rm_scores(run, prompts, texts, ended, bs):
+    """the reward role of a run on text re-tokenized with that run's tokenizer. an EOS is appended where the policy
+    stopped: reward models read the last real token, which is the EOS in training and in PPO."""
+    _, cfg, tok, _ = run
+    out = []
     for i in range(0, len(prompts), bs):
         fmt = [tok.format_prompt(p) for p in prompts[i:i + bs]]
         ps = [data.encode_prompt(tok.encode, f, cfg.max_prompt, tok.bos_id)[0] for f in fmt]
         rs = [data.response_ids(tok.encode, f, t) + ([tok.eos_id] if e else [])
               for f, t, e in zip(fmt, texts[i:i + bs], ended[i:i + bs])]
-        ids, mask, P = data.collate(ps, rs, tok.pad_id)
-        out += H.run_roles(bases, H.ROLES[cfg.method], ("reward",), ids.to(dev), mask.to(dev), P,
-                           cfg.temperature)["reward"].tolist()
+        out += reward(run, ps, rs)
+    return out
+
+
+def score_pairs(run, pairs, bs=16):
+    """the run's reward role on each pair's chosen and rejected response, encoded as in training (BOS, joint tokens,
+    EOS, the same length limits), both in one forward. -> [(score chosen, score rejected)]."""
+    _, cfg, tok, _ = run
+    rows, out = data.encode_pairs(pairs, tok, cfg)[0], []
+    for i in tqdm(range(0, len(rows), bs), desc="score", unit="batch"):
+        chunk = rows[i:i + bs]
+        r = reward(run, [r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk])
+        out += list(zip(r[:len(chunk)], r[len(chunk):]))
     return out
 
 
@@ -757,6 +821,22 @@ def summary_refs(spec, path):
         if path:
             raise
         return {}  # a pairs file without summaries: no ROUGE
+
+
+def read_prompts(path):
+    """prompts from a file: a .jsonl(.gz) of {"prompt": ...} records, else one prompt per line."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        out = []
+        for where, rec in data.json_records(path):
+            if rec is not None and not isinstance(rec.get("prompt"), str):
+                raise data.DataError(f"{where}: no string \"prompt\"; expected {{\"prompt\": ...}} per line")
+            out += [rec["prompt"]] if rec is not None else []
+        return out
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise I.ConfigError(f"--prompts {path}: cannot read it ({e})")
 
 # -----------------------------------------------------------------------------
 # compare
@@ -780,7 +860,7 @@ def compare(a):
     res = {"n_prompts": len(prompts), "seed": seed, "interval": "95% Wilson score interval; ties count half",
            "external_judge": "both orders asked; a win needs both to agree, else tie", "policies": [], "pairs": []}
     outs = []
-    for p in pols:
+    for p in tqdm(pols, desc="sample and score", unit="policy"):
         resp, texts, ended, kls = sample(p, prompts, seed, a.batch)
         scores = {j: rm_scores(run, prompts, texts, ended, a.batch) for j, run in judges.items()}
         if gold_fn:
@@ -801,7 +881,8 @@ def compare(a):
         A, B = outs[i], outs[j]
         wr = {k: win_rate(by_score(A["scores"][k], B["scores"][k])) for k in A["scores"]}
         if ask:
-            got = [judge_both_orders(ask, q, ta, tb) for q, ta, tb in zip(prompts, A["texts"], B["texts"])]
+            got = [judge_both_orders(ask, q, ta, tb) for q, ta, tb in tqdm(
+                list(zip(prompts, A["texts"], B["texts"])), desc=f"judge {i} vs {j}", unit="prompt")]
             wr["external"] = {**win_rate([o for o, _ in got]), "unparsed_answers": sum(b for _, b in got)}
         ex = [{"prompt": q, "a": A["texts"][k], "b": B["texts"][k],
                "scores": {s: [A["scores"][s][k], B["scores"][s][k]] for s in A["scores"]}}
@@ -811,16 +892,6 @@ def compare(a):
     res["samples"] = [{"prompt": q, **{f"{k}:{p['name']}": o["texts"][n] for k, (p, o) in enumerate(zip(pols, outs))}}
                       for n, q in enumerate(prompts)]
     return res
-
-
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _table(head, rows):
-    w = [max(len(_fmt(x)) for x in col) for col in zip(head, *rows)]
-    for r in [head, ["-" * n for n in w], *rows]:
-        print("  ".join(_fmt(x).ljust(n) for x, n in zip(r, w)))
 
 
 def print_compare(res):
@@ -840,36 +911,8 @@ def print_compare(res):
             for p in res["pairs"] for e in p["examples"]])
 
 
-def compare_main(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py compare",
-                                 description="policies of finished runs head to head on the same held-out prompts")
-    ap.add_argument("runs", nargs="+",
-                    help="run directories; DIR:sft / DIR:ppo pick a policy (default: PPO if it ran, else SFT)")
-    ap.add_argument("--n-prompts", type=int, default=64, help="unique held-out prompts of the first run")
-    ap.add_argument("--judge-run", type=int, default=0,
-                    help="index of the run whose reward model judges (0 = the first)")
-    ap.add_argument("--rm", action="append", help="also judge with the reward model of this run directory (repeatable)")
-    ap.add_argument("--judge-cmd",
-                    help="shell command: JSON {prompt, response_a, response_b, text} on stdin, prints A, B or tie")
-    ap.add_argument("--judge-url", help="OpenAI-compatible chat/completions endpoint (key from OPENAI_API_KEY if set)")
-    ap.add_argument("--judge-model", default="gpt-4", help="model name sent to --judge-url")
-    ap.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per external judge call")
-    ap.add_argument("--refs",
-                    help="jsonl(.gz) of {prompt or post, summary} for ROUGE (default: the run's data, if it has "
-                         "summaries)")
-    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the first run's)")
-    ap.add_argument("--batch", type=int, default=16, help="prompts per generation batch")
-    ap.add_argument("--examples", type=int, default=2, help="example pairs printed per pair of policies")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", help="also write the results (with every sample) to this .json file")
-    a = ap.parse_args(argv)
-    try:
-        if a.n_prompts < 1 or a.batch < 1:
-            raise I.ConfigError("--n-prompts and --batch must be >= 1")
-        res = compare(a)
-    except (I.ConfigError, data.DataError, JudgeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def compare_job(a):
+    res = compare(a)
     print_compare(res)
     if a.out:
         with open(a.out, "w") as f:
@@ -877,47 +920,15 @@ def compare_main(argv=None):
         print(f"\nwrote {a.out}")
     return res
 
+
 # -----------------------------------------------------------------------------
-# scoring a preference file with a run's reward model
+# a run's reward model on a preference file, its policy's responses, the run as Hugging Face / PEFT directories
 
 
-@torch.no_grad()
-def score_pairs(run, pairs, bs=16):
-    """the run's reward role (LoRA off, reward head) on each pair's chosen and rejected response, encoded as in
-    training (BOS, joint tokens, EOS, the same length limits). -> [(score chosen, score rejected)]."""
-    bases, cfg, tok, _ = run
-    rows, _ = data.encode_pairs(pairs, tok, cfg)
-    dev, out = _device(bases), []
-    for i in range(0, len(rows), bs):
-        chunk = rows[i:i + bs]
-        ids, mask, P = data.collate([r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk],
-                                    tok.pad_id)
-        r = H.run_roles(bases, H.ROLES[cfg.method], ("reward",), ids.to(dev), mask.to(dev), P,
-                        cfg.temperature)["reward"].tolist()
-        out += list(zip(r[:len(chunk)], r[len(chunk):]))
-    return out
-
-
-def score_main(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py score",
-                                 description="pairwise accuracy of a run's reward model on a preference file")
-    ap.add_argument("run", help="a run directory written by hydra_ppo.py")
-    ap.add_argument("--data", required=True,
-                    help="a .jsonl/.jsonl.gz of preference pairs (HH-RLHF or prompt/chosen/rejected)")
-    ap.add_argument("--n", type=int, default=0, help="score the first N pairs only (0 = all)")
-    ap.add_argument("--batch", type=int, default=16, help="pairs per forward")
-    ap.add_argument("--device", default="auto")
-    a = ap.parse_args(argv)
-    try:
-        if a.n < 0 or a.batch < 1:
-            raise I.ConfigError("--n must be >= 0 and --batch >= 1")
-        pairs, stats = data.load_pairs(a.data)
-        pairs = pairs[:a.n] if a.n else pairs
-        run = load_run(a.run, a.device)
-    except (I.ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    scores = score_pairs(run, pairs, a.batch)
+def score_job(a):
+    pairs, stats = data.load_pairs(a.data)
+    pairs = pairs[:a.n] if a.n else pairs
+    scores = score_pairs(load_run(a.run, a.device), pairs, a.batch)
     wins = sum((c > r) + 0.5 * (c == r) for c, r in scores)  # a tie counts half
     res = dict(run=a.run, data=a.data, n=len(scores), accuracy=wins / len(scores),
                interval=list(wilson(wins, len(scores))), mean_margin=fmean(c - r for c, r in scores), data_stats=stats)
@@ -928,50 +939,15 @@ def score_main(argv=None):
     return res
 
 
-# -----------------------------------------------------------------------------
-# a trained policy's responses, and the run as Hugging Face / PEFT directories
-
-
-def read_prompts(path):
-    """prompts from a file: a .jsonl(.gz) of {"prompt": ...} records, else one prompt per line."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        out = []
-        for where, rec in data.json_records(path):
-            if rec is not None and not isinstance(rec.get("prompt"), str):
-                raise data.DataError(f"{where}: no string \"prompt\"; expected {{\"prompt\": ...}} per line")
-            out += [rec["prompt"]] if rec is not None else []
-        return out
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise I.ConfigError(f"--prompts {path}: cannot read it ({e})")
-
-
-def sample_main(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py sample", description="responses of a trained policy, with the run's "
-                                 "reward-model score (and the gold score where the task has one)")
-    ap.add_argument("run", help="a run directory; RUN:sft / RUN:ppo pick the policy (default: PPO if it ran)")
-    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); the run's chat template "
-                    "is applied as in training")
-    ap.add_argument("--prompts", help="a file of prompts: .jsonl(.gz) with a prompt field, else one per line")
-    ap.add_argument("--greedy", action="store_true", help="the most likely token at each step (default: sample at "
-                    "the run's temperature)")
-    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
-    ap.add_argument("--batch", type=int, default=16, help="prompts per generation batch")
-    ap.add_argument("--device", default="auto")
-    a = ap.parse_args(argv)
-    try:
-        prompts = a.prompt + (read_prompts(a.prompts) if a.prompts else [])
-        if not prompts:
-            raise I.ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
-        (pol,), _ = load_policies([a.run], a.device)
-    except (I.ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    cfg = pol["run"][1]
+def sample_job(a):
+    prompts = a.prompt + (read_prompts(a.prompts) if a.prompts else [])
+    if not prompts:
+        raise I.ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+    (pol,), _ = load_policies([a.run], a.device)
+    cfg, t0 = pol["run"][1], time.perf_counter()
     resp, texts, ended, _ = sample(pol, prompts, cfg.seed if a.seed is None else a.seed, a.batch,
                                    0.0 if a.greedy else None)
+    note(f"sampled {len(prompts)} responses in {time.perf_counter() - t0:.0f} s")
     scores = rm_scores(pol["run"], prompts, texts, ended, a.batch)
     gold_fn = data.split_data(cfg)[2]
     rows = [dict(prompt=p, response=t, tokens=r, reward=s, gold=gold_fn(p, t) if gold_fn else None)
@@ -983,20 +959,10 @@ def sample_main(argv=None):
     return rows
 
 
-def export_main(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py export", description="a finished run as Hugging Face directories "
-                                 "(policy, SFT policy, reward model) and PEFT adapters")
-    ap.add_argument("run", help="a run directory written by hydra_ppo.py")
-    ap.add_argument("--out", help="where to write (default: RUN/hf); replaced whole, atomically")
-    ap.add_argument("--device", default="cpu", help="where to load the run (cpu: no GPU memory needed)")
-    a = ap.parse_args(argv)
+def export_job(a):
     out = a.out or os.path.join(a.run, "hf")
-    try:
-        bases, cfg, tok, has_ppo = load_run(a.run, a.device)
-        written = I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
-    except I.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    bases, cfg, tok, has_ppo = load_run(a.run, a.device)
+    written = I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
     print(f"wrote {out}: {', '.join(written)}")
     return out
 
@@ -1039,17 +1005,12 @@ def results_markdown(rows):
     return "\n".join(lines)
 
 
-def results_main(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py table", description="paper-style results table from run directories")
-    ap.add_argument("runs", nargs="+", help="run directories with a summary.json")
-    ap.add_argument("--out", help="also write the markdown to this file")
-    a = ap.parse_args(argv)
+def table_job(a):
     summaries = []
     for d in a.runs:
         path = os.path.join(d, "summary.json")
         if not os.path.exists(path):
-            print(f"error: {path}: no such file; expected a run directory written by hydra_ppo.py", file=sys.stderr)
-            sys.exit(2)
+            raise I.ConfigError(f"{path}: no such file; expected a run directory written by hydra_ppo.py")
         summaries.append((d, I.load_file(path)))
     md = results_markdown(results_rows(summaries))
     print(md)
@@ -1060,113 +1021,152 @@ def results_main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# main
+# the command line: one parser, a subcommand per job; flag groups that jobs share are parent parsers
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bench", action="store_true", help="measure the six rows, each in a fresh process")
-    p.add_argument("--bench-gen", action="store_true",
-                   help="ms per generated token, LoRA off vs on, against reading the weights once")
-    p.add_argument("--rows", type=lambda v: v.split(","), default=list(ROWS),
-                   help=f"bench these rows only: {','.join(ROWS)}")
-    p.add_argument("--bench-fsdp", metavar="N,N", type=lambda v: [int(x) for x in v.split(",")],
-                   help="FSDP2 per-rank memory of --method (default hydra-ppo) on N ranks each (torchrun), e.g. 1,2")
-    p.add_argument("--fsdp", action="store_true", help="(internal, with --bench-one under torchrun) shard the bases")
-    p.add_argument("--bench-one", metavar="ROW", help=f"(internal) measure one row in this process: {', '.join(ROWS)}")
-    p.add_argument("--estimate", metavar="MODEL",
-                   help=f"analytic memory plan from the config alone: {', '.join(I.MODELS)}, a local dir or a cached "
-                        "hub id")
-    p.add_argument("--save-random", nargs=2, metavar=("MODEL", "DIR"),
-                   help=f"write a random-init MODEL ({', '.join(I.MODELS)}, a local dir or a cached hub id) with a "
-                        "GPT-2 BPE tokenizer to DIR, loadable by hydra_ppo.py --model DIR; its weight dtype is --dtype")
-    p.add_argument("--model", default="tiny",
-                   help="bench model: micro, tiny, smollm2-135m-random (random init of built-in shapes)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs (sft rows) or rollouts (ppo rows) per step")
-    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    p.add_argument("--prompt-len", type=int, default=64, help="bench prompt tokens")
-    p.add_argument("--response-len", type=int, default=64, help="bench response tokens (sampled in ppo rows)")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per bench process (0 = as hydra_ppo.py: 1 for tiny, torch's default "
-                        "otherwise; 1 is faster when other jobs share the cores)")
-    p.add_argument("--grad-ckpt", action="store_true",
-                   help="activation checkpointing (hydra_ppo --grad-ckpt) in bench and estimate")
-    p.add_argument("--out", default="out", help="bench.json / budget.json go here")
-    p.add_argument("--budget-mib", type=float, default=0,
-                   help="bench: probe the largest batch per PPO method under this peak; estimate: add that column")
-    p.add_argument("--max-batch", type=int, default=512, help="largest batch the budget search tries")
-    p.add_argument("--method", choices=ROWS, help="estimate one row only")
-    p.add_argument("--seq-len", type=int, default=128, help="estimate: prompt + response tokens (response = half)")
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="estimate: base weight dtype")
-    return p.parse_args(argv)
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every job's own errors; not argparse's usage block
+        fail(f"{message} (see `{self.prog} --help`)")
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def ints(v):
+    """'8,12' -> [8, 12]; a ValueError (not integers >= 1) is argparse's one-line error."""
+    xs = [int(x) for x in v.split(",")]
+    if min(xs) < 1:
+        raise ValueError(v)
+    return xs
+
+
+def parents():
+    """-> the shared flag groups: {name: parent parser}"""
+    p = {k: Parser(add_help=False) for k in ("lora", "step", "clock", "dtype", "run")}
+    p["lora"].add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
+    p["step"].add_argument("--batch-size", type=int, default=8, help="pairs (sft rows) or rollouts (ppo rows) a step")
+    p["step"].add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (hydra_ppo --grad-ckpt)")
+    c = p["clock"]
+    c.add_argument("--model", default="tiny", help="micro, tiny, or NAME-random: random init of a built-in shape "
+                   f"({', '.join(I.MODELS)})")
+    c.add_argument("--steps", type=int, default=2, help="timed steps (repeats) after one warm-up")
+    c.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
+    c.add_argument("--response-len", type=int, default=64, help="response tokens (sampled, where PPO samples)")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    c.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = as hydra_ppo.py: 1 for "
+                   "tiny, torch's default otherwise; 1 is faster when other jobs share the cores)")
+    c.add_argument("--out", default="out", help="the results' .json goes here")
+    p["dtype"].add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="base weight dtype")
+    p["run"].add_argument("--device", default="auto", help="where to load the runs")
+    p["run"].add_argument("--batch", type=int, default=16, help="prompts (pairs, for score) per forward")
+    return p
+
+
+def add_jobs(sub, p):
+    def job(name, run, about, groups=(), hidden=False):
+        listed = {} if hidden else {"help": about}  # a job without help= stays out of `eval.py --help`
+        j = sub.add_parser(name, parents=[p[g] for g in groups], description=about,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, **listed)
+        j.set_defaults(job=run)
+        return j
+    j = job("bench", lambda a: budget(a) if a.budget_mib else bench(a), "measured peak memory and latency of the "
+            "bench's rows, each in a fresh process", ("clock", "step", "lora"))
+    j.add_argument("--rows", type=lambda v: v.split(","), default=",".join(ROWS), help="these rows only")
+    j.add_argument("--budget-mib", type=float, default=0, help="per PPO method: the largest batch under this peak")
+    j.add_argument("--max-batch", type=int, default=512, help="largest batch the budget search tries")
+    j = job("bench-one", bench_row, "(internal) one bench row in this process", ("clock", "step", "lora"), True)
+    j.add_argument("name", choices=ROWS, metavar="ROW")
+    j.add_argument("--fsdp", action="store_true", help="under torchrun: shard the bases")
+    j = job("bench-fsdp", bench_fsdp, "FSDP2 per-rank memory of a method on N ranks each (torchrun)",
+            ("clock", "step", "lora"))
+    j.add_argument("ranks", type=ints, metavar="N,N", help="rank counts, e.g. 1,2")
+    j.add_argument("--method", choices=ROWS, default="hydra-ppo", help="the row to shard")
+    j = job("bench-gen", bench_gen, "ms per generated token: the eager decoder against the static one (a CUDA graph "
+            "on CUDA), LoRA on; and their logit and token agreement", ("clock", "lora", "dtype"))
+    j.add_argument("--batch-sizes", type=ints, default=[8], help="comma-separated, e.g. 8,12")
+    j.add_argument("--budget-s", type=float, default=420, help="no further repeat once this many seconds have passed")
+    j = job("estimate", print_estimate, "analytic memory plan from a model's config alone, beside the paper's figures",
+            ("step", "lora", "dtype"))
+    j.add_argument("model", help=f"{', '.join(I.MODELS)}, a local dir or a cached hub id")
+    j.add_argument("--seq-len", type=int, default=128, help="prompt + response tokens (response = half)")
+    j.add_argument("--budget-mib", type=float, default=0, help="add the largest batch under this plan total")
+    j.add_argument("--method", choices=ROWS, help="this row only")
+    j = job("save-random", lambda a: save_random_model(a.model, a.dir, a.dtype), "a random-init model with a GPT-2 "
+            "BPE tokenizer, as a directory hydra_ppo.py --model DIR loads", ("dtype",))
+    j.add_argument("model", help=f"{', '.join(I.MODELS)}, a local dir or a cached hub id")
+    j.add_argument("dir", help="a new (or empty) directory")
+    j = job("compare", compare_job, "policies of finished runs head to head on the same held-out prompts", ("run",))
+    j.add_argument("runs", nargs="+", help="run directories; DIR:sft / DIR:ppo pick a policy (default: PPO if it ran)")
+    j.add_argument("--n-prompts", type=int, default=64, help="held-out prompts of the first run")
+    j.add_argument("--judge-run", type=int, default=0, help="index of the run whose reward model judges")
+    j.add_argument("--rm", action="append", help="also judge with the reward model of this run dir (repeatable)")
+    j.add_argument("--judge-cmd", help="shell command: JSON {prompt, response_a, response_b, text} on stdin, prints "
+                   "A, B or tie")
+    j.add_argument("--judge-url", help="OpenAI-compatible chat/completions endpoint (key from OPENAI_API_KEY if set)")
+    j.add_argument("--judge-model", default="gpt-4", help="model name sent to --judge-url")
+    j.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per external judge call")
+    j.add_argument("--refs", help="jsonl(.gz) of {prompt or post, summary} for ROUGE (default: the run's data, if it "
+                   "has summaries)")
+    j.add_argument("--seed", type=int, default=None, help="sampling seed (default: the first run's)")
+    j.add_argument("--examples", type=int, default=2, help="example pairs printed per pair of policies")
+    j.add_argument("--out", help="also write the results (with every sample) to this .json file")
+    j = job("table", table_job, "paper-style results table from run directories")
+    j.add_argument("runs", nargs="+", help="run directories with a summary.json")
+    j.add_argument("--out", help="also write the markdown to this file")
+    j = job("score", score_job, "pairwise accuracy of a run's reward model on a preference file", ("run",))
+    j.add_argument("run", help="a run directory written by hydra_ppo.py")
+    j.add_argument("--data", required=True, help="a .jsonl(.gz) of preference pairs (HH-RLHF or "
+                   "prompt/chosen/rejected)")
+    j.add_argument("--n", type=int, default=0, help="score the first N pairs only (0 = all)")
+    j = job("sample", sample_job, "responses of a trained policy, with the run's reward-model score (and the gold "
+            "score where the task has one)", ("run",))
+    j.add_argument("run", help="a run directory; RUN:sft / RUN:ppo pick the policy (default: PPO if it ran)")
+    j.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable), templated as in training")
+    j.add_argument("--prompts", help="a file of prompts: .jsonl(.gz) with a prompt field, else one per line")
+    j.add_argument("--greedy", action="store_true", help="the most likely token each step (default: the run's "
+                   "temperature)")
+    j.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's)")
+    j = job("export", export_job, "a finished run as Hugging Face directories (policy, SFT policy, reward model) and "
+            "PEFT adapters")
+    j.add_argument("run", help="a run directory written by hydra_ppo.py")
+    j.add_argument("--out", help="where to write (default: RUN/hf); replaced whole, atomically")
+    j.add_argument("--device", default="cpu", help="where to load the run (cpu: no GPU memory needed)")
+
+
+def parser():
+    ap = Parser(prog="eval.py", description=__doc__.strip().splitlines()[0],
+                epilog="`eval.py JOB --help` for a job's flags; the module docstring has examples.")
+    add_jobs(ap.add_subparsers(title="jobs", metavar="JOB", required=True), parents())
+    return ap
+
+
+AT_LEAST = {"batch_size": 1, "steps": 1, "prompt_len": 1, "response_len": 1, "lora_r": 1, "max_batch": 1,
+            "seq_len": 2, "threads": 0, "budget_mib": 0, "budget_s": 0, "n_prompts": 1, "batch": 1, "n": 0,
+            "examples": 0}
 
 
 def validate(a):
-    for flag in ("batch_size", "steps", "prompt_len", "response_len", "lora_r", "max_batch"):
-        if getattr(a, flag) < 1:
-            raise I.ConfigError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: must be >= 1")
-    if a.seq_len < 2:
-        raise I.ConfigError(f"--seq-len {a.seq_len}: must be >= 2")
-    if a.threads < 0:
-        raise I.ConfigError(f"--threads {a.threads}: must be >= 0")
-    if a.budget_mib < 0:
-        raise I.ConfigError(f"--budget-mib {a.budget_mib:g}: must be >= 0 (0 = no budget search)")
-    bad = [r for r in a.rows if r not in ROWS]
+    for k, lo in AT_LEAST.items():
+        if getattr(a, k, lo) < lo:
+            raise I.ConfigError(f"--{k.replace('_', '-')} {getattr(a, k):g}: must be >= {lo}")
+    bad = [r for r in getattr(a, "rows", []) if r not in ROWS]
     if bad:
         raise I.ConfigError(f"--rows {','.join(a.rows)}: {bad[0]!r} is not one of {', '.join(ROWS)}")
-    if a.bench_one and a.bench_one not in ROWS:
-        raise I.ConfigError(f"--bench-one {a.bench_one!r}: expected one of {', '.join(ROWS)}")
-    if sum(map(bool, (a.bench, a.bench_one, a.estimate, a.bench_fsdp, a.save_random, a.bench_gen))) != 1:
-        raise I.ConfigError("pass exactly one of --bench, --bench-gen, --bench-fsdp N,N, --bench-one ROW, "
-                            "--estimate MODEL, --save-random MODEL DIR")
-    if a.bench_fsdp and min(a.bench_fsdp) < 1:
-        raise I.ConfigError(f"--bench-fsdp {a.bench_fsdp}: rank counts must be >= 1")
-    if (a.bench or a.bench_one or a.bench_fsdp) and I.model_config(a.model)["model_type"] not in ("llama", "opt"):
-        raise I.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS baseline "
-                            "includes that code)")
+    if a.job in (bench_row, bench_fsdp) or getattr(a, "rows", None):  # bench, bench-one, bench-fsdp
+        if I.model_config(a.model)["model_type"] not in ("llama", "opt"):
+            raise I.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS "
+                                "baseline includes that code)")
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "compare":  # python eval.py compare RUN_A RUN_B ...
-        return compare_main(argv[1:])
-    if argv and argv[0] == "table":  # python eval.py table DIR ...
-        return results_main(argv[1:])
-    if argv and argv[0] == "score":  # python eval.py score OUT --data FILE
-        return score_main(argv[1:])
-    if argv and argv[0] == "sample":  # python eval.py sample OUT[:sft|:ppo] --prompt TEXT
-        return sample_main(argv[1:])
-    if argv and argv[0] == "export":  # python eval.py export OUT [--out DIR]
-        return export_main(argv[1:])
-    a = parse_args(argv)
+    a = parser().parse_args(argv)
     try:
         validate(a)
-        if a.bench_one:
-            a.name = a.bench_one
-            row = bench_one(a)
-            rows = I.gather_lists([row]) if a.fsdp else row  # under torchrun: rank 0 prints every rank's row
-            if I.is_writer():
-                print(json.dumps(rows))
-            if torch.distributed.is_initialized():  # its threads stop before the interpreter exits, or it may abort
-                torch.distributed.destroy_process_group()
-        elif a.bench_fsdp:
-            bench_fsdp(a)
-        elif a.estimate:
-            print_estimate(a)
-        elif a.bench_gen:
-            bench_gen(a)
-        elif a.save_random:
-            save_random_model(*a.save_random, dtype=a.dtype)
-        elif a.budget_mib:
-            budget(a)
-        else:
-            bench(a)
-    except I.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return a.job(a)
+    except (I.ConfigError, data.DataError, JudgeError) as e:
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -80,10 +80,10 @@ def test_kv_cache_logits_equal_a_full_forward_on_each_architecture(arch, model_d
 
 
 def test_save_random_writes_a_dir_whose_tokenizer_prepends_bos(tmp_path):
-    """if this fails, `eval.py --save-random` writes a model dir that does not load, or whose tokenizer and config disagree
+    """if this fails, `eval.py save-random` writes a model dir that does not load, or whose tokenizer and config disagree
     on BOS (Llama and OPT prepend it), or that uses ids outside the vocab."""
     from transformers import AutoConfig, AutoTokenizer
-    E.main(["--save-random", "tiny", str(tmp_path / "llama"), "--dtype", "fp32"])  # vocab 4098 < 50257: the BPE's first ranks
+    E.main(["save-random", "tiny", str(tmp_path / "llama"), "--dtype", "fp32"])  # vocab 4098 < 50257: the BPE's first ranks
     E.save_random_model(ARCHS["opt-project-out"], str(tmp_path / "opt"))
     for name in ("llama", "opt"):
         tok, cfg = AutoTokenizer.from_pretrained(tmp_path / name), AutoConfig.from_pretrained(tmp_path / name)
@@ -100,8 +100,8 @@ def test_save_random_writes_a_dir_whose_tokenizer_prepends_bos(tmp_path):
 def test_save_random_of_an_unknown_model_is_one_error_line(tmp_path, capsys):
     """if this fails, a mistyped MODEL gives a traceback instead of one line naming the flag."""
     with pytest.raises(SystemExit) as e:
-        E.main(["--save-random", "no-such-model", str(tmp_path / "x")])
+        E.main(["save-random", "no-such-model", str(tmp_path / "x")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --save-random 'no-such-model'"), err
+    assert len(err) == 1 and err[0].startswith("error: save-random 'no-such-model'"), err
     assert not os.path.exists(tmp_path / "x")

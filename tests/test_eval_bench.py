@@ -156,8 +156,8 @@ def test_largest_batch_finds_the_boundary():
     assert E.largest_batch(lambda b: True, cap=48) == 48
 
 
-@pytest.mark.parametrize("argv, msg", [(["--bench", "--batch-size", "0"], "error: --batch-size 0: must be >= 1"),
-                                       (["--estimate", "no-such-model"], "error: --estimate 'no-such-model': not built in")])
+@pytest.mark.parametrize("argv, msg", [(["bench", "--batch-size", "0"], "error: --batch-size 0: must be >= 1"),
+                                       (["estimate", "no-such-model"], "error: estimate 'no-such-model': not built in")])
 def test_bad_input_is_one_line_and_exit_2(argv, msg, capsys):
     """a bad flag crashes with a traceback, or exits 0, if this fails."""
     with pytest.raises(SystemExit) as ex:
@@ -167,9 +167,33 @@ def test_bad_input_is_one_line_and_exit_2(argv, msg, capsys):
     assert err.startswith(msg) and err.count("\n") == 1
 
 
+JOBS = {"bench": ["--rows", "floor,nope"], "bench-fsdp": ["0,2"], "bench-gen": ["--batch-sizes", "8,x"],
+        "estimate": ["tiny", "--seq-len", "1"], "save-random": ["tiny"], "compare": ["a", "b", "--n-prompts", "0"],
+        "table": [], "score": ["run"], "sample": ["run", "--batch", "0"], "export": ["run", "--nope"]}
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_answers_a_bad_argument_with_one_error_line_and_exit_2(job, capsys):
+    """if this fails, a job's bad argument gives argparse's usage block, a traceback or exit 0 instead of one line."""
+    with pytest.raises(SystemExit) as ex:
+        E.main([job, *JOBS[job]])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_help_lists_every_job_but_not_the_internal_child():
+    """if this fails, `eval.py --help` hides a job, or shows the bench's internal per-row child mode to users."""
+    r = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0
+    listed = {line.split()[0] for line in r.stdout.split("jobs:")[1].splitlines()[2:] if line.startswith("    ")
+              and not line.startswith("     ")}
+    assert listed == set(JOBS), listed
+    assert "bench-one" not in r.stdout and "internal" not in r.stdout
+
+
 def test_bench_one_row_reports_its_fields():
-    """`--bench` cannot build its table (missing or wrong fields, responses of varying length) if this fails."""
-    r = subprocess.run([sys.executable, "eval.py", "--bench-one", "hydra-ppo", "--model", "micro", "--batch-size", "2", "--steps", "1",
+    """`bench` cannot build its table (missing or wrong fields, responses of varying length) if this fails."""
+    r = subprocess.run([sys.executable, "eval.py", "bench-one", "hydra-ppo", "--model", "micro", "--batch-size", "2", "--steps", "1",
                         "--prompt-len", "6", "--response-len", "5", "--threads", "1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
@@ -205,24 +229,27 @@ print(faults() - f0)
     assert pages["keep"] * 10 < pages["track"]  # reused (at most the first one is faulted in)
 
 
-def test_bench_gen_reports_lora_on_and_off_per_token(tmp_path):
-    """the generation bench (ms per token with LoRA off and on, against reading the weights once) breaks if this
-    fails."""
-    r = subprocess.run([sys.executable, "eval.py", "--bench-gen", "--model", "micro", "--batch-size", "2", "--steps", "1",
-                        "--prompt-len", "4", "--response-len", "3", "--threads", "1", "--out", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_bench_gen_eager_and_static_decoders_agree_and_report_their_clock(tmp_path, capsys):
+    """if this fails, the static decoder (a CUDA graph on CUDA) samples other tokens or computes other logits than
+    the eager one under a live LoRA adapter, or bench-gen's gen.json (issue #23's measurement) loses a field."""
+    E.main(["bench-gen", "--model", "micro", "--batch-sizes", "2,3", "--steps", "2", "--prompt-len", "4",
+            "--response-len", "6", "--lora-r", "4", "--dtype", "fp32", "--out", str(tmp_path)])
     g = json.load(open(tmp_path / "gen.json"))
-    assert g["ms_per_token_lora_off"] > 0 and g["ms_per_token_lora_on"] > 0 and g["read_gib_per_s"] > 0
-    assert g["lora_on_over_off"] == g["ms_per_token_lora_on"] / g["ms_per_token_lora_off"]
-    assert g["matmul_ms"] > 0 and g["lora_off_over_matmuls"] == g["ms_per_token_lora_off"] / g["matmul_ms"]
+    assert [r["batch_size"] for r in g["rows"]] == [2, 3] and g["dtype"] == "float32" and g["lora_r"] == 4
+    for r in g["rows"]:
+        assert r["rows_identical"] == r["batch_size"] and r["first_diff_token"] is None  # every token the same
+        assert r["logit_steps"] == 4 and r["max_abs_logit_diff"] < 1e-4  # prefill + 3 steps, fp32 rounding only
+        assert r["ms_per_token_eager"] > 0 and r["ms_per_token_static"] > 0 and r["repeats"] == 2
+        assert r["eager_over_static"] == r["ms_per_token_eager"] / r["ms_per_token_static"]
+        assert r["peak_memory_mib"] is not None
+    assert "repeat 2/2" in capsys.readouterr().err  # one progress line per repeat, on stderr
 
 
 @pytest.mark.slow
 def test_fsdp_bench_halves_each_ranks_share_of_the_weights(tmp_path):
     """if this fails, --fsdp does not shard the frozen base (or the adapters) across ranks: a base too big for one
     device would not fit on two."""
-    r = subprocess.run([sys.executable, "eval.py", "--bench-fsdp", "1,2", "--model", "micro", "--batch-size", "2", "--steps", "1",
+    r = subprocess.run([sys.executable, "eval.py", "bench-fsdp", "1,2", "--model", "micro", "--batch-size", "2", "--steps", "1",
                         "--prompt-len", "6", "--response-len", "5", "--threads", "1", "--out", str(tmp_path)],
                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -171,12 +171,12 @@ def test_results_table_rows_in_paper_order(tmp_path, capsys):
     for d, s in runs.items():
         (tmp_path / d).mkdir()
         (tmp_path / d / "summary.json").write_text(json.dumps({"model": "tiny", "data": "builtin", **s}))
-    md = E.results_main([str(tmp_path / d) for d in runs])
+    md = E.main(["table", *(str(tmp_path / d) for d in runs)])
     rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r[0].strip("| ") for r in rows] == ["SFT", "Hydra-SFT", "Hydra-SFT", "LoRA-PPO", "Hydra-PPO"]
     assert rows[3][6] == "0.250" and rows[4][5] == "2.000" and rows[4][7] == "0.500" and rows[0][6] == "n/a"
     with pytest.raises(SystemExit) as e:
-        E.results_main([str(tmp_path / "nope")])
+        E.main(["table", str(tmp_path / "nope")])
     assert e.value.code == 2 and "summary.json: no such file" in capsys.readouterr().err
 
 
@@ -186,7 +186,7 @@ def test_compare_rejects_bad_arguments_before_loading_anything(tmp_path, capsys)
                          [[str(tmp_path)] * 2 + ["--judge-cmd", "x", "--judge-url", "y"], "pick one"],
                          [[str(tmp_path)] * 2, "no sft.pt here"]):
         with pytest.raises(SystemExit) as e:
-            E.compare_main(argv)
+            E.main(["compare", *argv])
         assert e.value.code == 2 and phrase in capsys.readouterr().err
 
 # -----------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def compared(tiny_runs):
     refs.write_text("".join(json.dumps({"prompt": q, "summary": " good fun and nice."}) + "\n" for q in prompts[:5]))
     out = root / "cmp.json"
     with one_thread():
-        res = E.compare_main([d, f"{d}:sft", f"{d}:sft", "--rm", d2, "--n-prompts", str(N), "--batch", "5",
+        res = E.main(["compare", d, f"{d}:sft", f"{d}:sft", "--rm", d2, "--n-prompts", str(N), "--batch", "5",
                               "--judge-cmd", cmd, "--refs", str(refs), "--out", str(out), "--examples", "1"])
     return res, json.loads(out.read_text()), calls(log), prompts
 
@@ -301,9 +301,9 @@ def test_run_without_ppo_is_its_sft_policy_and_table_reads_real_runs(tiny_runs, 
     pols, _ = E.load_policies([d2], "cpu")
     assert pols[0]["name"] == f"{d2}:sft" and pols[0]["role"] == "reference"
     with pytest.raises(SystemExit) as e:
-        E.compare_main([f"{d2}:ppo", d])
+        E.main(["compare", f"{d2}:ppo", d])
     assert e.value.code == 2 and "has no ppo.pt" in capsys.readouterr().err
-    md = E.results_main([d2, d])
+    md = E.main(["table", d2, d])
     assert [line.split(" | ")[0] for line in md.splitlines()[2:5]] == ["| Hydra-SFT", "| Hydra-SFT", "| Hydra-PPO"]
 
 
@@ -339,3 +339,18 @@ def test_score_of_a_bad_file_is_one_error_line(tmp_path, capsys):
             E.main(["score", str(tmp_path), "--data", str(path)])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {path}")
+
+
+def test_score_reports_progress_on_stderr_and_keeps_its_json_last_on_stdout(tiny_runs, tmp_path, capsys):
+    """if this fails, a long job runs silently again, or its progress lands on stdout and breaks the last-line JSON
+    that scripts read."""
+    _, d, _ = tiny_runs
+    with open(tmp_path / "p.jsonl", "w") as f:
+        for p in data.builtin_pairs(20, seed=3):
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
+    with one_thread():
+        E.main(["score", d, "--data", str(tmp_path / "p.jsonl"), "--batch", "4", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["n"] == 20
+    assert f"loaded {d}" in err and "5/5" in err  # the run's load, then the bar over 5 batches of 4 pairs
+    assert "loaded" not in out and "5/5" not in out

@@ -63,7 +63,7 @@ def test_exported_policy_generates_greedily_what_eval_py_sample_greedy_gives(run
     from transformers import AutoModelForCausalLM
     _, cfg, tok, _ = loaded
     _, texts = _prompt_ids(tok, cfg)
-    rows = E.sample_main([run_dir, "--greedy", "--device", "cpu", *sum((["--prompt", t] for t in texts), [])])
+    rows = E.main(["sample", run_dir, "--greedy", "--device", "cpu", *sum((["--prompt", t] for t in texts), [])])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rows
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "hf", "policy")).eval()
     for t, row in zip(texts, rows):
@@ -138,7 +138,7 @@ def test_a_failed_export_leaves_the_previous_one_whole(run_dir, loaded, monkeypa
         raise OSError("disk full")
     monkeypatch.setattr(I, "write_peft", boom)
     with pytest.raises(OSError):
-        I.export_run(bases, cfg, tok, has_ppo, out)
+        I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
     assert sorted(os.listdir(out)) == before
     assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["actor", "critic"]
 
@@ -149,7 +149,7 @@ def test_a_bf16_base_exports_in_bf16(run_dir, tmp_path):
     bases, cfg, tok, has_ppo = E.load_run(run_dir, "cpu")
     for m in bases.values():
         m.lm.to(torch.bfloat16)  # as setup_ppo stores a frozen base in a bf16 run
-    I.export_run(bases, cfg, tok, has_ppo, str(tmp_path / "hf"))
+    I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, str(tmp_path / "hf"))
     for d in ("policy", "sft", "reward"):
         with safe_open(str(tmp_path / "hf" / d / "model.safetensors"), "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}, d
