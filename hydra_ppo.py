@@ -896,7 +896,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory with --method {cfg.method} --model {cfg.model}; reduce "
               "--rollout-batch/--minibatch/--sft-batch, --max-new-tokens or --max-prompt, add --grad-ckpt, or use "
-              f"--method hydra-ppo; see `python eval.py --estimate {cfg.model}`", file=sys.stderr)
+              f"--method hydra-ppo; see `python eval.py estimate {cfg.model}`", file=sys.stderr)
         sys.exit(3)
 
 

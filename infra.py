@@ -1271,7 +1271,7 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
     if device.type == "cuda":
         plan["peak"] = max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1))
         free, _ = torch.cuda.mem_get_info(device)
-        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ({stages}); "
+        say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ({stages}); "
             f"{free / 2**30:.1f} GiB free on {device}")
         if plan["peak"] > free:
             tips = ["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
@@ -1285,6 +1285,6 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
                               f"{free / 2**30:.1f} GiB is free" + (f": try {tips}" if tips else ""))
     else:
         plan["peak"] = max(plan.values())
-        say(f"memory plan (eval.py --estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak "
+        say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak "
             f"(loading {plan['load'] / 2**30:.1f}, {stages})")
     return plan

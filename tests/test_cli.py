@@ -240,7 +240,7 @@ def test_gpu_memory_plan_refuses_early_when_the_method_cannot_fit(monkeypatch, c
         I.check_memory_plan(full, cuda, torch.bfloat16, H.ROLES["ppo"], 2)
     I.check_memory_plan(H.Config(model="llama-7b", method="hydra-ppo", sft_lora=True, sft_batch=2, minibatch=2), cuda, torch.bfloat16,
                         H.ROLES["hydra-ppo"], 1)
-    assert "memory plan (eval.py --estimate)" in capsys.readouterr().out
+    assert "memory plan (eval.py estimate)" in capsys.readouterr().out
 
 
 def test_lora_sft_merges_before_ppo_and_the_run_completes(tmp_path):
