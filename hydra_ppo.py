@@ -60,7 +60,7 @@ class Config:
     # hydra-sft
     sft_steps: int = flag(300, "Hydra-SFT optimizer steps")
     sft_batch: int = flag(16, "preference pairs per SFT step")
-    sft_lr: float = flag(0.0, "SFT learning rate (0 = 1e-3 for tiny, 1e-5 otherwise)")
+    sft_lr: float = flag(0.0, "SFT learning rate (0 = 1e-3 for tiny or --sft-lora, 1e-5 for full SFT otherwise)")
     rm_weight: float = flag(1.0, "weight of the pairwise reward loss in Hydra-SFT")
     sft_lora: bool = flag(False, "SFT with LoRA on a frozen base (merged at the end), for bases too big to fine-tune")
     # lora
@@ -71,7 +71,7 @@ class Config:
     rollout_batch: int = flag(32, "prompts sampled per PPO iteration")
     minibatch: int = flag(16, "rollouts per PPO minibatch")
     ppo_epochs: int = flag(2, "passes over each rollout batch")
-    actor_lr: float = flag(0.0, "actor learning rate (0 = 2e-3 LoRA / 2e-4 full on tiny, 5e-5 otherwise)")
+    actor_lr: float = flag(0.0, "actor learning rate (0 = LoRA 2e-3 tiny, 2e-4 otherwise; full 2e-4 tiny, 5e-5)")
     critic_lr: float = flag(0.0, "critic learning rate (0 = the actor's)")
     max_new_tokens: int = flag(24, "response tokens sampled in PPO and eval")
     temperature: float = flag(1.0, "sampling temperature; every log-prob uses the same one")
@@ -101,8 +101,9 @@ class Config:
     def __post_init__(self):  # the "0 = a rule" defaults, resolved once: checkpoints and exports hold the numbers
         tiny = self.model == "tiny"
         self.threads = self.threads or (1 if tiny else 0)
-        self.sft_lr = self.sft_lr or (1e-3 if tiny else 1e-5)
-        self.actor_lr = self.actor_lr or (5e-5 if not tiny else 2e-4 if self.method == "ppo" else 2e-3)
+        self.sft_lr = self.sft_lr or (1e-3 if tiny or self.sft_lora else 1e-5)  # README: measured on SmolLM2
+        full = self.method == "ppo"  # full PPO trains whole copies; the other methods a LoRA actor
+        self.actor_lr = self.actor_lr or ((2e-4 if full else 2e-3) if tiny else (5e-5 if full else 2e-4))
         self.critic_lr = self.critic_lr or self.actor_lr
 
 

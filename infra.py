@@ -383,7 +383,10 @@ def start_run(cfg):
         # export's and a checkpoint's directories; .old: swap_dir's): nothing of it may be read with the new run's
         # files (eval.py reads sft.pt with ppo.pt). other files in OUT are not ours (wandb/: this run's logs)
         import shutil
-        for f in ("ckpt.pt", "sft.pt", "ppo.pt", "metrics.jsonl", "summary.json", "ckpt", "hf"):
+        # --stage ppo starts PPO over from the SFT it has (the PPO records go when the loop starts at step 0)
+        keep = ("sft.pt", "metrics.jsonl", "summary.json") if cfg.stage == "ppo" else ()
+        for f in [f for f in ("ckpt.pt", "sft.pt", "ppo.pt", "metrics.jsonl", "summary.json", "ckpt", "hf")
+                  if f not in keep]:
             for path in (os.path.join(cfg.out, f + end) for end in ("", ".tmp", ".old")):
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
@@ -657,10 +660,10 @@ def load_lm(name, dtype, seed=0, meta=False):
     import transformers
     if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56):  # dtype= below, torch_dtype= before
         raise ConfigError(f"transformers {transformers.__version__} is too old: pip install -r requirements.txt")
+    torch.manual_seed(seed)  # whatever the load draws, and the heads HydraModel puts on it next: the run's seed
     if name == "tiny":
         from transformers import LlamaConfig, LlamaForCausalLM
         tok = data.gpt2_tokenizer()
-        torch.manual_seed(seed)
         cfg = LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                           bos_token_id=tok.eos_id, **TINY)
         with torch.device("meta") if meta else contextlib.nullcontext():

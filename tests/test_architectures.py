@@ -105,3 +105,28 @@ def test_save_random_of_an_unknown_model_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: save-random 'no-such-model'"), err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_model_dirs_reward_head_comes_from_the_runs_seed(model_dirs):
+    """if this fails, two runs of a real model with one --seed start from different reward heads (only the tiny
+    model's init was seeded): their SFT, and every comparison between them, differ by chance."""
+    heads = [H.build_sft_models(H.Config(model=model_dirs["llama"], seed=s), torch.float32, torch.device("cpu"))[0]
+             ["hydra"].reward_head.weight.detach() for s in (3, 3, 4)]
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def _rm_accuracy(model_dir, out, extra, capsys):
+    I.STOP.requested = None
+    H.main(["--model", model_dir, "--data", "builtin", "--n-builtin", "400", "--stage", "sft", "--sft-lora",
+            "--sft-steps", "40", "--sft-batch", "8", "--out", out, "--device", "cpu", "--threads", "1", *extra])
+    capsys.readouterr()
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)["rm_accuracy"]
+
+
+def test_lora_sft_on_a_real_model_trains_at_its_default_learning_rate(model_dirs, tmp_path, capsys):
+    """if this fails, --sft-lora on any model but tiny (llama-7b's recipe) gets full fine-tuning's 1e-5 again, at
+    which 40 steps leave the adapter and the fresh reward head where they started."""
+    default = _rm_accuracy(model_dirs["llama"], str(tmp_path / "default"), [], capsys)
+    slow = _rm_accuracy(model_dirs["llama"], str(tmp_path / "slow"), ["--sft-lr", "1e-5"], capsys)
+    assert default >= 0.8 and default > slow + 0.2, (default, slow)

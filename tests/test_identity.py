@@ -102,3 +102,13 @@ def test_resume_past_the_checkpoints_step_count_is_refused(finished_run, tmp_pat
     own without a word."""
     code, err = _main(["--out", _copy(finished_run, tmp_path)] + SMALL + ["--ppo-steps", "4"], capsys)
     assert code == 2 and "ckpt is at ppo step 6, past --ppo-steps 4" in err
+
+
+def test_fresh_with_stage_ppo_starts_ppo_over_from_the_sft_it_has(finished_run, tmp_path):
+    """if this fails, `--fresh --stage ppo` deletes the sft.pt it is about to start from and stops with "needs
+    sft.pt", or keeps the old PPO's checkpoint, adapters or records."""
+    out = _copy(finished_run, tmp_path)
+    sft = open(os.path.join(out, "sft.pt"), "rb").read()
+    assert _main(["--out", out, "--fresh", "--stage", "ppo"] + SMALL)[0] == 0
+    assert open(os.path.join(out, "sft.pt"), "rb").read() == sft and not os.path.exists(os.path.join(out, "hf"))
+    assert _metrics(out) == _metrics(finished_run)  # PPO again from step 1, its records once
