@@ -369,6 +369,8 @@ def start_run(cfg):
     -> (device, compute dtype)."""
     device = init_distributed(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        fix_malloc_threshold()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
@@ -1035,6 +1037,20 @@ def glibc():
     except OSError:
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+MMAP_THRESHOLD = 2**20  # bytes: a block this big or bigger is mmap'd by glibc's malloc and unmapped at free
+
+
+def fix_malloc_threshold():
+    """a CPU run's tensors live in malloc's memory. glibc raises its mmap threshold to the size of each large block
+    freed (up to 32 MiB), after which blocks of every batch shape are carved from the heap and kept when freed: RSS
+    grows past the live tensors, and past the memory plan. a fixed threshold keeps large blocks out of the heap (it
+    also stops that growth). left alone where the user set malloc's environment (MALLOC_*_, GLIBC_TUNABLES) or the
+    C library is not glibc. -> whether set."""
+    if glibc() is None or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return False
+    return bool(glibc().mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
 
 
 def free_memory(device):
