@@ -99,10 +99,9 @@ class Config:
     export: bool = flag(False, "at the end, write OUT/hf: policies, reward model and adapters (eval.py export)")
 
     def __post_init__(self):  # the "0 = a rule" defaults, resolved once: checkpoints and exports hold the numbers
-        tiny = self.model == "tiny"
+        tiny, full = self.model == "tiny", self.method == "ppo"  # full: PPO trains whole copies, not a LoRA actor
         self.threads = self.threads or (1 if tiny else 0)
         self.sft_lr = self.sft_lr or (1e-3 if tiny or self.sft_lora else 1e-5)  # README: measured on SmolLM2
-        full = self.method == "ppo"  # full PPO trains whole copies; the other methods a LoRA actor
         self.actor_lr = self.actor_lr or ((2e-4 if full else 2e-3) if tiny else (5e-5 if full else 2e-4))
         self.critic_lr = self.critic_lr or self.actor_lr
 
