@@ -1,6 +1,8 @@
 """the path a GPU user takes first, checked on the CPU: bf16 mixed precision, real tokenizers (BOS, SentencePiece
 boundaries), activation checkpointing in SFT, the baselines' LM-only SFT, generation, and Llama-7b's wiring."""
 
+import os
+
 import pytest
 import torch
 
@@ -213,3 +215,14 @@ def test_llama7b_plan_at_the_papers_setting_orders_methods_as_table_1():
     assert est("ppo", 1) > limit
     batch = {m: E.largest_batch(lambda b: est(m, b) <= limit) for m in ("lora-ppo", "j-hydra-ppo", "hydra-ppo")}
     assert batch["j-hydra-ppo"] >= batch["hydra-ppo"] > batch["lora-ppo"] >= 1, batch
+
+
+def test_a_transformers_older_than_the_floor_is_one_line_not_a_traceback(monkeypatch):
+    """if this fails, a transformers below requirements.txt's floor (4.55 and older take torch_dtype=, not dtype=)
+    loads a real model into a raw TypeError deep inside from_pretrained instead of saying what to install."""
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", "4.55.4")
+    with pytest.raises(I.ConfigError, match=r"transformers 4.55.4 is too old: pip install -r requirements.txt"):
+        I.load_lm("facebook/opt-125m", torch.float32)
+    req = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")).read()
+    assert "transformers>=4.56" in req  # the floor the check enforces is the one pip installs
