@@ -90,6 +90,8 @@ def load_run(out, device="auto"):
     ppo_path = os.path.join(out, "ppo.pt")
     if os.path.exists(ppo_path):
         ppo = I.load_file(ppo_path)
+        if "models" not in ppo:
+            raise I.ConfigError(f"{ppo_path} was written by an older hydra (another format); rerun --stage ppo")
         I.check_meta(ppo["meta"], cfg, ppo_path, "sft", than=sft_path)  # PPO trained on top of this sft.pt
         # PPO's own flags (--lora-r, --temperature, ...) from ppo.pt: a --stage ppo may have set others than SFT's
         cfg = dataclasses.replace(cfg, **{k: v for k, v in ppo["meta"].items() if k in names})

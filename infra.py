@@ -419,6 +419,8 @@ def load_ckpt(cfg):
     if cfg.fresh or path is None:
         return None
     ck = {**load_file(os.path.join(path, "extra.pt")), "path": path}
+    if "state" not in ck:
+        raise ConfigError(f"{path} was written by an older hydra (another checkpoint format); pass --fresh")
     # checked on the flags its state depends on: an SFT checkpoint's are sft.pt's. a resume may run the stage it
     # stopped in on to more steps (nothing reads the count but the loop), but not a baseline's SFT with a model
     # finished at the old count

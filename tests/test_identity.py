@@ -112,3 +112,18 @@ def test_fresh_with_stage_ppo_starts_ppo_over_from_the_sft_it_has(finished_run, 
     assert _main(["--out", out, "--fresh", "--stage", "ppo"] + SMALL)[0] == 0
     assert open(os.path.join(out, "sft.pt"), "rb").read() == sft and not os.path.exists(os.path.join(out, "hf"))
     assert _metrics(out) == _metrics(finished_run)  # PPO again from step 1, its records once
+
+
+def test_files_of_an_older_format_are_one_line(finished_run, tmp_path, capsys):
+    """if this fails, a run directory from before the one checkpoint format (extra.pt without the loop's state, a
+    ppo.pt without "models") resumes or loads into a KeyError traceback."""
+    import torch
+    out = _copy(finished_run, tmp_path)
+    extra = os.path.join(out, "ckpt", "extra.pt")
+    torch.save({k: v for k, v in torch.load(extra, weights_only=False).items() if k != "state"}, extra)
+    code, err = _main(["--out", out] + SMALL, capsys)
+    assert code == 2 and err.startswith("error: ") and "written by an older hydra" in err and "\n" not in err
+    ppo = os.path.join(out, "ppo.pt")
+    torch.save({"trainable": torch.load(ppo, weights_only=False)["models"]}, ppo)
+    with pytest.raises(I.ConfigError, match="ppo.pt was written by an older hydra"):
+        E.load_run(out, "cpu")
