@@ -239,7 +239,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
                 H.sft_step(model, rows, 1.0, 1.0, params, opt, V - 1, device, 1.0, i + 1)
             return R, None
         return step, opt, {"sft": model}
-    # full PPO trains fp32 copies of these (setup_ppo then stores the frozen ones in dtype); LoRA methods: dtype bases
+    # full PPO trains fp32 copies of these (prepare_ppo then stores the frozen ones in dtype); LoRA methods: dtype bases
     store = torch.float32 if name == "ppo" else dtype
     models = {n: H.HydraModel(build_lm(cfg, i, build_device, store), compute_dtype=dtype)
               for i, n in enumerate(H.sft_models(name))}

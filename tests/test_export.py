@@ -148,7 +148,7 @@ def test_a_bf16_base_exports_in_bf16(run_dir, tmp_path):
     from safetensors import safe_open
     bases, cfg, tok, has_ppo = E.load_run(run_dir, "cpu")
     for m in bases.values():
-        m.lm.to(torch.bfloat16)  # as setup_ppo stores a frozen base in a bf16 run
+        m.lm.to(torch.bfloat16)  # as prepare_ppo stores a frozen base in a bf16 run
     I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, str(tmp_path / "hf"))
     for d in ("policy", "sft", "reward"):
         with safe_open(str(tmp_path / "hf" / d / "model.safetensors"), "pt") as f:
