@@ -456,9 +456,14 @@ def _dcp_state(held, opt):
         got = get_model_state_dict(m, options=StateDictOptions(ignore_frozen_params=what == "trained"))
         keep = _state(m, what)  # (ignore_frozen_params lets a frozen weight through under its tied name)
         sd["models"][n] = {k: v for k, v in got.items() if k in keep}
-    if opt is not None:  # the optimizer's weights may span several bases (full PPO): one module names them all
-        sd["opt"] = get_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt)
+    if opt is not None:
+        sd["opt"] = get_optimizer_state_dict(_one_module(held), opt)
     return sd
+
+
+def _one_module(held):
+    # the optimizer's weights may span several bases (full PPO): one module holding them all names them
+    return nn.ModuleDict({n: m for n, (m, _) in held.items()})
 
 
 def save_checkpoint(out, extra, held, opt):
@@ -491,7 +496,7 @@ def restore_checkpoint(ck, held, opt):
     for n, (m, what) in held.items():
         set_model_state_dict(m, sd["models"][n], options=StateDictOptions(strict=what == "all"))
     if opt is not None:
-        set_optimizer_state_dict(nn.ModuleDict({n: m for n, (m, _) in held.items()}), opt, sd["opt"])
+        set_optimizer_state_dict(_one_module(held), opt, sd["opt"])
 
 
 def save_models(path, models, cfg, what):
@@ -538,14 +543,14 @@ def run_steps(stage, total, step_fn, state, held, opt, cfg, start=None, show=(),
 
 def _snapshot(opt, state):
     # what a step may change before it fails: the weights it trains, the optimizer's state, the loop's fields
-    weights = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    weights = [(p, p.detach().clone()) for g in opt.param_groups for p in g["params"]]
     return weights, copy.deepcopy(opt.state_dict()), copy.deepcopy(state)
 
 
 @torch.no_grad()
 def _put_back(before, opt, state):
     weights, opt_state, fields = before
-    for p, w in zip([p for g in opt.param_groups for p in g["params"]], weights):
+    for p, w in weights:
         p.copy_(w)
     opt.load_state_dict(opt_state)
     opt.zero_grad(set_to_none=True)
