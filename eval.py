@@ -4,9 +4,7 @@ One job per subcommand; `python eval.py JOB --help` lists its flags.
 
     python eval.py bench                             # tiny model: floor, sft, lora-sft, the 4 PPO methods
     python eval.py bench --model smollm2-135m-random # SmolLM2-135M shapes, random init (no download)
-    python eval.py bench --budget-mib 1024           # per PPO method: the largest batch under 1 GiB, its latency
     python eval.py estimate llama-7b --seq-len 800 --lora-r 128 --budget-mib 81920   # analytic plan, vs the paper
-    python eval.py bench-fsdp 1,2 --model smollm2-135m-random   # FSDP2: per-rank peak on 1 vs 2 ranks (torchrun)
     python eval.py bench-gen --model llama-7b-random --lora-r 128 --prompt-len 400 --response-len 400 \\
         --batch-sizes 8,12 --dtype bf16                  # ms per generated token: eager vs static (CUDA graph) decoder
     python eval.py save-random smollm2-135m models/smollm2-random   # a random-init model dir for hydra_ppo.py --model
@@ -52,7 +50,6 @@ import infra as I
 import lora
 
 ROWS = ("floor", "sft", "lora-sft") + H.METHODS  # the bench's rows: a LoRA LM step, the two SFTs, the PPO methods
-PPO_ROWS = H.METHODS
 MIB = 2**20
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -188,22 +185,19 @@ def bench_tokenizer(vocab):
 def set_threads(a):
     if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
         torch.set_num_threads(a.threads or 1)
-def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=False):
+def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     """-> (step(i) -> response tokens of step i and the PPO clock, optimizer, models): one training step of row
     `name` on random data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults: learning rates,
-    LoRA alpha). fsdp: built on the CPU, then every base sharded over the ranks (hydra_ppo --fsdp); B is per rank."""
-    build_device = torch.device("cpu") if fsdp else device
+    LoRA alpha)."""
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
-    W = I.world()[1]
     # one minibatch per rollout, one epoch, no early stop: every step does the same work. no score scale (the std
     # of one batch's scores; a scalar costs no memory)
-    hcfg = H.Config(model="bench", sft_batch=B * W, rollout_batch=B * W, minibatch=B * W, max_prompt=P,
-                    max_new_tokens=R, ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt,
-                    score_norm="none", fsdp=fsdp)
+    hcfg = H.Config(model="bench", sft_batch=B, rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R,
+                    ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt, score_norm="none")
     if name == "floor":  # what any PPO update costs at least: a LoRA language-model step on the same B x (P + R)
         # tokens, LoRA on the same modules, as a LoRA library trains (transformers' own loss, labels on the response)
-        model = H.HydraModel(build_lm(cfg, 0, build_device, dtype), compute_dtype=dtype)
+        model = H.HydraModel(build_lm(cfg, 0, device, dtype), compute_dtype=dtype)
         lora.inject(model.lm, ["floor"], r=lora_r, alpha=hcfg.lora_alpha)
         model.requires_grad_(False)
         params = lora.lora_parameters(model.lm, "floor")
@@ -228,7 +222,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
     if name in ("sft", "lora-sft"):  # train_sft's own setup and step, Hydra-SFT losses (lm + reward)
         hcfg.sft_lora = name == "lora-sft"
         # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
-        model = H.HydraModel(build_lm(cfg, 0, build_device, dtype if hcfg.sft_lora else torch.float32),
+        model = H.HydraModel(build_lm(cfg, 0, device, dtype if hcfg.sft_lora else torch.float32),
                              compute_dtype=dtype)
         params, opt = H.prepare_sft(model, hcfg, device)
         rows = list(zip(rand(P), rand(R), rand(R)))  # (prompt, chosen, rejected) of fixed lengths
@@ -241,17 +235,17 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False, fsdp=F
         return step, opt, {"sft": model}
     # full PPO trains fp32 copies of these (prepare_ppo then stores the frozen ones in dtype); LoRA methods: dtype bases
     store = torch.float32 if name == "ppo" else dtype
-    models = {n: H.HydraModel(build_lm(cfg, i, build_device, store), compute_dtype=dtype)
+    models = {n: H.HydraModel(build_lm(cfg, i, device, store), compute_dtype=dtype)
               for i, n in enumerate(H.sft_models(name))}
     bases = H.ppo_bases(name, models)
     params, opt = H.prepare_ppo(bases, name, hcfg, device)
     kl_ctl, tok, prompts = H.KLController(hcfg.kl_coef), bench_tokenizer(V), rand(P)
-    roles, rows = H.ROLES[name], range(I.world()[0] * B, (I.world()[0] + 1) * B)
+    roles = H.ROLES[name]
     for m in bases.values():
         m.eval()
 
     def step(i):  # train_ppo's iteration: rollout, then update (no calibration: raw scores)
-        batch = H.rollout(bases, roles, prompts, tok, hcfg, i, device, rows)
+        batch = H.rollout(bases, roles, prompts, tok, hcfg, i, device)
         stats = H.ppo_update(bases, roles, params, opt, kl_ctl, batch, {}, hcfg, i)
         return stats["response_len"], {k: {**batch, **stats}[k] for k in H.PHASES}
     return step, opt, bases
@@ -276,10 +270,10 @@ def sync(device):
 
 
 def bench_one(a):
-    """child process: build one row, a warm-up step, a.steps timed steps (on the CPU after two steps that measure its
-    memory). -> the row's dict (printed as one JSON line)."""
+    """the hidden `bench-one` job, run_child's child: build one row, a warm-up step, a.steps timed steps (on the CPU
+    after two steps that measure its memory), in this process. -> the row's dict, printed as one JSON line."""
     set_threads(a)
-    device = I.init_distributed(a.device) if a.fsdp else I.pick_device(a.device)
+    device = I.pick_device(a.device)
     dtype = I.pick_dtype("auto", device)
     cfg = I.model_config(a.model)
     head = dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
@@ -292,9 +286,8 @@ def bench_one(a):
     apart = device.type == "cpu" and set_malloc("track")
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
-                                      a.grad_ckpt, a.fsdp)
-        I.reset_peak_memory(device)  # measure the steps, not the build (under --fsdp each rank built the whole model on
-        # the CPU first; full PPO casts its frozen fp32 copies to the compute dtype once)
+                                      a.grad_ckpt)
+        I.reset_peak_memory(device)  # measure the steps, not the build (full PPO casts its frozen fp32 copies once)
         if apart:
             step(0), step(1)  # step 0 is a warm-up: AdamW state appears at its first step()
             peak = I.peak_memory_mib(device)
@@ -306,67 +299,18 @@ def bench_one(a):
             sync(device)
             times.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError:  # a row that does not fit is a result (the paper's full PPO on one GPU)
-        return dict(head, oom=True, peak_memory_mib=None)
-    sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
-    mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
-    return dict(head, peak_memory_mib=round(peak if apart else I.peak_memory_mib(device), 1),
-                latency_per_sample_s=mid(times) / a.batch_size,
-                **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
-                trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
-                frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets),
-                mean_response_len=sum(lens) / len(lens),
-                **(shard_sizes(models) if a.fsdp else {}))
-
-
-def bench_row(a):
-    """the hidden `bench-one` job, run_child's child: one row in this process, printed as one JSON line (under
-    torchrun with --fsdp, rank 0 prints every rank's row)."""
-    row = bench_one(a)
-    rows = I.gather_lists([row]) if a.fsdp else row
-    if I.is_writer():
-        print(json.dumps(rows))
-    if torch.distributed.is_initialized():  # its threads stop before the interpreter exits, or it may abort
-        torch.distributed.destroy_process_group()
-    return rows
-
-
-def shard_sizes(models):
-    """this rank's bytes of frozen base weights and of trained weights (its shards under FSDP2), exact."""
-    seen, frozen, trained = set(), 0, 0
-    for m in models.values():
-        for p in m.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            t = p.to_local() if I.is_sharded(p) else p
-            n = t.numel() * t.element_size()
-            frozen, trained = (frozen, trained + n) if p.requires_grad else (frozen + n, trained)
-    return dict(rank=I.world()[0], frozen_mib_this_rank=round(frozen / MIB, 2),
-                trained_mib_this_rank=round(trained / MIB, 2))
-
-
-def bench_fsdp(a):
-    """--fsdp over 1, 2, ... ranks (torchrun on this machine), the same model and the same batch per rank: the frozen
-    base's share on each rank must shrink as the ranks grow."""
-    res = []
-    for n in a.ranks:
-        ranks = run_child(a, a.method, a.batch_size, fsdp_ranks=n)
-        res.append(dict(ranks=n, per_rank=ranks, peak_mib_max=max(x["peak_memory_mib"] for x in ranks),
-                        frozen_mib_per_rank=max(x["frozen_mib_this_rank"] for x in ranks),
-                        trained_mib_per_rank=max(x["trained_mib_this_rank"] for x in ranks),
-                        latency_per_sample_s=ranks[0]["latency_per_sample_s"]))
-    one = res[0]
-    print(f"\nfsdp {a.method} on {a.model}: batch {a.batch_size} per rank, prompt {a.prompt_len} + response "
-          f"{a.response_len}, {ranks[0]['dtype']} on {ranks[0]['device']}, peak = {ranks[0]['memory_measure']} "
-          f"after sharding (largest rank)")
-    _table(["ranks", "frozen MiB/rank", "trained MiB/rank", "peak MiB/rank", "x 1st", "s/sample"],
-           [[r["ranks"], f"{r['frozen_mib_per_rank']:.1f}", f"{r['trained_mib_per_rank']:.2f}",
-             f"{r['peak_mib_max']:.1f}", f"{r['peak_mib_max'] / one['peak_mib_max']:.2f}",
-             f"{r['latency_per_sample_s']:.4f}"] for r in res], right=True)
-    out = dict(method=a.method, model=a.model, batch_size_per_rank=a.batch_size, prompt_len=a.prompt_len,
-               response_len=a.response_len, code=code_version(), rows=res)
-    save_json(out, a.out, "fsdp.json")
-    return out
+        row = dict(head, oom=True, peak_memory_mib=None)
+    else:
+        sets = {n for m in models.values() for n in lora.adapter_names(m.lm)}
+        mid = lambda xs: sorted(xs[1:])[a.steps // 2]  # noqa: E731  median of the timed steps
+        row = dict(head, peak_memory_mib=round(peak if apart else I.peak_memory_mib(device), 1),
+                   latency_per_sample_s=mid(times) / a.batch_size,
+                   **({k: mid([g[k] for g in gens]) for k in H.PHASES} if gens[0] is not None else {}),
+                   trainable_params=sum(p.numel() for g in opt.param_groups for p in g["params"]),
+                   frozen_bases=len({id(m) for m in models.values()}), lora_sets=len(sets),
+                   mean_response_len=sum(lens) / len(lens))
+    print(json.dumps(row))
+    return row
 
 
 def code_version():
@@ -375,23 +319,19 @@ def code_version():
             for m in (H, lora)}
 
 
-def run_child(a, name, batch_size, fsdp_ranks=0):
-    """one row in a fresh process (fsdp_ranks > 0: that many, under torchrun, with --fsdp): a fresh VmHWM, and
-    bench_one sets malloc for its memory and its time. -> its dict (under torchrun: one per rank)."""
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={fsdp_ranks}"]
-                                 if fsdp_ranks else [])
-    cmd = (launch + [os.path.abspath(__file__), "bench-one", name, "--model", a.model,
-                     "--batch-size", str(batch_size), "--steps", str(a.steps), "--prompt-len", str(a.prompt_len),
-                     "--response-len", str(a.response_len), "--lora-r", str(a.lora_r), "--device", a.device,
-                     "--threads", str(a.threads)]
-           + ["--grad-ckpt"] * a.grad_ckpt + ["--fsdp"] * bool(fsdp_ranks))
-    t0, where = time.perf_counter(), f" --fsdp on {fsdp_ranks} ranks" if fsdp_ranks else ""
+def run_child(a, name, batch_size):
+    """one row in a fresh process: a fresh VmHWM, and bench_one sets malloc for its memory and its time. -> its dict"""
+    cmd = ([sys.executable, os.path.abspath(__file__), "bench-one", name, "--model", a.model,
+            "--batch-size", str(batch_size), "--steps", str(a.steps), "--prompt-len", str(a.prompt_len),
+            "--response-len", str(a.response_len), "--lora-r", str(a.lora_r), "--device", a.device,
+            "--threads", str(a.threads)] + ["--grad-ckpt"] * a.grad_ckpt)
+    t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{name} (batch {batch_size}){where} failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"{name} (batch {batch_size}) failed with exit {r.returncode}:\n{r.stderr[-2000:]}")
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    peak = max(x["peak_memory_mib"] or math.inf for x in (got if fsdp_ranks else [got]))  # None: out of memory
-    note(f"{name} (batch {batch_size}){where}: peak {peak:.1f} MiB, {time.perf_counter() - t0:.0f} s")
+    note(f"{name} (batch {batch_size}): peak {got['peak_memory_mib'] or math.inf:.1f} MiB, "  # None: out of memory
+         f"{time.perf_counter() - t0:.0f} s")
     return got
 
 
@@ -413,35 +353,6 @@ def bench(a):
                device=res[0]["device"], dtype=res[0]["dtype"], code=code_version(), rows=res)
     print_bench(out)
     save_json(out, a.out, "bench.json")
-    return out
-
-
-def budget(a):
-    """per PPO method: the largest batch whose measured peak stays under the budget (fresh process per probe)."""
-    res = {}
-    for name in PPO_ROWS:
-        probes = {}
-
-        def fits(b):
-            probes[b] = run_child(a, name, b)
-            # None: out of memory
-            return probes[b]["peak_memory_mib"] is not None and probes[b]["peak_memory_mib"] <= a.budget_mib
-        b = largest_batch(fits, a.max_batch)
-        res[name] = dict(batch_size=b, peak_memory_mib=probes[b]["peak_memory_mib"] if b else None,
-                         latency_per_sample_s=probes[b]["latency_per_sample_s"] if b else None, probes=len(probes))
-    out = dict(memory_measure=next(iter(probes.values()))["memory_measure"], model=a.model, budget_mib=a.budget_mib,
-               prompt_len=a.prompt_len, response_len=a.response_len, grad_ckpt=a.grad_ckpt, code=code_version(),
-               methods=res)
-    ref = res["lora-ppo"]
-    print(f"\nbudget {a.budget_mib:g} MiB on {a.model} ({out['memory_measure']}), prompt {a.prompt_len} "
-          f"+ response {a.response_len}" + ", activation checkpointing" * a.grad_ckpt)
-    vs = lambda r, k, spec, minus=0: (num(r[k] / ref[k] - minus, spec)  # noqa: E731  relative to lora-ppo's
-                                      if r["batch_size"] and ref["batch_size"] else "-")
-    _table(["method", "max batch", "peak MiB", "s/sample", "batch x lora-ppo", "latency vs lora-ppo"],
-           [[name, r["batch_size"] or "none fits", num(r["peak_memory_mib"], ".0f"),
-             num(r["latency_per_sample_s"], ".4f"), vs(r, "batch_size", ".2f"),
-             vs(r, "latency_per_sample_s", "+.0%", 1)] for name, r in res.items()], right=True)
-    save_json(out, a.out, "budget.json")
     return out
 
 
@@ -1073,18 +984,11 @@ def add_jobs(sub, p):
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, **listed)
         j.set_defaults(job=run)
         return j
-    j = job("bench", lambda a: budget(a) if a.budget_mib else bench(a), "measured peak memory and latency of the "
-            "bench's rows, each in a fresh process", ("clock", "step", "lora"))
-    j.add_argument("--rows", type=lambda v: v.split(","), default=",".join(ROWS), help="these rows only")
-    j.add_argument("--budget-mib", type=float, default=0, help="per PPO method: the largest batch under this peak")
-    j.add_argument("--max-batch", type=int, default=512, help="largest batch the budget search tries")
-    j = job("bench-one", bench_row, "(internal) one bench row in this process", ("clock", "step", "lora"), True)
-    j.add_argument("name", choices=ROWS, metavar="ROW")
-    j.add_argument("--fsdp", action="store_true", help="under torchrun: shard the bases")
-    j = job("bench-fsdp", bench_fsdp, "FSDP2 per-rank memory of a method on N ranks each (torchrun)",
+    j = job("bench", bench, "measured peak memory and latency of the bench's rows, each in a fresh process",
             ("clock", "step", "lora"))
-    j.add_argument("ranks", type=ints, metavar="N,N", help="rank counts, e.g. 1,2")
-    j.add_argument("--method", choices=ROWS, default="hydra-ppo", help="the row to shard")
+    j.add_argument("--rows", type=lambda v: v.split(","), default=",".join(ROWS), help="these rows only")
+    j = job("bench-one", bench_one, "(internal) one bench row in this process", ("clock", "step", "lora"), True)
+    j.add_argument("name", choices=ROWS, metavar="ROW")
     j = job("bench-gen", bench_gen, "ms per generated token: the eager decoder against the static one (a CUDA graph "
             "on CUDA), LoRA on; and their logit and token agreement", ("clock", "lora", "dtype"))
     j.add_argument("--batch-sizes", type=ints, default=[8], help="comma-separated, e.g. 8,12")
@@ -1144,9 +1048,8 @@ def parser():
     return ap
 
 
-AT_LEAST = {"batch_size": 1, "steps": 1, "prompt_len": 1, "response_len": 1, "lora_r": 1, "max_batch": 1,
-            "seq_len": 2, "threads": 0, "budget_mib": 0, "budget_s": 0, "n_prompts": 1, "batch": 1, "n": 0,
-            "examples": 0}
+AT_LEAST = {"batch_size": 1, "steps": 1, "prompt_len": 1, "response_len": 1, "lora_r": 1, "seq_len": 2, "threads": 0,
+            "budget_mib": 0, "budget_s": 0, "n_prompts": 1, "batch": 1, "n": 0, "examples": 0}
 
 
 def validate(a):
@@ -1156,7 +1059,7 @@ def validate(a):
     bad = [r for r in getattr(a, "rows", []) if r not in ROWS]
     if bad:
         raise I.ConfigError(f"--rows {','.join(a.rows)}: {bad[0]!r} is not one of {', '.join(ROWS)}")
-    if a.job in (bench_row, bench_fsdp) or getattr(a, "rows", None):  # bench, bench-one, bench-fsdp
+    if a.job is bench_one or getattr(a, "rows", None):  # bench, bench-one
         if I.model_config(a.model)["model_type"] not in ("llama", "opt"):
             raise I.ConfigError(f"--model {a.model}: the bench builds llama- and opt-type models only (its RSS "
                                 "baseline includes that code)")

@@ -493,7 +493,6 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
     log = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "entropy")}
     chunks, stopped_early = batch["chunks"], False
     mb = chunks[0][0].shape[0]  # this rank's share of a minibatch (a last, shorter chunk: fewer prompts than one)
-    rank_mean = lambda v: all_sum(torch.tensor(float(v), dtype=torch.float64)).item() / W  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
         g = torch.Generator().manual_seed(step_seed(cfg.seed, f"ppo-order{epoch}", step))
         order = range(len(chunks)) if epoch == 0 else torch.randperm(len(chunks), generator=g).tolist()
@@ -524,7 +523,8 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
             optimizer_step(opt, list(params.values()), cfg.max_grad_norm, "ppo", step + 1)
             # logged over every rank's tokens: the early stop on approx_kl is one decision for all
             s = {k: token_mean(v).item() for k, v in diag.items()}
-            for k, v in (("pg_loss", rank_mean(pg.item())), ("vf_loss", rank_mean(vf.item())),
+            # (a loss is this rank's share of the minibatch's mean, times W: their sum over ranks / W is that mean)
+            for k, v in (("pg_loss", all_sum(pg).item() / W), ("vf_loss", all_sum(vf).item() / W),
                          ("entropy", token_mean(new["actor"][1].detach()).item()), *s.items()):
                 log[k].append(v)
             if s["approx_kl"] > cfg.stop_kl:
@@ -821,7 +821,7 @@ def run(cfg):
     rm_name, lm_name = (sft_roles(cfg.method)[r][0] for r in ("reward", "reference"))
 
     # ---- stage 1: Hydra-SFT (or the baselines' separate SFT and reward models)
-    sft_ran = cfg.stage in ("all", "sft") and not os.path.exists(sft_path)
+    sft_ran = infra.sft_will_run(cfg)
     if sft_ran:
         if gold_fn and not cfg.fsdp:  # (under --fsdp the ranks but 0 have no weights until SFT shards the models)
             r0, _ = evaluate(models, sft_roles(cfg.method), held_prompts, tok, cfg, gold_fn, policies=("sft",))

