@@ -1287,9 +1287,10 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
     held = n_sft * n * store  # the SFT models' weights (all a run that trains nothing holds)
     plan["load"] = held + (n * file_d if file_d != store else 0)
     if cfg.model == "smollm2-135m" and smollm2_gguf():  # load_lm's offline route (the only GGUF file it reads)
-        # the tokenizer and config parsed from the file's metadata, then its pages and gguf's de-quantization
-        # temporaries beside the weights: 130 MiB + 2.25x the fp32 embedding, as measured on this file (README)
-        plan["load"] += 130 * 2**20 + 2.25 * conf["vocab_size"] * conf["hidden_size"] * 4
+        # the tokenizer parsed from the file's metadata stays resident in every stage (130 MiB), and loading adds the
+        # file's pages and gguf's de-quantization temporaries, 2.25x the fp32 embedding: measured on this file
+        plan = {k: v + 130 * 2**20 for k, v in plan.items()}
+        plan["load"] += 2.25 * conf["vocab_size"] * conf["hidden_size"] * 4
     stages = ", ".join(f"{k} step {v / 2**30:.1f}" for k, v in plan.items() if k != "load") or "no training stage"
     if device.type != "cuda":
         plan["peak"] = max(plan.values())
