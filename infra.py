@@ -706,6 +706,7 @@ def load_lm(name, dtype, seed=0, meta=False):
     if not os.path.isdir(hub_id) and (hub_id.startswith((".", "/")) or "/" not in hub_id):
         raise ConfigError(f"--model {name!r}: no such local directory, and not one of tiny, {', '.join(ALIASES)} "
                           "or a Hugging Face id (org/name)")
+
     def load(**kw):  # the tokenizer first, as the cheaper to find missing
         tok = AutoTokenizer.from_pretrained(hub_id, **kw)
         return (meta_lm(AutoConfig.from_pretrained(hub_id, **kw), dtype) if meta else
