@@ -185,6 +185,8 @@ def bench_tokenizer(vocab):
 def set_threads(a):
     if a.threads or a.model == "tiny":  # hydra_ppo's rule: tiny's small matmuls run on one thread
         torch.set_num_threads(a.threads or 1)
+
+
 def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     """-> (step(i) -> response tokens of step i and the PPO clock, optimizer, models): one training step of row
     `name` on random data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults: learning rates,
