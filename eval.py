@@ -109,7 +109,7 @@ def estimate(config_dict, method, *args, **kw):
 
 
 # -----------------------------------------------------------------------------
-# the memory plan (hydra_ppo.estimate) beside the paper's figures, and the largest batch under a budget
+# the memory plan (infra.estimate) beside the paper's figures, and the largest batch under a budget
 
 # the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
 PAPER_PEAK_GIB = {"llama-7b": {"ppo": 220.0, "lora-ppo": 68.0, "j-hydra-ppo": 67.9, "hydra-ppo": 71.1}}
