@@ -19,9 +19,9 @@ rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmR
 big = torch.ones(6 * 2**20)  # a freed 24 MiB block: glibc's own threshold rises above every block below
 del big
 before = rss()
-blocks = [torch.ones(2**20) for _ in range(16)]  # 16 x 4 MiB
+blocks = [torch.ones(2**20) for _ in range(32)]  # 32 x 4 MiB
 del blocks[::2]
-print(rss() - before - 8 * 4, rss())  # MiB freed but still resident
+print(rss() - before - 16 * 4, rss())  # MiB freed but still resident
 """
 
 
@@ -31,11 +31,11 @@ def test_start_run_makes_freed_tensors_leave_rss(tmp_path):
     """if this fails, a CPU run keeps the freed blocks of every batch shape (glibc's growing mmap threshold) and its
     peak RSS outgrows the memory plan (1.5x on SmolLM2-135M's SFT)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    grown = {}
+    kept = {}
     for mode in ("start_run", "none"):
         r = subprocess.run([sys.executable, "-c", CHILD, mode, str(tmp_path / mode)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
-        grown[mode] = int(r.stdout.split()[0])
-    assert grown["start_run"] < 8, grown  # MiB: every large block went back at free
-    assert grown["none"] > 24, grown  # the mechanism under test: without it the 32 MiB freed stay
+        kept[mode] = int(r.stdout.split()[0])
+    assert kept["start_run"] < 8, kept  # MiB: every large block went back at free
+    assert kept["none"] > 40, kept  # the mechanism under test: without it the 64 MiB freed stay
