@@ -500,8 +500,8 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
             ids, mask, P = chunks[c]
             sl, w = slice(c * mb, (c + 1) * mb), ids.shape[1] - P
             m = rmask[sl, :w]
-            n = all_sum(m.sum()).clamp(min=1) / W  # this rank's share of the minibatch's tokens: losses are means
-            token_mean = lambda x: all_sum((x * m).sum()) / all_sum(m.sum()).clamp(min=1)  # noqa: E731
+            tokens = all_sum(m.sum()).clamp(min=1)  # every rank's: losses are means, a rank's share is tokens / W
+            token_mean = lambda x: all_sum((x * m).sum()) / tokens  # noqa: E731
             for mod in models.values():
                 mod.train()
             opt.zero_grad(set_to_none=True)
@@ -512,10 +512,10 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
                 new.update(run_roles(models, roles, group, ids, mask, P, cfg.temperature, entropy=True))
                 loss = 0.0
                 if "actor" in group:
-                    pg, diag = policy_loss(new["actor"][0], logp[sl, :w], adv[sl, :w], m, cfg.clip, n)
+                    pg, diag = policy_loss(new["actor"][0], logp[sl, :w], adv[sl, :w], m, cfg.clip, tokens / W)
                     loss = loss + pg
                 if "critic" in group:
-                    vf = value_loss(new["critic"], values[sl, :w], returns[sl, :w], m, cfg.value_clip, n)
+                    vf = value_loss(new["critic"], values[sl, :w], returns[sl, :w], m, cfg.value_clip, tokens / W)
                     loss = loss + cfg.vf_coef * vf
                 check_finite(loss, "ppo loss", step + 1)
                 loss.backward()
