@@ -82,7 +82,8 @@ def load_run(out, device="auto"):
     dtype = getattr(torch, ck["compute_dtype"]) if cfg.dtype == "auto" and "compute_dtype" in ck else None
     models, tok = H.build_sft_models(cfg, dtype or I.pick_dtype(cfg.dtype, dev), dev)
     for n, m in models.items():
-        m.load_state_dict(ck["models"][n])
+        I.sft_adapter(m, cfg)
+        I.load_sft_state(m, ck["models"][n], sft_path)
     bases = H.ppo_bases(cfg.method, models)
     ppo_path = os.path.join(out, "ppo.pt")
     if os.path.exists(ppo_path):
@@ -196,7 +197,8 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     # one minibatch per rollout, one epoch, no early stop: every step does the same work. no score scale (the std
     # of one batch's scores; a scalar costs no memory)
     hcfg = H.Config(model="bench", sft_batch=B, rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R,
-                    ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt, score_norm="none")
+                    ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt, score_norm="none",
+                    sft_lora=False)
     if name == "floor":  # what any PPO update costs at least: a LoRA language-model step on the same B x (P + R)
         # tokens, LoRA on the same modules, as a LoRA library trains (transformers' own loss, labels on the response)
         model = H.HydraModel(build_lm(cfg, 0, device, dtype), compute_dtype=dtype)
@@ -222,7 +224,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
             return R, None
         return step, opt, {"floor": model}
     if name in ("sft", "lora-sft"):  # train_sft's own setup and step, Hydra-SFT losses (lm + reward)
-        hcfg.sft_lora = name == "lora-sft"
+        hcfg = dataclasses.replace(hcfg, sft_lora=name == "lora-sft")
         # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
         model = H.HydraModel(build_lm(cfg, 0, device, dtype if hcfg.sft_lora else torch.float32),
                              compute_dtype=dtype)

@@ -62,7 +62,7 @@ class Config:
     sft_batch: int = flag(16, "preference pairs per SFT step")
     sft_lr: float = flag(0.0, "SFT learning rate (0 = 1e-3 for tiny or --sft-lora, 1e-5 for full SFT otherwise)")
     rm_weight: float = flag(1.0, "weight of the pairwise reward loss in Hydra-SFT")
-    sft_lora: bool = flag(False, "SFT with LoRA on a frozen base (merged at the end), for bases too big to fine-tune")
+    sft_lora: bool | None = flag(None, "LoRA SFT on a frozen base, adapter kept unmerged (None: the GPU memory plan's)")
     # lora
     lora_r: int = flag(16, "LoRA rank (the paper uses 128 on Llama-7b)")
     lora_alpha: float = flag(32.0, "LoRA alpha; scale = alpha / r")
@@ -89,7 +89,7 @@ class Config:
     stop_kl: float = flag(0.5, "stop the PPO epochs of an iteration once approx_kl exceeds this")
     max_grad_norm: float = flag(1.0, "gradient clip per role")
     value_init: str = flag("reward", "value head init: reward (copy the reward head, as DeepSpeed-Chat) | zero")
-    grad_ckpt: bool = flag(False, "activation checkpointing (switch-safe)")
+    grad_ckpt: bool | None = flag(None, "activation checkpointing, switch-safe (None: the GPU memory plan's)")
     fsdp: bool = flag(False, "under torchrun: shard every base across the ranks with FSDP2")
     skip_nonfinite: bool = flag(False, "skip (undo and count) a step whose loss/reward/gradient is NaN or inf")
     # eval and io
@@ -101,7 +101,8 @@ class Config:
     def __post_init__(self):  # the "0 = a rule" defaults, resolved once: checkpoints and exports hold the numbers
         tiny, full = self.model == "tiny", self.method == "ppo"  # full: PPO trains whole copies, not a LoRA actor
         self.threads = self.threads or (1 if tiny else 0)
-        self.sft_lr = self.sft_lr or (1e-3 if tiny or self.sft_lora else 1e-5)  # README: measured on SmolLM2
+        if tiny or self.sft_lora is not None:  # else the memory plan decides --sft-lora first (run)
+            self.sft_lr = self.sft_lr or (1e-3 if tiny or self.sft_lora else 1e-5)  # README: measured on SmolLM2
         self.actor_lr = self.actor_lr or ((2e-4 if full else 2e-3) if tiny else (5e-5 if full else 2e-4))
         self.critic_lr = self.critic_lr or self.actor_lr
 
@@ -381,7 +382,7 @@ def prepare_ppo(models, method, cfg, device):
     full = {roles[r][0] for r in ("actor", "critic") if roles[r][1] is None}  # bases that train whole (full PPO)
     for base in dict.fromkeys(b for b, _, _ in roles.values()):  # table order: LoRA init draws from the RNG
         if base not in full:  # a frozen base is stored in the compute dtype; what trains stays fp32 (heads, LoRA)
-            models[base].lm.to(models[base].compute_dtype)
+            lora.cast_base(models[base].lm, models[base].compute_dtype)
         names = sorted({a for b, a, _ in roles.values() if b == base and a is not None})
         if names:
             lora.inject(models[base].lm, names, r=cfg.lora_r, alpha=cfg.lora_alpha)
@@ -677,8 +678,8 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, start=None,
         infra.run_steps(f"sft-{name}", cfg.sft_steps, step, state, held, opt, cfg, start,
                         show=("lm_loss", "rm_loss", "rm_acc"))
     opt.zero_grad(set_to_none=True)  # the last step's gradients would outlive training (a model's worth of memory)
-    if cfg.sft_lora:
-        lora.merge_and_unload(model.lm, "sft")  # explicit export: the PPO adapters go on top of the merged base
+    if cfg.sft_lora:  # part of the base from now on, unmerged: LoRA off is the model SFT trained, to the bit
+        lora.fix(model.lm, "sft")
     return state["loss"], state["skipped"]
 
 
@@ -694,6 +695,7 @@ def train_sft_models(models, train_rows, held_rows, cfg, tok, device):
         rm_w = cfg.rm_weight if rm_w is None else rm_w
         if name in earlier:  # a baseline stopped while training its second model: the first is done
             say(f"sft-{name}: finished before the stop, loaded from the checkpoint in {cfg.out}")
+            infra.sft_adapter(models[name], cfg)  # (--sft-lora: its adapter, fixed, is part of the checkpoint)
             infra.distribute(models[name], cfg, device)  # (a sharded checkpoint loads into a sharded model)
             infra.restore_checkpoint(ck, {name: (models[name], "all")}, None)
             sft_stats[name] = earlier[name]
@@ -795,7 +797,7 @@ def run(cfg):
     device, dtype = infra.start_run(cfg)
     train_pairs, held_pairs, gold_fn, dstats = data.split_data(cfg)
     say(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
-    plan = infra.check_memory_plan(cfg, device, dtype, ROLES[cfg.method], len(sft_models(cfg.method)))
+    cfg, plan = infra.check_memory_plan(cfg, device, dtype, ROLES[cfg.method], len(sft_models(cfg.method)))
     models, tok = build_sft_models(cfg, dtype, device)
     W = world()[1]
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
@@ -811,7 +813,8 @@ def run(cfg):
     held_rows, cut2 = data.encode_pairs(held_pairs, tok, cfg)
     held_prompts = data.prompt_ids(held_pairs, tok, cfg)[0][: cfg.eval_prompts]
     summary = infra.update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed,
-                                   device=str(device), world_size=W, fsdp=cfg.fsdp,
+                                   device=str(device), world_size=W, fsdp=cfg.fsdp, sft_lora=cfg.sft_lora,
+                                   grad_ckpt=cfg.grad_ckpt,
                                    memory_plan_mib={k: round(v / 2**20) for k, v in plan.items()} if plan else None,
                                    n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2,
                                    data_stats=dstats)

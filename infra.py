@@ -20,6 +20,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import resource
 import signal
@@ -407,13 +408,29 @@ def sft_will_run(cfg):
 def load_sft(models, cfg):
     """OUT/sft.pt, checked to be this run's, into the SFT models. under --fsdp only rank 0 reads it: the other
     ranks' models are on the meta device, and sharding fills them from rank 0's."""
+    for m in models.values():
+        sft_adapter(m, cfg)  # every rank: sharding needs the same modules everywhere
     if any(p.is_meta for m in models.values() for p in m.parameters()):
         return
     path = os.path.join(cfg.out, "sft.pt")
     ck = load_file(path)
     check_meta(ck["meta"], cfg, path, "sft")  # PPO flags may differ: a PPO run starts from a finished SFT
     for n, m in models.items():
-        m.load_state_dict(ck["models"][n])
+        load_sft_state(m, ck["models"][n], path)
+
+
+def sft_adapter(model, cfg):
+    """--sft-lora: the SFT adapter on the base, fixed (lora.fix), as train_sft leaves it; sft.pt holds it unmerged."""
+    if cfg.sft_lora:
+        lora.inject(model.lm, ["sft"], r=cfg.lora_r, alpha=cfg.lora_alpha)
+        lora.fix(model.lm, "sft")
+
+
+def load_sft_state(model, sd, path):
+    """an SFT model's weights from sft.pt, set up by sft_adapter."""
+    if any(".lora_A.sft" in k for k in model.state_dict()) and not any(".lora_A.sft" in k for k in sd):
+        raise ConfigError(f"{path} holds a LoRA-SFT model merged by an older hydra; rerun SFT with --fresh")
+    model.load_state_dict(sd)
 
 
 def load_ckpt(cfg):
@@ -738,22 +755,22 @@ def meta_lm(config, dtype):
 
 
 def hf_state(model, adapter, sd):
-    """the LM's weights under transformers' names, LoRA wrappers taken off; adapter given: folded in
-    (W + B A * alpha / r, computed in fp32, stored in W's dtype). sd: the LM's gathered state (full_state: rank 0
-    holds it, the others {})."""
+    """the LM's weights under transformers' names, LoRA wrappers taken off, the fixed adapter sets (LoRA SFT) and
+    `adapter` folded in: W + B A * alpha / r in fp32, and then every weight is stored in fp32 (in bf16 most of a
+    small update would round away). sd: the LM's gathered state (full_state: rank 0 holds it, the others {})."""
     wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
-    out = {}
+    out, folded = {}, False
     for k, v in sd.items():
         path, _, leaf = k.rpartition(".")
         if ".lora_A." in k or ".lora_B." in k:
             continue
         if path.endswith(".base") and path[:-5] in wrapped:
             layer, path = wrapped[path[:-5]], path[:-5]
-            if adapter is not None and leaf == "weight":
-                d = (sd[f"{path}.lora_B.{adapter}"].float() @ sd[f"{path}.lora_A.{adapter}"].float()) * layer.scale
-                v = (v.float() + (d.t() if lora._is_conv1d(layer.base) else d)).to(v.dtype)  # (out, in)
+            for name in dict.fromkeys(layer.fixed + [adapter] * (adapter is not None) if leaf == "weight" else []):
+                d = (sd[f"{path}.lora_B.{name}"].float() @ sd[f"{path}.lora_A.{name}"].float()) * layer.scale
+                v, folded = v.float() + (d.t() if lora._is_conv1d(layer.base) else d), True  # (out, in)
         out[f"{path}.{leaf}"] = v
-    return out
+    return {k: v.float() if folded and v.is_floating_point() else v for k, v in out.items()}
 
 
 def export_tokenizer(tok):
@@ -874,6 +891,8 @@ def parse_args(config_cls, argv=None, description=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.default is None:  # a switch left to a rule: --x, --no-x, or neither (None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     return config_cls(**vars(p.parse_args(argv)))
@@ -1248,33 +1267,24 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     return out
 
 
-def check_memory_plan(cfg, device, dtype, roles, n_sft):
-    """before loading a real model: print the plan (estimate above) of the stages this run will run, and on a GPU
-    refuse early when it cannot fit. -> {"load", "sft" and "ppo" (those that run), "peak"} in bytes per rank, or None
-    (tiny, or a shape the estimator cannot read)."""
-    if cfg.model == "tiny":
-        return None
-    try:
-        conf = model_config(cfg.model)
-    except ConfigError as e:
-        say(f"memory plan: skipped ({e})")
-        return None
-    W, d = world()[1], torch.finfo(dtype).bits // 8
+def memory_plan(cfg, conf, d, roles, n_sft, gpu):
+    """the plan (estimate above) of the stages this run will run, per rank, for the model config conf and d bytes a
+    base weight. -> {"load", "sft" and "ppo" (those that run), "peak"} in bytes (gpu: the peak of the device, which
+    loading does not reach); KeyError: a config it cannot read."""
+    W = world()[1]
     runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
 
     def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
         shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
         return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
-    try:  # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response
-        plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
-                                         cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
-                                         cfg.grad_ckpt, idle_models=n_sft - 1)),
-                "ppo": per_rank(estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d,
-                                         cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt,
-                                         rollout_batch=cfg.rollout_batch))}
-    except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
-        say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
-        return None
+    # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response, and
+    # under --sft-lora each base's fixed SFT adapter (fp32)
+    plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
+                                     cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
+                                     cfg.grad_ckpt, idle_models=n_sft - 1)),
+            "ppo": per_rank(estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d,
+                                     cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt, rollout_batch=cfg.rollout_batch))
+            + n_sft * cfg.lora_r * shapes(conf)["lora_r1"] * 4 * bool(cfg.sft_lora)}
     plan = {k: v for k, v in plan.items() if runs[k]}
     # loading, on the host: the SFT models in their training dtype, the last beside its file's pages when the file
     # holds another dtype (mapped until the load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
@@ -1289,21 +1299,59 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
         # file's pages and gguf's de-quantization temporaries, 2.25x the fp32 embedding: measured on this file
         plan = {k: v + 130 * 2**20 for k, v in plan.items()}
         plan["load"] += 2.25 * conf["vocab_size"] * conf["hidden_size"] * 4
-    stages = ", ".join(f"{k} step {v / 2**30:.1f}" for k, v in plan.items() if k != "load") or "no training stage"
-    if device.type != "cuda":
-        plan["peak"] = max(plan.values())
-        say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak "
-            f"(loading {plan['load'] / 2**30:.1f}, {stages})")
-        return plan
-    plan["peak"] = max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1))
-    free, _ = torch.cuda.mem_get_info(device)
-    say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ({stages}); "
-        f"{free / 2**30:.1f} GiB free on {device}")
+    plan["peak"] = (max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1)) if gpu
+                    else max(plan.values()))
+    return plan
+
+
+def check_memory_plan(cfg, device, dtype, roles, n_sft, free=None):
+    """before loading a real model: decide --sft-lora and --grad-ckpt where they were left to the plan (None), print
+    the plan of the stages this run will run, and on a GPU refuse early when nothing fits. free: the bytes a GPU has
+    (default: what the device says). -> (cfg with both decided, {"load", "sft", "ppo", "peak"} in bytes per rank, or
+    None for tiny or a shape the estimator cannot read)."""
+    auto = [k for k in ("sft_lora", "grad_ckpt") if getattr(cfg, k) is None]
+    # a resumed run keeps what its start chose and recorded (a GPU's free memory varies between invocations)
+    path = os.path.join(cfg.out, "summary.json")
+    was = {k: v for k, v in (load_file(path) if auto and not cfg.fresh and os.path.exists(path) else {}).items()
+           if k in auto and v is not None}
+    off = dataclasses.replace(cfg, **{k: was.get(k, False) for k in auto})  # a CPU run's, and a GPU run's that fits
+    conf = None
+    if cfg.model != "tiny":
+        try:
+            conf = model_config(cfg.model)
+        except ConfigError as e:
+            say(f"memory plan: skipped ({e})")
+    if conf is None:
+        return off, None
+    d, gpu = torch.finfo(dtype).bits // 8, device.type == "cuda"
+    # on a GPU: the settings as given, then the cheapest change that fits, in this order: LoRA SFT, then activation
+    # checkpointing; a flag given (or recorded) is kept
+    tries = []
+    for kw in ((), ("sft_lora",), ("sft_lora", "grad_ckpt")) if gpu else ():
+        c = dataclasses.replace(cfg, **{k: was.get(k, k in kw) for k in auto})  # (sft_lr's rule follows sft_lora)
+        tries += [c] * (c not in tries)
+    free = (torch.cuda.mem_get_info(device)[0] if free is None else free) if gpu else math.inf
+    try:
+        plans = [(c, memory_plan(c, conf, d, roles, n_sft, gpu)) for c in tries or [off]]
+    except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
+        say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
+        return off, None
+    cfg, plan = next(((c, p) for c, p in plans if p["peak"] <= free), plans[-1])
+    stages = ", ".join(f"{k} step {v / 2**30:.1f}" for k, v in plan.items() if k not in ("load", "peak"))
+    flags = " ".join(f"--{'' if getattr(cfg, k) else 'no-'}{k.replace('_', '-')}" for k in auto)
+    if gpu and auto and plan["peak"] <= free:  # the choice, in one line
+        say(f"memory plan: chose {flags}" + (f" (the settings as given plan {plans[0][1]['peak'] / 2**30:.1f} GiB)"
+                                             if cfg is not plans[0][0] else "") + "; a flag given decides instead")
+    say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ("
+        + (f"{stages or 'no training stage'}); {free / 2**30:.1f} GiB free on {device}" if gpu else
+           f"loading {plan['load'] / 2**30:.1f}, {stages or 'no training stage'})"))
     if plan["peak"] > free:  # what would help that this run does not do already
+        runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
         tips = (["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
                 + ["smaller --sft-batch/--max-response"] * runs["sft"]
                 + ["smaller --minibatch/--rollout-batch/--max-new-tokens"] * runs["ppo"]
                 + ["--method hydra-ppo"] * (cfg.method in ("lora-ppo", "ppo")))  # one base where a baseline has 2 or 4
-        raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB, "
-                          f"{free / 2**30:.1f} GiB is free" + (f": try {', '.join(tips)}" if tips else ""))
-    return plan
+        raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB "
+                          f"({stages}{', with ' + flags if auto else ''}), {free / 2**30:.1f} GiB is free"
+                          + (f": try {', '.join(tips)}" if tips else ""))
+    return cfg, plan
