@@ -764,6 +764,27 @@ def export_tokenizer(tok):
     return data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
 
 
+def reward_tokenizer(hf_tok, tok, rw, config, state):
+    """the reward export's tokenizer: called plainly on prompt + response it gives what hydra's reward head reads,
+    the BOS where hydra puts one and the EOS appended; and it pads with a token that is not the EOS (transformers'
+    classifiers score the last token that is not the pad). a pad past the model's rows gets a zero row in state's
+    input embedding and config.vocab_size (config, state: the reward export's, changed in place)."""
+    t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
+    t.init_kwargs.update(add_bos_token=bos, add_eos_token=True)  # saved: a reload builds the same post-processor
+    object.__setattr__(t, "_add_bos_token", bos)  # the add_eos_token setter builds the post-processor from both
+    t.add_eos_token = True
+    if tok.pad_id == tok.eos_id:
+        t.add_special_tokens({"pad_token": "<|reward_pad|>"})
+        emb = rw.lm.get_input_embeddings()
+        key = next(n for n, m in rw.lm.named_modules() if m is emb) + ".weight"
+        if t.pad_token_id >= config.vocab_size:  # GPT-2, Llama-3: no free row. never attended to, never scored
+            config.vocab_size = t.pad_token_id + 1
+            if key in state:  # rank 0 (the others hold no state)
+                state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
+    config.pad_token_id = t.pad_token_id
+    return t
+
+
 def write_hf(path, config, state, tok, generation=None):
     """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
     from safetensors.torch import save_file
@@ -814,18 +835,9 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     rw = bases[roles["reward"][0]]
     if to_full(rw.reward_head.bias.detach()).abs().max() > 0:  # transformers' score layers have no bias; hydra's
         raise ConfigError("the reward head has a non-zero bias, which a transformers score layer cannot hold")
-    rw_config, rw_tok = copy.deepcopy(rw.lm.config), hf_tok
+    rw_config = copy.deepcopy(rw.lm.config)
     rw_config.architectures = [type(rw.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
-    rw_config.num_labels, rw_config.pad_token_id = 1, tok.pad_id
-    if tok.pad_id == tok.eos_id and getattr(hf_tok, "unk_token_id", None) not in (None, tok.eos_id):
-        # transformers' classifiers score the last token that is not the pad: with pad == EOS that skips the EOS
-        # that hydra's reward head reads. pad with a token text never encodes to (llama's <unk>) instead
-        rw_tok = copy.deepcopy(hf_tok)
-        rw_tok.pad_token = hf_tok.unk_token
-        rw_config.pad_token_id = hf_tok.unk_token_id
-    elif tok.pad_id == tok.eos_id:
-        say("export: this tokenizer pads with its EOS and has no other token to pad with; the exported reward model "
-            "scores the token before a trailing EOS, where hydra's reward head reads the EOS")
+    rw_config.num_labels = 1
     used = dict.fromkeys(roles[r][0] for r in ("reference", "reward", "actor"))
     gathered = {b: full_state(bases[b].lm.state_dict()) for b in used}
     ref = roles["reference"][0]
@@ -834,6 +846,7 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     body = {k: v for k, v in hf_state(rw, None, gathered[roles["reward"][0]]).items() if k != "lm_head.weight"}
     dtype = next(iter(body.values())).dtype if body else torch.float32
     head = full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
+    rw_tok = reward_tokenizer(hf_tok, tok, rw, rw_config, body)
     dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
     adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
     if has_ppo:

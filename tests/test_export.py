@@ -85,7 +85,7 @@ def test_exported_policy_generates_greedily_what_eval_py_sample_greedy_gives(run
 def test_exported_reward_model_scores_as_the_reward_head_under_padding(run_dir, loaded):
     """if this fails, the exported reward model scores other text than hydra's reward head (the score layer is not
     the head, or the last real token is read from another slot when rows are padded)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     bases, cfg, tok, _ = loaded
     rm = AutoModelForSequenceClassification.from_pretrained(os.path.join(run_dir, "hf", "reward")).eval()
     _, held, _, _ = data.split_data(cfg)
@@ -102,6 +102,10 @@ def test_exported_reward_model_scores_as_the_reward_head_under_padding(run_dir, 
             ours = model.score(model.hidden(ids, mask)[0], mask)
     assert torch.allclose(theirs, ours, atol=1e-4, rtol=1e-4), (theirs - ours).abs().max()
     assert ours.std() > 0.01  # the scores differ from row to row: a real comparison
+    rt = AutoTokenizer.from_pretrained(os.path.join(run_dir, "hf", "reward"))  # called plainly, as a user would
+    with torch.no_grad():
+        plain = rm(**rt([p.prompt + p.chosen for p in held[:12]], padding=True, return_tensors="pt")).logits[:, 0]
+    assert torch.allclose(plain, ours[:12], atol=1e-4, rtol=1e-4), (plain - ours[:12]).abs().max()
 
 
 def test_peft_loads_the_actor_adapter_on_the_exported_sft_base_with_the_actors_logits(run_dir, loaded):
