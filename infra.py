@@ -804,7 +804,7 @@ def write_hf(path, config, state, tok, generation=None):
 def write_peft(path, model, adapter, sd, base_dir):
     """adapter set `adapter` (its gathered state sd) in PEFT's on-disk format (adapter_config.json +
     adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
-    base_dir (relative to this directory)."""
+    base_dir (an absolute path: moved, the adapter loads with PeftModel.from_pretrained on the moved base)."""
     from safetensors.torch import save_file
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
@@ -866,7 +866,9 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     for name, (config, state, generation, t) in dirs.items():
         write_hf(os.path.join(tmp, name), config, state, t, generation)
     for name, (base, sd, where) in adapters.items():
-        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, f"../../{where}")
+        # absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
+        base_dir = os.path.abspath(os.path.join(out, where))
+        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, base_dir)
     swap_dir(tmp, out)
     barrier()
     return written

@@ -157,3 +157,17 @@ def test_a_bf16_base_exports_in_bf16(run_dir, tmp_path):
     for d in ("policy", "sft", "reward"):
         with safe_open(str(tmp_path / "hf" / d / "model.safetensors"), "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}, d
+
+
+def test_the_peft_export_loads_by_its_path_from_any_directory(run_dir, tmp_path, monkeypatch):
+    """if this fails, AutoPeftModelForCausalLM.from_pretrained(OUT/hf/adapters/actor) finds no base model unless the
+    caller stands in the adapter's own directory (PEFT reads a relative base path from the current directory)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    hf = os.path.join(run_dir, "hf")
+    monkeypatch.chdir(tmp_path)
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(os.path.join(hf, "adapters", "actor")).eval()
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(hf, "policy")).eval()  # the actor, merged
+    ids = torch.tensor([[400, 13, 99, 7, 1200, 13]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-4)
