@@ -823,7 +823,7 @@ def write_peft(path, model, adapter, sd, base_dir):
 def export_run(bases, roles, cfg, tok, has_ppo, out):
     """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
     ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
-    actor, its adapter merged) and OUT/adapters/NAME (each trained LoRA set, PEFT format, on its base's export).
+    actor, its adapter merged) and OUT/adapters/NAME (the actor's LoRA set, PEFT format, on OUT/sft).
     written to OUT.tmp, then swapped in. every rank calls it (the gathers are collective); rank 0 writes.
     -> the directories written."""
     import shutil
@@ -852,11 +852,10 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     if has_ppo:
         a_base, a_adapter, _ = roles["actor"]
         dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
-        for role in ("actor", "critic"):
-            base, adapter, _ = roles[role]
-            if adapter and adapter not in adapters:
-                where = "sft" if base == roles["reference"][0] else "reward"
-                adapters[adapter] = (base, full_state(lora.lora_state_dict(bases[base].lm, adapter)), where)
+        # the actor's alone: the critic's adapter is of no use without its value head, a per-token head with a
+        # bias that no transformers class holds (it stays in ppo.pt, for resuming)
+        if a_adapter:
+            adapters[a_adapter] = (a_base, full_state(lora.lora_state_dict(bases[a_base].lm, a_adapter)), "sft")
     written = sorted(dirs) + (["adapters"] if adapters else [])
     if not is_writer():
         barrier()

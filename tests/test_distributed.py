@@ -261,4 +261,4 @@ def test_fsdp_baseline_stopped_in_its_first_sft_model_resumes_and_exports(tmp_pa
     for d in ("policy", "reward", "sft"):
         a, b = (load_file(os.path.join(x, d, "model.safetensors")) for x in (out / "hf", tmp_path / "one"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
-    assert sorted(os.listdir(out / "hf" / "adapters")) == ["actor", "critic"]
+    assert sorted(os.listdir(out / "hf" / "adapters")) == ["actor"]  # lora-ppo: no critic over reward/
