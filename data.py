@@ -24,6 +24,7 @@ import random
 import re
 import urllib.error
 import urllib.request
+import uuid
 import zlib
 from dataclasses import dataclass
 
@@ -92,22 +93,23 @@ KEYS_HELP = "expected keys chosen, rejected (HH-RLHF transcripts) or prompt, cho
 
 
 def fetch(url: str) -> str:
-    """an http(s) URL -> the path of its copy in the cache, downloaded on first use (to a temporary name, then
-    renamed: an interrupted download is never taken for the file)."""
+    """an http(s) URL -> the path of its copy in the cache, downloaded on first use (to a temporary name of this
+    process's own, then renamed: an interrupted download is never taken for the file)."""
     cache = os.environ.get("HYDRA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hydra")
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(url.split("?")[0])
     path = os.path.join(cache, name)
     if os.path.isfile(path):
         return path
     os.makedirs(cache, exist_ok=True)
+    part = f"{path}.{uuid.uuid4().hex[:12]}.part"  # its own for each process: torchrun's ranks fetch side by side
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise DataError(f"{url}: cannot fetch it ({getattr(e, 'reason', e)}); offline? download the file and "
                         "pass its path to --data") from None
-    os.replace(path + ".part", path)
+    os.replace(part, path)  # atomic, and every copy is whole and the same: whichever lands last is the file
     return path
 
 
