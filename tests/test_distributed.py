@@ -273,7 +273,7 @@ def test_data_url_under_torchrun_is_fetched_by_every_rank_without_a_crash(tmp_pa
     import threading
     (tmp_path / "srv").mkdir()
     with gzip.open(tmp_path / "srv" / "pairs.jsonl.gz", "wt") as f:
-        f.write("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " yes.", "rejected": " no."}) + "\n" for i in range(9)))
+        f.writelines(json.dumps({"prompt": f"Q{i}:", "chosen": " yes.", "rejected": " no."}) + "\n" for i in range(9))
     all_in = threading.Barrier(4, timeout=60)  # every rank is mid-download before any gets a byte: the race, each time
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -290,9 +290,9 @@ def test_data_url_under_torchrun_is_fetched_by_every_rank_without_a_crash(tmp_pa
     script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport data\n"
                       f"print('rank', os.environ['RANK'], 'pairs', len(data.load_pairs({url!r})[0]))\n")
     try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_CACHE": str(tmp_path / "c")}
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                            str(script)], env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_CACHE": str(tmp_path / "c")},
-                           capture_output=True, text=True, timeout=300)
+                            str(script)], env=env, capture_output=True, text=True, timeout=300)
     finally:
         srv.shutdown()
         srv.server_close()
