@@ -1278,7 +1278,9 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
 
     def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
         shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
-        return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
+        # --skip-nonfinite: _snapshot's copy of the trained weights (fp32, as their grads) and AdamW state, every step
+        held = shared + (e["grads"] + e["optimizer"]) * cfg.skip_nonfinite
+        return (e["total"] - shared) / W + (held / W if cfg.fsdp else held)
     try:  # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response
         plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
                                          cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
