@@ -675,11 +675,25 @@ def load_policies(specs, device):
     return pols, runs
 
 
-def heldout_prompts(cfg, n):
-    """the first n held-out prompts of a run's own split; repeats kept, as the data weights them (the built-in
-    task has 16 distinct prompts, so a win-rate over distinct prompts alone would rest on 16 samples)."""
-    _, held, gold_fn, _ = data.split_data(cfg)
-    return [p.prompt for p in held][:n], gold_fn
+SPLIT_FLAGS = ("data", "n_builtin", "max_pairs", "heldout_frac", "seed")  # what decides a run's split
+
+
+def heldout_prompts(cfgs, n):
+    """the first n held-out prompts of the first run's split that no run trained on (a run split otherwise, by
+    another --data, --seed, --max-pairs or --heldout-frac, trained on some); repeats kept, as the data weights them
+    (the built-in task has 16 distinct prompts, all in every split: its held-out pairs differ in the responses
+    alone, so it is not filtered). -> (prompts, gold fn, how many of the first run's held-out prompts were left out)"""
+    _, held, gold_fn, _ = data.split_data(cfgs[0])
+    split = lambda c: tuple(getattr(c, f) for f in SPLIT_FLAGS)  # noqa: E731
+    others = [c for c in cfgs[1:] if split(c) != split(cfgs[0]) and "builtin" not in (c.data, cfgs[0].data)]
+    seen = {p.prompt for c in others for p in data.split_data(c)[0]}
+    prompts = [p.prompt for p in held if p.prompt not in seen]
+    if not prompts:
+        differ = sorted({"--" + f.replace("_", "-") for c in others for f in SPLIT_FLAGS
+                         if getattr(c, f) != getattr(cfgs[0], f)})
+        raise I.ConfigError(f"compare: every held-out prompt of the first run is a training prompt of another run "
+                            f"(their {', '.join(differ)} differ); compare runs split alike")
+    return prompts[:n], gold_fn, len(held) - len(prompts)
 
 
 @torch.no_grad()
@@ -769,12 +783,16 @@ def compare(a):
     pols, runs = load_policies(a.runs, a.device)  # checks first: loading is the slow part
     cfg0 = pols[0]["run"][1]
     seed = cfg0.seed if a.seed is None else a.seed
-    prompts, gold_fn = heldout_prompts(cfg0, a.n_prompts)
+    prompts, gold_fn, left_out = heldout_prompts([p["run"][1] for p in pols], a.n_prompts)
+    if left_out:
+        note(f"compare: the runs split the data otherwise; {left_out} held-out prompts of {pols[0]['dir']} that "
+             "another run trained on are left out")
     refs = summary_refs(cfg0.data, a.refs)
     judges = {f"rm:{pols[a.judge_run]['dir']}": pols[a.judge_run]["run"]}
     for d in a.rm or []:
         judges[f"rm:{d}"] = runs[d] if d in runs else load_run(d, a.device)
-    res = {"n_prompts": len(prompts), "seed": seed, "interval": "95% Wilson score interval; ties count half",
+    res = {"n_prompts": len(prompts), "left_out_prompts": left_out, "seed": seed,
+           "interval": "95% Wilson score interval; ties count half",
            "external_judge": "both orders asked; a win needs both to agree, else tie", "policies": [], "pairs": []}
     outs = []
     for p in tqdm(pols, desc="sample and score", unit="policy"):

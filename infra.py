@@ -781,6 +781,27 @@ def export_tokenizer(tok):
     return data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
 
 
+def reward_tokenizer(hf_tok, tok, rw, config, state):
+    """the reward export's tokenizer: called plainly on prompt + response it gives what hydra's reward head reads,
+    the BOS where hydra puts one and the EOS appended; and it pads with a token that is not the EOS (transformers'
+    classifiers score the last token that is not the pad). a pad past the model's rows gets a zero row in state's
+    input embedding and config.vocab_size (config, state: the reward export's, changed in place)."""
+    t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
+    t.init_kwargs.update(add_bos_token=bos, add_eos_token=True)  # saved: a reload builds the same post-processor
+    object.__setattr__(t, "_add_bos_token", bos)  # the add_eos_token setter builds the post-processor from both
+    t.add_eos_token = True
+    if tok.pad_id == tok.eos_id:
+        t.add_special_tokens({"pad_token": "<|reward_pad|>"})
+        emb = rw.lm.get_input_embeddings()
+        key = next(n for n, m in rw.lm.named_modules() if m is emb) + ".weight"
+        if t.pad_token_id >= config.vocab_size:  # GPT-2, Llama-3: no free row. never attended to, never scored
+            config.vocab_size = t.pad_token_id + 1
+            if key in state:  # rank 0 (the others hold no state)
+                state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
+    config.pad_token_id = t.pad_token_id
+    return t
+
+
 def write_hf(path, config, state, tok, generation=None):
     """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
     from safetensors.torch import save_file
@@ -800,7 +821,7 @@ def write_hf(path, config, state, tok, generation=None):
 def write_peft(path, model, adapter, sd, base_dir):
     """adapter set `adapter` (its gathered state sd) in PEFT's on-disk format (adapter_config.json +
     adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
-    base_dir (relative to this directory)."""
+    base_dir (an absolute path: moved, the adapter loads with PeftModel.from_pretrained on the moved base)."""
     from safetensors.torch import save_file
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
@@ -819,7 +840,7 @@ def write_peft(path, model, adapter, sd, base_dir):
 def export_run(bases, roles, cfg, tok, has_ppo, out):
     """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
     ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
-    actor, its adapter merged) and OUT/adapters/NAME (each trained LoRA set, PEFT format, on its base's export).
+    actor, its adapter merged) and OUT/adapters/NAME (the actor's LoRA set, PEFT format, on OUT/sft).
     written to OUT.tmp, then swapped in. every rank calls it (the gathers are collective); rank 0 writes.
     -> the directories written."""
     import shutil
@@ -831,18 +852,9 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     rw = bases[roles["reward"][0]]
     if to_full(rw.reward_head.bias.detach()).abs().max() > 0:  # transformers' score layers have no bias; hydra's
         raise ConfigError("the reward head has a non-zero bias, which a transformers score layer cannot hold")
-    rw_config, rw_tok = copy.deepcopy(rw.lm.config), hf_tok
+    rw_config = copy.deepcopy(rw.lm.config)
     rw_config.architectures = [type(rw.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
-    rw_config.num_labels, rw_config.pad_token_id = 1, tok.pad_id
-    if tok.pad_id == tok.eos_id and getattr(hf_tok, "unk_token_id", None) not in (None, tok.eos_id):
-        # transformers' classifiers score the last token that is not the pad: with pad == EOS that skips the EOS
-        # that hydra's reward head reads. pad with a token text never encodes to (llama's <unk>) instead
-        rw_tok = copy.deepcopy(hf_tok)
-        rw_tok.pad_token = hf_tok.unk_token
-        rw_config.pad_token_id = hf_tok.unk_token_id
-    elif tok.pad_id == tok.eos_id:
-        say("export: this tokenizer pads with its EOS and has no other token to pad with; the exported reward model "
-            "scores the token before a trailing EOS, where hydra's reward head reads the EOS")
+    rw_config.num_labels = 1
     used = dict.fromkeys(roles[r][0] for r in ("reference", "reward", "actor"))
     gathered = {b: full_state(bases[b].lm.state_dict()) for b in used}
     ref = roles["reference"][0]
@@ -851,16 +863,16 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     body = {k: v for k, v in hf_state(rw, None, gathered[roles["reward"][0]]).items() if k != "lm_head.weight"}
     dtype = next(iter(body.values())).dtype if body else torch.float32
     head = full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
+    rw_tok = reward_tokenizer(hf_tok, tok, rw, rw_config, body)
     dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
     adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
     if has_ppo:
         a_base, a_adapter, _ = roles["actor"]
         dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
-        for role in ("actor", "critic"):
-            base, adapter, _ = roles[role]
-            if adapter and adapter not in adapters:
-                where = "sft" if base == roles["reference"][0] else "reward"
-                adapters[adapter] = (base, full_state(lora.lora_state_dict(bases[base].lm, adapter)), where)
+        # the actor's alone: the critic's adapter is of no use without its value head, a per-token head with a
+        # bias that no transformers class holds (it stays in ppo.pt, for resuming)
+        if a_adapter:
+            adapters[a_adapter] = (a_base, full_state(lora.lora_state_dict(bases[a_base].lm, a_adapter)), "sft")
     written = sorted(dirs) + (["adapters"] if adapters else [])
     if not is_writer():
         barrier()
@@ -870,7 +882,9 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     for name, (config, state, generation, t) in dirs.items():
         write_hf(os.path.join(tmp, name), config, state, t, generation)
     for name, (base, sd, where) in adapters.items():
-        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, f"../../{where}")
+        # absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
+        base_dir = os.path.abspath(os.path.join(out, where))
+        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, base_dir)
     swap_dir(tmp, out)
     barrier()
     return written
@@ -1276,7 +1290,9 @@ def memory_plan(cfg, conf, d, roles, n_sft, gpu):
 
     def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
         shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
-        return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
+        # --skip-nonfinite: _snapshot's copy of the trained weights (fp32, as their grads) and AdamW state, every step
+        held = shared + (e["grads"] + e["optimizer"]) * cfg.skip_nonfinite
+        return (e["total"] - shared) / W + (held / W if cfg.fsdp else held)
     # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response, and
     # under --sft-lora each base's fixed SFT adapter (fp32)
     plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,

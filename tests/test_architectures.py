@@ -130,3 +130,28 @@ def test_lora_sft_on_a_real_model_trains_at_its_default_learning_rate(model_dirs
     default = _rm_accuracy(model_dirs["llama"], str(tmp_path / "default"), [], capsys)
     slow = _rm_accuracy(model_dirs["llama"], str(tmp_path / "slow"), ["--sft-lr", "1e-5"], capsys)
     assert default >= 0.8 and default > slow + 0.2, (default, slow)
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt2-full-vocab"])
+def test_the_exported_reward_model_called_plainly_scores_as_hydras_reward_head(arch, model_dirs, tmp_path):
+    """if this fails, a user who runs the exported reward/ the obvious way (its tokenizer on prompt + response, a
+    padded batch, AutoModelForSequenceClassification) gets other scores than hydra's reward head: no EOS appended,
+    or the EOS skipped as the pad (gpt2-full-vocab: no free row for another pad)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    full = {**ARCHS["gpt2"], "vocab_size": 50257}
+    cfg = H.Config(model=model_dirs[arch] if arch in ARCHS else E.save_random_model(full, str(tmp_path / "m")))
+    models, tok = H.build_sft_models(cfg, torch.float32, torch.device("cpu"))
+    I.export_run(models, H.ROLES[cfg.method], cfg, tok, False, str(tmp_path / "hf"))
+    pairs = data.builtin_pairs(6)
+    seqs = [p + c for p, c, _ in data.encode_pairs(pairs, tok, cfg)[0]]
+    ids, mask, _ = data.collate(seqs, [[]] * len(seqs), tok.pad_id)  # left-padded: hydra's positions come from mask
+    with torch.no_grad():
+        m = models[H.ROLES[cfg.method]["reward"][0]]
+        ours = m.score(m.hidden(ids, mask)[0], mask)
+        rt = AutoTokenizer.from_pretrained(tmp_path / "hf" / "reward")
+        rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf" / "reward").eval()
+        batch = rt([p.prompt + p.chosen for p in pairs], padding=True, return_tensors="pt")
+        theirs = rm(**batch).logits[:, 0]
+    assert [r[m == 1].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])] == seqs
+    assert torch.allclose(theirs, ours, atol=1e-4), (ours.tolist(), theirs.tolist())
+    assert rt.decode(rt("a")["input_ids"][:-1], skip_special_tokens=True) == "a"  # the EOS comes off as special

@@ -151,6 +151,27 @@ def test_kv_cache_is_sized_by_the_rollout_batch(fake_cuda, tmp_path):
     assert e["activations"] == E.estimate(LLAMA, "hydra-ppo", 16, T, 2, 16, 24)["activations"]
 
 
+def test_skip_nonfinite_counts_the_copy_of_the_trained_weights_and_their_optimizer_state(fake_cuda, tmp_path):
+    """if this fails, --skip-nonfinite's undo copy (every trained weight and its AdamW state, taken each step: ~75 GiB
+    more for full SFT of Llama-7b) is left out of the plan, which admits runs that then run out of memory."""
+    cuda, set_free = fake_cuda
+    set_free(4096)
+    n = I.shapes(LLAMA)["params"]
+    for kw, trained in ((dict(), n), (dict(sft_lora=True), None)):
+        plain, skip = (plan_of(cuda, tmp_path, method="hydra-ppo", **kw, skip_nonfinite=f) for f in (False, True))
+        e = E.estimate(LLAMA, "lora-sft" if kw else "sft", 16, 128 + 48, 2, 16, 48)
+        assert skip["sft"] - plain["sft"] == e["grads"] + e["optimizer"]
+        assert trained is None or skip["sft"] - plain["sft"] > 12 * trained  # fp32 weight + 2 AdamW moments
+        assert skip["ppo"] - plain["ppo"] > 0  # the adapters and the value head
+    # the copy itself: 12 bytes a trained fp32 weight (weight, exp_avg, exp_avg_sq) and AdamW's step counters
+    w = torch.nn.Linear(32, 32)
+    opt = torch.optim.AdamW(w.parameters())
+    w(torch.ones(1, 32)).sum().backward()
+    opt.step()
+    weights, opt_state, _ = I._snapshot(opt, {})
+    got = sum(c.nbytes for _, c in weights) + sum(t.nbytes for st in opt_state["state"].values() for t in st.values())
+    assert got - 12 * (32 * 33) == 2 * 4  # two fp32 step counts
+
 # -----------------------------------------------------------------------------
 # against the peak of a real run on the CPU (random-init shapes): each shape makes the term under test dominate
 
