@@ -208,6 +208,20 @@ def cache_keyword(cls):
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def lm_logits(lm, h):
+    """(N, H) -> (N, V): the LM's output head, then what its own forward does after it, in its order (Cohere's
+    logit_scale, Granite's logits_scaling, Gemma 2/3's final softcap: without them every log-prob is off); none on
+    Llama."""
+    x, c = lm.get_output_embeddings()(h), lm.config
+    if getattr(c, "logit_scale", None) is not None:
+        x = x * c.logit_scale
+    if getattr(c, "logits_scaling", None) is not None:
+        x = x / c.logits_scaling
+    if getattr(c, "final_logit_softcapping", None) is not None:
+        x = torch.tanh(x / c.final_logit_softcapping) * c.final_logit_softcapping
+    return x
+
+
 def end_run():
     """(torchrun, even on one rank) gloo's threads stop before the interpreter exits, or it may abort."""
     if dist.is_available() and dist.is_initialized():
