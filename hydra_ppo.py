@@ -144,9 +144,9 @@ class HydraModel(nn.Module):
                        use_cache=cache is not None, **({kw: cache} if cache is not None else {}))
         return out.last_hidden_state, out.get(kw)
 
-    def logits(self, h):  # (..., H) -> (..., V)
+    def logits(self, h):  # (..., H) -> (..., V), the LM's own post-head step included (infra.lm_logits)
         with self.autocast(h.device):  # as one (N, H) matmul: a (B, R, H) batched matmul reads the head once a row
-            return self.lm.get_output_embeddings()(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
+            return infra.lm_logits(self.lm, h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
 
     # the scalar heads read fp32 hidden states in fp32, autocast or not: a score is a difference of nearby numbers
     def score(self, h, mask):  # reward at the last real token, (B,)

@@ -209,6 +209,20 @@ def cache_keyword(cls):
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def lm_logits(lm, h):
+    """(N, H) -> (N, V): the LM's output head, then what its own forward does after it, in its order (Cohere's
+    logit_scale, Granite's logits_scaling, Gemma 2/3's final softcap: without them every log-prob is off); none on
+    Llama."""
+    x, c = lm.get_output_embeddings()(h), lm.config
+    if getattr(c, "logit_scale", None) is not None:
+        x = x * c.logit_scale
+    if getattr(c, "logits_scaling", None) is not None:
+        x = x / c.logits_scaling
+    if getattr(c, "final_logit_softcapping", None) is not None:
+        x = torch.tanh(x / c.final_logit_softcapping) * c.final_logit_softcapping
+    return x
+
+
 def end_run():
     """(torchrun, even on one rank) gloo's threads stop before the interpreter exits, or it may abort."""
     if dist.is_available() and dist.is_initialized():
@@ -245,11 +259,13 @@ class StaticDecoder:
     """transformers' StaticCache for `batch` rows of at most `length` tokens, and every tensor a step reads or writes
     at a fixed address: the token (B, 1) and a full-length mask (B, length) written in place (the columns not yet
     written are 0, so hidden()'s position ids are generate's), the write offset advanced by the cache itself. on
-    CUDA the step is captured as a graph at its first call under an adapter, then replayed; on the CPU it runs
-    eagerly (the tests). a graph bakes in the adapter live at its capture: one graph per adapter, and a step under
-    another adapter than the prefill's raises. LoRA stays unmerged and is read afresh at each replay. generate builds
-    one per call, so its cache never outlives the rollout."""
+    CUDA the step is captured as a graph at its first call under an adapter, then replayed (a capture that raises:
+    one warning line, then eager steps); on the CPU, or for a short rollout, it runs eagerly. a graph bakes in the
+    adapter live at its capture: one graph per adapter, and a step under another adapter than the prefill's raises.
+    LoRA stays unmerged and is read afresh at each replay. generate builds one per call, so its cache never outlives
+    the rollout."""
     check_every = 8  # each check is a host sync that stalls the replays
+    failed = False  # a capture raised once in this process: no decoder captures again
 
     def __init__(self, model, batch, length):
         from transformers import StaticCache
@@ -263,12 +279,19 @@ class StaticDecoder:
         h, _ = self.model.hidden(self.tok, self.mask, self.cache)
         return self.model.logits(h[:, -1])
 
+    def _captures(self, new):
+        # a capture costs about 15-50 replayed steps, about what 24 new tokens (the default) save over eager ones, and
+        # generate captures anew at each call: only from CAPTURE_MIN_NEW (64) new tokens on, where it saves ~2.7x
+        # its cost (less when rows stop early), else eager steps on the static cache
+        return self.mask.is_cuda and new >= CAPTURE_MIN_NEW
+
     def prefill(self, ids, mask):
         P = ids.shape[1]
         self.cache.reset()  # in place: the graphs keep their addresses
         self.mask.zero_()
         self.mask[:, :P] = mask
         self.adapter, self.col = lora.live_adapter(), P
+        self.capture = self._captures(self.mask.shape[1] - P) and not StaticDecoder.failed
         h, _ = self.model.hidden(ids, self.mask[:, :P], self.cache)  # eager
         return self.model.logits(h[:, -1])
 
@@ -282,35 +305,60 @@ class StaticDecoder:
         # no autocast weight cache: a cached bf16 copy of a LoRA weight would be baked into the graph
         with torch.autocast(self.mask.device.type, dtype=self.model.compute_dtype, cache_enabled=False,
                             enabled=self.model.compute_dtype != torch.float32):
-            if self.mask.device.type != "cuda":
+            if self.capture and self.adapter not in self.graphs:
+                try:
+                    self.graphs[self.adapter] = self._capture()
+                except Exception as e:  # a version or model nobody tested: slower decoding, not a dead run
+                    print(f"warning: CUDA graph capture failed, decoding eagerly ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]})", file=sys.stderr)
+                    StaticDecoder.failed, self.capture = True, False
+            if not self.capture:
                 return self._forward()
-            if self.adapter not in self.graphs:
-                self.graphs[self.adapter] = self._capture()
             graph, out = self.graphs[self.adapter]
             graph.replay()
             return out  # the graph's output buffer: read it before the next step
 
-    def _capture(self):
-        # warm up on a side stream (as torch.cuda.graph asks), put the cache's write offset back, then capture
+    def _warm_up(self):
+        # two steps (as torch.cuda.graph asks), then the cache's write offsets put back, even if one raised
         offsets = [layer.cumulative_length.clone() for layer in self.cache.layers]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        try:
             for _ in range(2):
                 self._forward()
+        finally:
+            for layer, o in zip(self.cache.layers, offsets):
+                layer.cumulative_length.copy_(o)
+
+    def _capture(self):
+        s = torch.cuda.Stream()  # the warm-up on a side stream, as torch.cuda.graph asks
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(s)
-        for layer, o in zip(self.cache.layers, offsets):
-            layer.cumulative_length.copy_(o)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self._forward()
         return graph, out
 
 
+CAPTURE_MIN_NEW = 64  # fewer new tokens: eager steps on the static cache (see StaticDecoder._captures)
+
+
+def plain_static(cache):
+    """every layer a plain StaticLayer whose write offset is a tensor (transformers >= 5.4), the one thing a replay
+    advances. a sliding-window layer keeps a python offset a replay never moves (wrong tokens); older layers read the
+    offset on the host from row 0's keys (illegal in a capture, wrong when row 0 is left-padded)."""
+    from transformers.cache_utils import StaticLayer
+    return all(type(x) is StaticLayer and torch.is_tensor(getattr(x, "cumulative_length", None)) for x in cache.layers)
+
+
 def decoder(model, batch, length):
-    """the one-token decoder generate uses: captured on CUDA (unless sharded), eager elsewhere."""
-    cuda = next(model.parameters()).device.type == "cuda" and not is_fsdp(model)
-    return (StaticDecoder if cuda else EagerDecoder)(model, batch, length)
+    """the one-token decoder generate uses: the static one on CUDA where plain_static holds (and not sharded: FSDP's
+    all-gathers cannot be captured), eager elsewhere."""
+    if next(model.parameters()).device.type == "cuda" and not is_fsdp(model):
+        dec = StaticDecoder(model, batch, length)
+        if plain_static(dec.cache):
+            return dec
+    return EagerDecoder(model, batch, length)
 
 
 # -----------------------------------------------------------------------------
