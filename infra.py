@@ -834,10 +834,16 @@ def reward_tokenizer(hf_tok, tok, rw, config, state):
     the BOS where hydra puts one and the EOS appended; and it pads with a token that is not the EOS (transformers'
     classifiers score the last token that is not the pad). a pad past the model's rows gets a zero row in state's
     input embedding and config.vocab_size (config, state: the reward export's, changed in place)."""
+    from tokenizers.processors import TemplateProcessing
     t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
-    t.init_kwargs.update(add_bos_token=bos, add_eos_token=True)  # saved: a reload builds the same post-processor
-    object.__setattr__(t, "_add_bos_token", bos)  # the add_eos_token setter builds the post-processor from both
-    t.add_eos_token = True
+    # saved both ways: a tokenizer class that rebuilds its post-processor from the flags (transformers 5) builds
+    # this one; one that reads tokenizer.json (4.x) reads it. no token_type_ids: the classifiers take none
+    t.init_kwargs.update(add_bos_token=bos, add_eos_token=True, model_input_names=["input_ids", "attention_mask"])
+    t.model_input_names = ["input_ids", "attention_mask"]
+    ends = [t.bos_token] * bos, [t.eos_token]
+    t.backend_tokenizer.post_processor = TemplateProcessing(
+        single=" ".join([*ends[0], "$A:0", *ends[1]]), pair=" ".join([*ends[0], "$A:0", "$B:1", *ends[1]]),
+        special_tokens=[(x, t.convert_tokens_to_ids(x)) for x in dict.fromkeys(ends[0] + ends[1])])
     if tok.pad_id == tok.eos_id:
         t.add_special_tokens({"pad_token": "<|reward_pad|>"})
         emb = rw.lm.get_input_embeddings()
