@@ -251,7 +251,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     def step(i):  # train_ppo's iteration: rollout, then update (no calibration: raw scores)
         batch = H.rollout(bases, roles, prompts, tok, hcfg, i, device)
         stats = H.ppo_update(bases, roles, params, opt, kl_ctl, batch, {}, hcfg, i)
-        return stats["response_len"], {k: {**batch, **stats}[k] for k in H.PHASES}
+        return stats["response_len"], {k: {**batch.clock, **stats}[k] for k in H.PHASES}
     return step, opt, bases
 
 

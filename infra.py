@@ -4,7 +4,7 @@ exports, flags and files, memory readings and the plan. hydra_ppo.py (the algori
 imports neither (data.py and lora.py only).
 
   ranks            world, all_sum, gather_lists, my_rows, average_gradients, optimizer_step, shard, distribute
-  the step loop    run_steps: resume, per-step seed, a faulty step skipped or raised, metrics, checkpoint, stop
+  the step loop    Loop: resume, per-step seed, a faulty step skipped or raised, metrics, checkpoint, stop
   checkpoints      one format (torch.distributed.checkpoint, one process or sharded), save_models for sft.pt / ppo.pt
   loading          load_lm (tiny, SmolLM2 offline, a local dir or the Hugging Face cache), start_run, load_sft
   exports          export_run: Hugging Face directories and PEFT adapters
@@ -191,6 +191,28 @@ def enable_checkpointing(lm):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:  # transformers < 5
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+class Replay:
+    """on while torch.utils.checkpoint recomputes a forward in backward: pass `lambda: (nullcontext(), replay)` as
+    its context_fn, whose second context is entered around the recompute."""
+    on = False
+
+    def __enter__(self):
+        self.on = True
+
+    def __exit__(self, *exc):
+        self.on = False
+
+
+def no_dropout(model):
+    """every dropout of a model off: nn.Dropout modules and the float rates transformers' layers read."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
 
 
 def distribute(model, cfg, device):
@@ -579,37 +601,51 @@ def save_models(path, models, cfg, what):
                  "config": dataclasses.asdict(cfg), "compute_dtype": dtype}, path)
 
 
-def run_steps(stage, total, step_fn, state, held, opt, cfg, start=None, show=(), desc=None):
-    """the loop both stages share, around step_fn(i) -> the step's stats: resume from `start` (a checkpoint inside
-    this stage), seed each step (a pure function of seed, stage, step and rank), skip a step that raised
-    NumericalFault with --skip-nonfinite (the trained weights, the optimizer and `state` put back as they were
-    before it) or stop, log the metrics, checkpoint at the step's end ({name: (model, "all" | "trained")} in held,
-    the optimizer, and `state`: the small fields the loop carries), and stop when asked to."""
-    step = 0
-    if start is not None:
-        restore_checkpoint(start, held, opt)
-        state.update(start["state"])
-        step = start["step"]
-    trim_metrics(cfg.out, stage, step)
-    bar = tqdm(range(step, total), desc=desc or stage, disable=not is_writer(), initial=step, total=total)
-    for step in bar:
-        torch.manual_seed(step_seed(cfg.seed, stage, step, world()[0]))
-        before = _snapshot(opt, state) if cfg.skip_nonfinite else None
+class Loop:
+    """the plumbing of a training loop, read as `for i in loop:` in hydra_ppo.py. it yields the steps still to run
+    (resumed from `start`, a checkpoint inside this stage), each seeded (a pure function of seed, stage, step and
+    rank); loop.log(stats) is the step's metrics line; after each step it checkpoints ({name: (model, "all" |
+    "trained")} in held, the optimizer, and `state`: the small fields the loop carries) every --ckpt-every steps and
+    at the end, and stops when asked to. a step whose body raised NumericalFault inside `with loop.guard():` is, under
+    --skip-nonfinite, put back as it was before it (the trained weights, the optimizer, `state`) and counted."""
+
+    def __init__(self, stage, total, cfg, held, opt, state, start=None, show=(), desc=None):
+        self.stage, self.total, self.cfg, self.held, self.opt, self.state = stage, total, cfg, held, opt, state
+        self.show, self.desc, self.first = show, desc or stage, 0
+        if start is not None:
+            restore_checkpoint(start, held, opt)
+            state.update(start["state"])
+            self.first = start["step"]
+        trim_metrics(cfg.out, stage, self.first)
+
+    def __iter__(self):
+        cfg = self.cfg
+        bar = tqdm(range(self.first, self.total), desc=self.desc, disable=not is_writer(), initial=self.first,
+                   total=self.total)
+        for step in bar:
+            torch.manual_seed(step_seed(cfg.seed, self.stage, step, world()[0]))
+            self.before = _snapshot(self.opt, self.state) if cfg.skip_nonfinite else None
+            yield step
+            log_metrics(cfg.out, {"stage": self.stage, "step": step + 1, **self.stats})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in self.stats.items() if k in self.show})
+            if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.total:  # (every rank)
+                save_checkpoint(cfg.out, {"stage": self.stage, "step": step + 1, "state": self.state,
+                                          "meta": run_meta(cfg)}, self.held, self.opt)
+                STOP.exit_if_requested(cfg.out)
+
+    def log(self, stats):
+        self.stats = stats
+
+    @contextlib.contextmanager
+    def guard(self):
         try:
-            stats = step_fn(step)
+            yield
         except NumericalFault as e:
-            if before is None:
+            if self.before is None:
                 raise
-            _put_back(before, opt, state)
-            state["skipped"] += 1
-            stats = {"skipped": str(e)}
-        log_metrics(cfg.out, {"stage": stage, "step": step + 1, **stats})
-        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in show})
-        if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:  # (every rank: collectives)
-            save_checkpoint(cfg.out, {"stage": stage, "step": step + 1, "state": state, "meta": run_meta(cfg)},
-                            held, opt)
-            STOP.exit_if_requested(cfg.out)
-    return state
+            _put_back(self.before, self.opt, self.state)
+            self.state["skipped"] += 1
+            self.stats = {"skipped": str(e)}
 
 
 def _snapshot(opt, state):

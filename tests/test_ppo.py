@@ -45,7 +45,7 @@ def _iterate(models, method, params, opt, cfg, step=0, prompts=None, norm=None):
     roles, kl = H.ROLES[method], H.KLController(cfg.kl_coef)
     batch = H.rollout(models, roles, prompts or _prompts(cfg.rollout_batch), _tok(), cfg, step, torch.device("cpu"))
     norm = norm or (H.calibrate(models[roles["critic"][0]], batch, cfg) if cfg.score_norm == "sft" else {})
-    return H.ppo_update(models, roles, params, opt, kl, batch, norm, cfg, step), batch["responses"]
+    return H.ppo_update(models, roles, params, opt, kl, batch, norm, cfg, step), batch.responses
 
 
 # ---------------------------------------------------------------- pure math
@@ -296,7 +296,7 @@ def test_only_the_updates_forward_pays_for_an_entropy(tiny_lm, monkeypatch):
     assert asked and not any(asked)  # actor and reference log-probs: no entropy
     asked.clear()
     stats = H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, 0)
-    chunks = -(-batch["rmask"].shape[1] // 2)
+    chunks = -(-batch.rmask.shape[1] // 2)
     assert asked == [True] * chunks + [False] * chunks  # the forward's chunks, then backward's recompute
     assert stats["entropy"] > 0
 
@@ -433,12 +433,14 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_before_it(tiny_l
     monkeypatch.setattr(H, "value_loss", nan_in_the_third_minibatch_of_step_two)
     state, before = {"skipped": 0, "steps_seen": 0}, []
 
-    def step(i):
-        before.append(([p.detach().clone() for ps in params.values() for p in ps], copy.deepcopy(opt.state_dict())))
-        state["steps_seen"] += 1
-        batch = H.rollout(models, roles, _prompts(8), _tok(), cfg, i, torch.device("cpu"))
-        return H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, i)
-    I.run_steps("ppo", 2, step, state, {n: (m, "trained") for n, m in models.items()}, opt, cfg)
+    loop = I.Loop("ppo", 2, cfg, {n: (m, "trained") for n, m in models.items()}, opt, state)
+    for i in loop:
+        with loop.guard():
+            before.append(([p.detach().clone() for ps in params.values() for p in ps],
+                           copy.deepcopy(opt.state_dict())))
+            state["steps_seen"] += 1
+            batch = H.rollout(models, roles, _prompts(8), _tok(), cfg, i, torch.device("cpu"))
+            loop.log(H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, i))
     assert len(calls) == 7 and state == {"skipped": 1, "steps_seen": 1}  # the faulty step's field change undone
     weights, opt_state = before[1]
     assert all(torch.equal(p, w) for p, w in zip([p for ps in params.values() for p in ps], weights))
