@@ -835,7 +835,7 @@ def run(cfg):
         say(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
     elif cfg.stage != "sft" and not os.path.exists(sft_path):
         raise ConfigError(f"--stage ppo needs {sft_path}; run --stage sft (or all) with this --out first")
-    # what SFT just trained is in memory already: no second copy from disk (it doubled a run's peak). under --fsdp
+    # what SFT just trained is in memory already: no second copy from disk (a model's worth of memory). under --fsdp
     # sharded modules cannot take the PPO adapters: fresh unsharded ones (rank 0 reads sft.pt), sharded in train_ppo
     if cfg.fsdp and sft_ran and cfg.stage != "sft":
         del models  # sharded modules sit in reference cycles: only a collection frees their shards

@@ -720,12 +720,6 @@ def step_seed(seed, stage, step, part=0):
     return int.from_bytes(hashlib.sha256(key).digest()[:6], "little")
 
 
-def generator(device, seed):
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
 def batch_indices(n, batch, seed, step):
     """the examples of a step: a fresh permutation per epoch, a pure function of (seed, step)."""
     per_epoch = max(1, n // batch)
@@ -767,7 +761,7 @@ def load_gguf(path, dtype, meta=False):
     if meta:  # built as below: from the config in fp32, then cast (buffers included)
         return meta_lm(cfg, torch.float32).to(dtype), tok
     # the architecture on the meta device, its weights the file's own tensors (assign): one copy, not a random init
-    # beside the file's (the load stage peaked at 2.8x the weights)
+    # beside the file's
     lm = meta_lm(cfg, torch.float32)
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=lm)["tensors"]
     lm.load_state_dict(tensors, strict=False, assign=True)
@@ -1246,7 +1240,6 @@ MODELS = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                      max_position_embeddings=2048, tie_word_embeddings=False),
 }
-# the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
 
 
 def model_config(name, flag="--model"):

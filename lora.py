@@ -162,14 +162,6 @@ def cast_base(model, dtype):
     return model
 
 
-def load_lora_state_dict(model, state, name):
-    own = lora_state_dict(model, name)
-    if set(own) != set(state):
-        missing, extra = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
-        raise ValueError(f"adapter {name!r} does not fit this model (missing {missing}, unexpected {extra})")
-    model.load_state_dict(state, strict=False)
-
-
 @torch.no_grad()
 def merge_and_unload(model, name):
     """export only: fold adapter `name` and the fixed sets into the base weights (summed in fp32) and remove every

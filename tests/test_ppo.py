@@ -178,7 +178,7 @@ def test_sampling_draws_from_the_tempered_softmax():
     """if this fails, rollouts come from another distribution than the one the log-probs score (temperature mismatch)."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     T, n = 0.5, 20000
-    gens = [I.generator("cpu", i) for i in range(n)]
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
     counts = torch.bincount(H.sample_tokens(logits.expand(n, 4), T, gens), minlength=4).float() / n
     want = torch.softmax(logits[0] / T, -1)
     assert torch.allclose(counts, want, atol=0.015), (counts, want)
@@ -189,9 +189,9 @@ def test_sampling_is_the_gumbel_max_of_each_rows_own_noise(T):
     """the in-place sampler draws other noise than -log(-log(u)) from each row's generator, so a run's (and a resumed
     run's, and every rank's) samples change, if this fails."""
     logits = torch.randn(5, 300)
-    want = torch.stack([torch.rand(300, generator=I.generator("cpu", s)) for s in range(5)])
+    want = torch.stack([torch.rand(300, generator=torch.Generator().manual_seed(s)) for s in range(5)])
     want = (logits / T - torch.log(-torch.log(want.clamp(min=1e-20)))).argmax(-1)
-    assert torch.equal(H.sample_tokens(logits, T, [I.generator("cpu", s) for s in range(5)]), want)
+    assert torch.equal(H.sample_tokens(logits, T, [torch.Generator().manual_seed(s) for s in range(5)]), want)
 
 
 def test_a_response_depends_only_on_its_own_seed(tiny_lm):
