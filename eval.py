@@ -23,6 +23,7 @@ is asked both orders: a win needs both to agree, anything else is a tie, so a ju
 Long jobs report progress on stderr; where a job prints JSON, it is stdout's last line.
 """
 import argparse
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -894,10 +895,150 @@ def sample_job(a):
     return rows
 
 
+# exports: a finished run as Hugging Face directories (policy, SFT policy, reward model) and PEFT adapters, so that
+# transformers (and peft) alone can load what hydra trained; written aside, then swapped in
+
+
+def hf_state(model, adapter, sd):
+    """the LM's weights under transformers' names, LoRA wrappers taken off, the fixed adapter sets (LoRA SFT) and
+    `adapter` folded in: W + B A * alpha / r in fp32, and then every weight is stored in fp32 (in bf16 most of a
+    small update would round away). sd: the LM's state."""
+    wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
+    out, folded = {}, False
+    for k, v in sd.items():
+        path, _, leaf = k.rpartition(".")
+        if ".lora_A." in k or ".lora_B." in k:
+            continue
+        if path.endswith(".base") and path[:-5] in wrapped:
+            layer, path = wrapped[path[:-5]], path[:-5]
+            for name in dict.fromkeys(layer.fixed + [adapter] * (adapter is not None) if leaf == "weight" else []):
+                d = (sd[f"{path}.lora_B.{name}"].float() @ sd[f"{path}.lora_A.{name}"].float()) * layer.scale
+                v, folded = v.float() + (d.t() if lora._is_conv1d(layer.base) else d), True  # (out, in)
+        out[f"{path}.{leaf}"] = v
+    return {k: v.float() if folded and v.is_floating_point() else v for k, v in out.items()}
+
+
+def export_tokenizer(tok):
+    """the transformers tokenizer to save beside an export; tiny's tiktoken BPE rebuilt as one (the same ids)."""
+    if tok.hf is not None:
+        return tok.hf
+    n = tok.eos_id  # tiny: ranks 0 .. n-1, then eos, then pad
+    return data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
+
+
+def reward_tokenizer(hf_tok, tok, rw, config, state):
+    """the reward export's tokenizer: called plainly on prompt + response it gives what hydra's reward head reads,
+    the BOS where hydra puts one and the EOS appended; and it pads with a token that is not the EOS (transformers'
+    classifiers score the last token that is not the pad). a pad past the model's rows gets a zero row in state's
+    input embedding and config.vocab_size (config, state: the reward export's, changed in place)."""
+    from tokenizers.processors import TemplateProcessing
+    t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
+    # saved both ways: a tokenizer class that rebuilds its post-processor from the flags (transformers 5) builds
+    # this one; one that reads tokenizer.json (4.x) reads it. no token_type_ids: the classifiers take none
+    t.init_kwargs.update(add_bos_token=bos, add_eos_token=True, model_input_names=["input_ids", "attention_mask"])
+    t.model_input_names = ["input_ids", "attention_mask"]
+    ends = [t.bos_token] * bos, [t.eos_token]
+    t.backend_tokenizer.post_processor = TemplateProcessing(
+        single=" ".join([*ends[0], "$A:0", *ends[1]]), pair=" ".join([*ends[0], "$A:0", "$B:1", *ends[1]]),
+        special_tokens=[(x, t.convert_tokens_to_ids(x)) for x in dict.fromkeys(ends[0] + ends[1])])
+    if tok.pad_id == tok.eos_id:
+        t.add_special_tokens({"pad_token": "<|reward_pad|>"})
+        emb = rw.lm.get_input_embeddings()
+        key = next(n for n, m in rw.lm.named_modules() if m is emb) + ".weight"
+        if t.pad_token_id >= config.vocab_size:  # GPT-2, Llama-3: no free row. never attended to, never scored
+            config.vocab_size = t.pad_token_id + 1
+            if key in state:  # rank 0 (the others hold no state)
+                state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
+    config.pad_token_id = t.pad_token_id
+    return t
+
+
+def write_hf(path, config, state, tok, generation=None):
+    """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
+    from safetensors.torch import save_file
+    os.makedirs(path)
+    config = copy.deepcopy(config)
+    config.dtype = next(iter(state.values())).dtype  # what dtype="auto" loads: the saved tensors' own
+    config.save_pretrained(path)
+    if getattr(config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    tok.save_pretrained(path)
+    if generation is not None:
+        generation.save_pretrained(path)
+
+
+def write_peft(path, model, adapter, sd, base_dir):
+    """adapter set `adapter` (its gathered state sd) in PEFT's on-disk format (adapter_config.json +
+    adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
+    base_dir (an absolute path: moved, the adapter loads with PeftModel.from_pretrained on the moved base)."""
+    from safetensors.torch import save_file
+    layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
+    r, scale = layers[0][1].r, layers[0][1].scale
+    tensors = {"base_model.model." + k.replace(f".lora_A.{adapter}", ".lora_A.weight")
+               .replace(f".lora_B.{adapter}", ".lora_B.weight"): v.contiguous() for k, v in sd.items()}
+    conf = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_dir, r=r, lora_alpha=scale * r,
+                lora_dropout=0.0, bias="none", target_modules=sorted({n.rsplit(".", 1)[-1] for n, _ in layers}),
+                fan_in_fan_out=any(lora._is_conv1d(m.base) for _, m in layers), inference_mode=True,
+                init_lora_weights=True, use_rslora=False, use_dora=False, modules_to_save=None)
+    os.makedirs(path)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def export_run(bases, roles, cfg, tok, has_ppo, out):
+    """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
+    ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
+    actor, its adapter merged) and OUT/adapters/NAME (the actor's LoRA set, PEFT format, on OUT/sft).
+    written to OUT.tmp, then swapped in. -> the directories written."""
+    import shutil
+    from transformers import GenerationConfig
+    hf_tok = export_tokenizer(tok)
+    lm_config = bases[roles["reference"][0]].lm.config
+    gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                           do_sample=True, temperature=cfg.temperature, top_k=0, max_new_tokens=cfg.max_new_tokens)
+    rw = bases[roles["reward"][0]]
+    if rw.reward_head.bias.detach().abs().max() > 0:  # transformers' score layers have no bias; hydra's
+        raise I.ConfigError("the reward head has a non-zero bias, which a transformers score layer cannot hold")
+    rw_config = copy.deepcopy(rw.lm.config)
+    rw_config.architectures = [type(rw.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
+    rw_config.num_labels = 1
+    used = dict.fromkeys(roles[r][0] for r in ("reference", "reward", "actor"))
+    gathered = {b: I.full_state(bases[b].lm.state_dict()) for b in used}
+    ref = roles["reference"][0]
+    dirs = {"sft": (lm_config, hf_state(bases[ref], None, gathered[ref]), gen, hf_tok)}
+    # the score head in the base's dtype, as transformers builds it; the head itself is fp32
+    body = {k: v for k, v in hf_state(rw, None, gathered[roles["reward"][0]]).items() if k != "lm_head.weight"}
+    dtype = next(iter(body.values())).dtype if body else torch.float32
+    head = I.full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
+    rw_tok = reward_tokenizer(hf_tok, tok, rw, rw_config, body)
+    dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
+    adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
+    if has_ppo:
+        a_base, a_adapter, _ = roles["actor"]
+        dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
+        # the actor's alone: the critic's adapter is of no use without its value head, a per-token head with a
+        # bias that no transformers class holds (it stays in ppo.pt, for resuming)
+        if a_adapter:
+            adapters[a_adapter] = (a_base, lora.lora_state_dict(bases[a_base].lm, a_adapter), "sft")
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, (config, state, generation, t) in dirs.items():
+        write_hf(os.path.join(tmp, name), config, state, t, generation)
+    for name, (base, sd, where) in adapters.items():
+        # absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
+        base_dir = os.path.abspath(os.path.join(out, where))
+        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, base_dir)
+    I.swap_dir(tmp, out)
+    return sorted(dirs) + (["adapters"] if adapters else [])
+
+
 def export_job(a):
     out = a.out or os.path.join(a.run, "hf")
     bases, cfg, tok, has_ppo = load_run(a.run, a.device)
-    written = I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
+    written = export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
     print(f"wrote {out}: {', '.join(written)}")
     return out
 

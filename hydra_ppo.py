@@ -878,9 +878,8 @@ def run(cfg):
                                    peak_memory_mib=max(peaks.values()), peak_memory_mib_ranks=ranks,
                                    seconds=time.time() - t_start,
                                    examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in examples])
-    if cfg.export:
-        dirs = infra.export_run(bases, ROLES[cfg.method], cfg, tok, True, os.path.join(cfg.out, "hf"))
-        say(f"exported {', '.join(dirs)} to {cfg.out}/hf")
+    if cfg.export:  # eval.py's job on the files just written, in a process of its own (no import circle)
+        infra.export_files(cfg.out)
     infra.print_summary(summary)
     return summary
 

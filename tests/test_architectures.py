@@ -141,7 +141,7 @@ def test_the_exported_reward_model_called_plainly_scores_as_hydras_reward_head(a
     full = {**ARCHS["gpt2"], "vocab_size": 50257}
     cfg = H.Config(model=model_dirs[arch] if arch in ARCHS else E.save_random_model(full, str(tmp_path / "m")))
     models, tok = H.build_sft_models(cfg, torch.float32, torch.device("cpu"))
-    I.export_run(models, H.ROLES[cfg.method], cfg, tok, False, str(tmp_path / "hf"))
+    E.export_run(models, H.ROLES[cfg.method], cfg, tok, False, str(tmp_path / "hf"))
     pairs = data.builtin_pairs(6)
     seqs = [p + c for p, c, _ in data.encode_pairs(pairs, tok, cfg)[0]]
     ids, mask, _ = data.collate(seqs, [[]] * len(seqs), tok.pad_id)  # left-padded: hydra's positions come from mask

@@ -141,9 +141,9 @@ def test_a_failed_export_leaves_the_previous_one_whole(run_dir, loaded, monkeypa
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(I, "write_peft", boom)
+    monkeypatch.setattr(E, "write_peft", boom)
     with pytest.raises(OSError):
-        I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
+        E.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
     assert sorted(os.listdir(out)) == before
     assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["actor"]
 
@@ -155,7 +155,7 @@ def test_a_bf16_base_exports_in_bf16_but_a_merged_adapter_in_fp32(run_dir, tmp_p
     bases, cfg, tok, has_ppo = E.load_run(run_dir, "cpu")
     for m in bases.values():
         m.lm.to(torch.bfloat16)  # as prepare_ppo stores a frozen base in a bf16 run
-    I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, str(tmp_path / "hf"))
+    E.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, str(tmp_path / "hf"))
     for d, dtype in (("policy", torch.float32), ("sft", torch.bfloat16), ("reward", torch.bfloat16)):
         with safe_open(str(tmp_path / "hf" / d / "model.safetensors"), "pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}, d
