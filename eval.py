@@ -860,6 +860,11 @@ def sample_job(a):
         raise I.ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
     (pol,), _ = load_policies([a.run], a.device)
     cfg, t0 = pol["run"][1], time.perf_counter()
+    tok = pol["run"][2]
+    empty = [p for p in prompts if not data.prompt_tokens(tok, p, cfg.max_prompt)[0]]
+    if empty:
+        raise I.ConfigError(f"prompt {empty[0]!r} encodes to no tokens (this tokenizer adds no BOS); a prompt needs "
+                            "at least one")
     resp, texts, ended, _ = sample(pol, prompts, cfg.seed if a.seed is None else a.seed, a.batch,
                                    0.0 if a.greedy else None)
     note(f"sampled {len(prompts)} responses in {time.perf_counter() - t0:.0f} s")
@@ -876,6 +881,7 @@ def sample_job(a):
 
 def export_job(a):
     out = a.out or os.path.join(a.run, "hf")
+    I.check_export_out(out)  # before the load: a refusal costs nothing (export_run checks again, for every caller)
     bases, cfg, tok, has_ppo = load_run(a.run, a.device)
     written = I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
     print(f"wrote {out}: {', '.join(written)}")
@@ -1039,7 +1045,8 @@ def add_jobs(sub, p):
     j = job("export", export_job, "a finished run as Hugging Face directories (policy, SFT policy, reward model) and "
             "PEFT adapters")
     j.add_argument("run", help="a run directory written by hydra_ppo.py")
-    j.add_argument("--out", help="where to write (default: RUN/hf); replaced whole, atomically")
+    j.add_argument("--out", help="where to write (default: RUN/hf): a new or empty directory, or an earlier export, "
+                   "which is replaced whole, atomically; anything else is refused")
     j.add_argument("--device", default="cpu", help="where to load the run (cpu: no GPU memory needed)")
 
 
@@ -1074,6 +1081,9 @@ def main(argv=None):
         return a.job(a)
     except (I.ConfigError, data.DataError, JudgeError) as e:
         fail(e)
+    except KeyboardInterrupt:  # ctrl-c: what a job writes is written aside and renamed, so nothing is left half-done
+        print("\nerror: interrupted (SIGINT); nothing half-written was put in place", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
