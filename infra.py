@@ -1028,8 +1028,8 @@ def validate(cfg, methods):
     # (first: nan compares false, inf passes every bound below)
     checks[:0] = [(math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number")
                   for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float)]
-    for name in ("sft_steps", "ppo_steps", "kl_horizon", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch", "max_new_tokens", "max_prompt",
-                 "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
+    for name in ("sft_steps", "ppo_steps", "kl_horizon", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch",
+                 "max_new_tokens", "max_prompt", "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
         checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
     checks.append((cfg.threads >= 0, f"--threads {cfg.threads}: must be >= 0"))
     for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs", "vf_coef"):

@@ -111,8 +111,9 @@ def test_a_second_run_on_a_live_out_is_refused_naming_the_holder_and_a_killed_ho
     next run for ever)."""
     out = str(tmp_path / "o")
     os.makedirs(out)
-    holder = subprocess.Popen([sys.executable, "-c", f"import infra, sys, time; infra.lock_out({out!r}); "
-                               "print('held', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import infra, time; infra.lock_out({out!r}); "
+                               "print('held', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         code, err, _ = _exit(H.main, ["--out", out] + TINY, capsys)
