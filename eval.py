@@ -1081,6 +1081,8 @@ def main(argv=None):
         return a.job(a)
     except (I.ConfigError, data.DataError, JudgeError) as e:
         fail(e)
+    except OSError as e:  # a file a job writes or reads: --out naming a directory, a folder that is not there, ...
+        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     except KeyboardInterrupt:  # ctrl-c: what a job writes is written aside and renamed, so nothing is left half-done
         print("\nerror: interrupted (SIGINT); nothing half-written was put in place", file=sys.stderr)
         sys.exit(130)

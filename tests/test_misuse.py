@@ -254,3 +254,10 @@ def test_an_empty_prompt_is_one_line(copy, capsys):
     """if this fails, `eval.py sample --prompt ''` crashes inside the model with a reshape error."""
     code, err, _ = _exit(E.main, ["sample", copy, "--prompt", ""], capsys)
     assert code == 2 and "encodes to no tokens" in err
+
+
+def test_an_eval_py_out_that_cannot_be_written_is_one_line(copy, tmp_path, capsys):
+    """if this fails, `eval.py table RUN --out DIR` (a directory, or a folder that is not there) is a raw OSError."""
+    for out in (str(tmp_path), str(tmp_path / "no" / "such.md")):
+        code, err, _ = _exit(E.main, ["table", copy, "--out", out], capsys)
+        assert code == 2 and err.startswith(f"error: {out}: ")
