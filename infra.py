@@ -615,8 +615,7 @@ def run_steps(stage, total, step_fn, state, held, opt, cfg, start=None, show=(),
         state.update(start["state"])
         step = start["step"]
     trim_metrics(cfg.out, stage, step)
-    STOP.stepping = True
-    bar = tqdm(range(step, total), desc=desc or stage, disable=not is_writer(), initial=step, total=total)
+    STOP.bar = bar = tqdm(range(step, total), desc=desc or stage, disable=not is_writer(), initial=step, total=total)
     for step in bar:
         torch.manual_seed(step_seed(cfg.seed, stage, step, world()[0]))
         before = _snapshot(opt, state) if cfg.skip_nonfinite else None
@@ -634,7 +633,7 @@ def run_steps(stage, total, step_fn, state, held, opt, cfg, start=None, show=(),
             save_checkpoint(cfg.out, {"stage": stage, "step": step + 1, "state": state, "meta": run_meta(cfg)},
                             held, opt)
             STOP.exit_if_requested(cfg.out)
-    STOP.stepping = False
+    STOP.bar = None
     STOP.exit_if_requested(cfg.out)  # (a signal after the last step's check: its checkpoint is written)
     return state
 
@@ -662,17 +661,17 @@ class StopFlag:
     every file is written aside and renamed, so nothing half-written is read on resume."""
 
     def __init__(self):
-        self.requested, self.stepping, self.now, self.exiting = None, False, None, False
+        self.requested, self.bar, self.now, self.exiting = None, None, None, False  # bar: the loop's, in a step
 
     def install(self):
-        self.stepping, self.now, self.exiting = False, None, False
+        self.bar, self.now, self.exiting = None, None, False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         if self.exiting:  # on the way out with its checkpoint already
             return
-        if self.requested or not self.stepping:  # a second signal, or no step to finish: stop now
+        if self.requested or self.bar is None:  # a second signal, or no step to finish: stop now
             self.now = signum
             raise KeyboardInterrupt
         self.requested = signum
@@ -688,15 +687,21 @@ class StopFlag:
     def interrupted(self):
         """-> the line and the exit status for the KeyboardInterrupt that _handler (or a plain ctrl-c) raised."""
         sig = signal.Signals(self.now or signal.SIGINT)
+        self.close_bar()
         if self.requested:
             return f"{sig.name} again: stopped inside a step, without its checkpoint; the same command resumes " \
                    "from the last one", 128 + sig
         return f"{sig.name}: stopped (not inside a training step: no checkpoint to write); what the run wrote is " \
                "whole, and the same command goes on from it", 128 + sig
 
+    def close_bar(self):  # its last render before the line that says why the run stopped, not after it
+        if self.bar is not None:
+            self.bar.close()
+
     def exit_if_requested(self, out):
         if self.requested:
             self.exiting = True
+            self.close_bar()
             print(f"stopped; checkpoint in {out}. resume with the same command (add --fresh to start over).",
                   file=sys.stderr)
             sys.exit(128 + self.requested)
