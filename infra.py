@@ -445,13 +445,16 @@ def unlock_out():
 
 def check_resume(cfg):
     """the refusals that read OUT, run before anything is written into it: --stage ppo without sft.pt, an sft.pt or
-    a checkpoint of another run (load_sft and load_ckpt read them again where they load them)."""
+    a checkpoint of another run (load_sft and load_ckpt read them again where they load them), an OUT/hf that
+    --export may not replace."""
     path = os.path.join(cfg.out, "sft.pt")
     if os.path.exists(path):  # (--fresh removed it at start-up, but under --stage ppo)
         check_meta(load_file(path, mmap=True)["meta"], cfg, path, "sft")
     elif cfg.stage == "ppo":
         raise ConfigError(f"--stage ppo needs {path}; run --stage sft (or all) with this --out first")
     load_ckpt(cfg)
+    if cfg.export:  # (not at the end of the run)
+        check_export_out(os.path.join(cfg.out, "hf"))
 
 
 def sft_will_run(cfg):

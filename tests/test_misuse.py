@@ -261,3 +261,13 @@ def test_an_eval_py_out_that_cannot_be_written_is_one_line(copy, tmp_path, capsy
     for out in (str(tmp_path), str(tmp_path / "no" / "such.md")):
         code, err, _ = _exit(E.main, ["table", copy, "--out", out], capsys)
         assert code == 2 and err.startswith(f"error: {out}: ")
+
+
+def test_export_flag_refuses_an_out_hf_of_other_files_before_training(copy, capsys):
+    """if this fails, `hydra_ppo.py --export` trains a whole run, then refuses (or wipes) an OUT/hf of other files."""
+    os.makedirs(os.path.join(copy, "hf"))
+    open(os.path.join(copy, "hf", "mine.txt"), "w").write("mine")
+    before = _files(copy)
+    code, err, _ = _exit(H.main, ["--out", copy, "--export"] + TINY[:2] + ["--ppo-steps", "3"] + TINY[4:], capsys)
+    assert code == 2 and err.startswith(f"error: export to {copy}/hf: it holds files that are not an earlier export")
+    assert _files(copy) == before  # no PPO step ran
