@@ -926,8 +926,9 @@ def check_export_out(out):
     if not os.path.isdir(out) or os.path.islink(out):
         raise ConfigError(f"export to {out}: it is a file; name a new directory, or an earlier export to replace")
     names = sorted(os.listdir(out))
-    run = any(n in RUN_FILES for _, _, fs in os.walk(out) for n in fs)
-    if run or names and not (set(names) <= EXPORT and os.path.isfile(os.path.join(out, "sft", "config.json"))):
+    export = set(names) <= EXPORT and os.path.isfile(os.path.join(out, "sft", "config.json"))
+    run = set(names) & set(RUN_FILES) or export and any(n in RUN_FILES for _, _, fs in os.walk(out) for n in fs)
+    if names and (run or not export):  # (walked only when it looks like an export: never a whole home directory)
         what = "a run's files" if run else f"files that are not an earlier export ({', '.join(names[:3])}...)"
         raise ConfigError(f"export to {out}: it holds {what}, and an export replaces the directory whole; name a new "
                           "directory, or an earlier export to replace")

@@ -271,3 +271,13 @@ def test_export_flag_refuses_an_out_hf_of_other_files_before_training(copy, caps
     code, err, _ = _exit(H.main, ["--out", copy, "--export"] + TINY[:2] + ["--ppo-steps", "3"] + TINY[4:], capsys)
     assert code == 2 and err.startswith(f"error: export to {copy}/hf: it holds files that are not an earlier export")
     assert _files(copy) == before  # no PPO step ran
+
+
+def test_an_export_shaped_folder_with_a_run_inside_is_refused(tmp_path):
+    """if this fails, a run kept inside an earlier export's folders is deleted by the next export there."""
+    os.makedirs(tmp_path / "ex" / "sft" / "run")
+    (tmp_path / "ex" / "sft" / "config.json").write_text("{}")
+    I.check_export_out(str(tmp_path / "ex"))  # an earlier export: replaced
+    (tmp_path / "ex" / "sft" / "run" / "sft.pt").write_text("a run")
+    with pytest.raises(I.ConfigError, match="it holds a run's files"):
+        I.check_export_out(str(tmp_path / "ex"))
