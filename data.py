@@ -24,8 +24,9 @@ import random
 import re
 import urllib.error
 import urllib.request
+import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +40,7 @@ class Pair:
     prompt: str
     chosen: str    # the preferred response, without the prompt
     rejected: str  # the other response to the same prompt
+    where: str = field(default="a prompt", compare=False)  # PATH:LINE of a file's pair, for errors
 
 # -----------------------------------------------------------------------------
 # built-in task: no files, no network, deterministic per seed
@@ -92,22 +94,23 @@ KEYS_HELP = "expected keys chosen, rejected (HH-RLHF transcripts) or prompt, cho
 
 
 def fetch(url: str) -> str:
-    """an http(s) URL -> the path of its copy in the cache, downloaded on first use (to a temporary name, then
-    renamed: an interrupted download is never taken for the file)."""
+    """an http(s) URL -> the path of its copy in the cache, downloaded on first use (to a temporary name of this
+    process's own, then renamed: an interrupted download is never taken for the file)."""
     cache = os.environ.get("HYDRA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hydra")
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(url.split("?")[0])
     path = os.path.join(cache, name)
     if os.path.isfile(path):
         return path
     os.makedirs(cache, exist_ok=True)
+    part = f"{path}.{uuid.uuid4().hex[:12]}.part"  # its own for each process: torchrun's ranks fetch side by side
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise DataError(f"{url}: cannot fetch it ({getattr(e, 'reason', e)}); offline? download the file and "
                         "pass its path to --data") from None
-    os.replace(path + ".part", path)
+    os.replace(part, path)  # atomic, and every copy is whole and the same: whichever lands last is the file
     return path
 
 
@@ -172,7 +175,8 @@ def json_records(path: str):
 def load_pairs(path: str) -> tuple[list[Pair], dict]:
     """read pairs from a .jsonl/.jsonl.gz file; returns (pairs, stats). every dropped line is counted."""
     records = json_records(path)
-    stats = {"lines": len(records), "blank": 0, "hh": 0, "plain": 0, "empty_response": 0,
+    # empty_turns: HH prompts with an empty turn before the answer (kept as an empty message: hh_to_messages)
+    stats = {"lines": len(records), "blank": 0, "hh": 0, "plain": 0, "empty_response": 0, "empty_turns": 0,
              "dropped_identical": 0, "dropped_prompt_mismatch": 0, "pairs": 0}
     pairs = []
     for where, rec in records:
@@ -205,7 +209,8 @@ def load_pairs(path: str) -> tuple[list[Pair], dict]:
             stats["dropped_identical"] += 1  # no preference to learn from
             continue
         stats[fmt] += 1
-        pairs.append(Pair(prompt, chosen, rejected))
+        stats["empty_turns"] += fmt == "hh" and any(not m["content"] for m in hh_to_messages(prompt))
+        pairs.append(Pair(prompt, chosen, rejected, where))
     stats["pairs"] = len(pairs)
     if not pairs:
         raise DataError(f"{path}: no pairs left ({stats}); expected at least one usable pair")
@@ -304,7 +309,7 @@ class Tokenizer:
     eos_id: int
     pad_id: int  # may equal eos_id for HF tokenizers: masks are always built from lengths, never from pad ids
     vocab_size: int
-    format_prompt: object = lambda s: s  # chat template for HH-style prompts, where the model has one
+    format_prompt: object = lambda s, where=None: s  # chat template for HH-style prompts, where the model has one
     bos_id: int | None = None  # put before every prompt, as the model saw in pretraining (llama <s>, opt </s>)
     hf: object = None  # the transformers tokenizer behind it, saved beside exported models (None: tiny's tiktoken)
 
@@ -367,17 +372,23 @@ def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(),
 
 
 def hh_to_messages(prompt):
-    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> chat messages."""
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> chat messages, the roles alternating
+    as strict templates (Llama-2, Mistral, Gemma) demand: an empty turn stays, as an empty message (dropped, it left
+    two turns of one role side by side, or an assistant turn last), and two turns of one role in a row are merged."""
     msgs = []
     for chunk in prompt.split("\n\n"):
         for tag, role in (("Human:", "user"), ("Assistant:", "assistant")):
             if chunk.startswith(tag):
-                msgs.append({"role": role, "content": chunk[len(tag):].strip()})
+                text = chunk[len(tag):].strip()
+                if msgs and msgs[-1]["role"] == role:
+                    msgs[-1]["content"] = "\n\n".join(filter(None, (msgs[-1]["content"], text)))
+                else:
+                    msgs.append({"role": role, "content": text})
                 break
         else:
             if msgs:
                 msgs[-1]["content"] += "\n\n" + chunk
-    return [m for m in msgs if m["content"]]
+    return msgs[:-1] if msgs and msgs[-1] == {"role": "assistant", "content": ""} else msgs  # the answer's marker
 
 
 def hf_tokenizer(tok):
@@ -387,10 +398,15 @@ def hf_tokenizer(tok):
     with_special, bare = tok.encode("a"), tok.encode("a", add_special_tokens=False)
     bos = with_special[0] if len(with_special) > len(bare) and with_special[1:1 + len(bare)] == bare else None
 
-    def format_prompt(s):
+    def format_prompt(s, where="a prompt"):
         msgs = hh_to_messages(s)
         if getattr(tok, "chat_template", None) and msgs and msgs[-1]["role"] == "user":
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            from jinja2.exceptions import TemplateError  # jinja2: what transformers renders a template with
+            try:
+                return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except TemplateError as e:
+                raise DataError(f"{where}: the model's chat template refuses this transcript ({e}); expected "
+                                "turns that start with Human and alternate with Assistant") from None
         return s
 
     return Tokenizer(encode=lambda s: tok.encode(s, add_special_tokens=False),
@@ -406,10 +422,10 @@ def response_text(tok, prompt_ids, resp_ids):
     return both[len(head):] if both.startswith(head) else tok.decode(list(resp_ids))
 
 
-def prompt_tokens(tok, text, max_prompt):
+def prompt_tokens(tok, text, max_prompt, where="a prompt"):
     """a prompt as the policy reads it: chat template (where the model has one), BOS, cut from the left.
     -> (ids, truncated)."""
-    return encode_prompt(tok.encode, tok.format_prompt(text), max_prompt, tok.bos_id)
+    return encode_prompt(tok.encode, tok.format_prompt(text, where), max_prompt, tok.bos_id)
 
 
 def prompt_ids(pairs, tok, cfg):
@@ -417,7 +433,7 @@ def prompt_ids(pairs, tok, cfg):
     left. -> list of (text, ids), number truncated."""
     out, cut = [], 0
     for p in pairs:
-        ids, truncated = prompt_tokens(tok, p.prompt, cfg.max_prompt)
+        ids, truncated = prompt_tokens(tok, p.prompt, cfg.max_prompt, p.where)
         cut += truncated
         out.append((p.prompt, ids))
     return out, cut
@@ -427,7 +443,7 @@ def encode_pairs(pairs, tok, cfg):
     """-> list of (prompt_ids, chosen_ids, rejected_ids), and how many were truncated."""
     rows, cut = [], 0
     for p in pairs:
-        prompt = tok.format_prompt(p.prompt)
+        prompt = tok.format_prompt(p.prompt, p.where)
         fix = str.lstrip if prompt != p.prompt else str  # a chat template already ends the turn header
         enc = lambda resp: encode_example(tok.encode, prompt, fix(resp), tok.eos_id, cfg.max_prompt,  # noqa: E731
                                                cfg.max_response, tok.bos_id)

@@ -82,7 +82,8 @@ def load_run(out, device="auto"):
     dtype = getattr(torch, ck["compute_dtype"]) if cfg.dtype == "auto" and "compute_dtype" in ck else None
     models, tok = H.build_sft_models(cfg, dtype or I.pick_dtype(cfg.dtype, dev), dev)
     for n, m in models.items():
-        m.load_state_dict(ck["models"][n])
+        I.sft_adapter(m, cfg)
+        I.load_sft_state(m, ck["models"][n], sft_path)
     bases = H.ppo_bases(cfg.method, models)
     ppo_path = os.path.join(out, "ppo.pt")
     if os.path.exists(ppo_path):
@@ -196,7 +197,8 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     # one minibatch per rollout, one epoch, no early stop: every step does the same work. no score scale (the std
     # of one batch's scores; a scalar costs no memory)
     hcfg = H.Config(model="bench", sft_batch=B, rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R,
-                    ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt, score_norm="none")
+                    ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt, score_norm="none",
+                    sft_lora=False)
     if name == "floor":  # what any PPO update costs at least: a LoRA language-model step on the same B x (P + R)
         # tokens, LoRA on the same modules, as a LoRA library trains (transformers' own loss, labels on the response)
         model = H.HydraModel(build_lm(cfg, 0, device, dtype), compute_dtype=dtype)
@@ -222,7 +224,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
             return R, None
         return step, opt, {"floor": model}
     if name in ("sft", "lora-sft"):  # train_sft's own setup and step, Hydra-SFT losses (lm + reward)
-        hcfg.sft_lora = name == "lora-sft"
+        hcfg = dataclasses.replace(hcfg, sft_lora=name == "lora-sft")
         # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
         model = H.HydraModel(build_lm(cfg, 0, device, dtype if hcfg.sft_lora else torch.float32),
                              compute_dtype=dtype)
@@ -249,7 +251,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     def step(i):  # train_ppo's iteration: rollout, then update (no calibration: raw scores)
         batch = H.rollout(bases, roles, prompts, tok, hcfg, i, device)
         stats = H.ppo_update(bases, roles, params, opt, kl_ctl, batch, {}, hcfg, i)
-        return stats["response_len"], {k: {**batch, **stats}[k] for k in H.PHASES}
+        return stats["response_len"], {k: {**batch.clock, **stats}[k] for k in H.PHASES}
     return step, opt, bases
 
 
@@ -673,11 +675,25 @@ def load_policies(specs, device):
     return pols, runs
 
 
-def heldout_prompts(cfg, n):
-    """the first n held-out prompts of a run's own split; repeats kept, as the data weights them (the built-in
-    task has 16 distinct prompts, so a win-rate over distinct prompts alone would rest on 16 samples)."""
-    _, held, gold_fn, _ = data.split_data(cfg)
-    return [p.prompt for p in held][:n], gold_fn
+SPLIT_FLAGS = ("data", "n_builtin", "max_pairs", "heldout_frac", "seed")  # what decides a run's split
+
+
+def heldout_prompts(cfgs, n):
+    """the first n held-out prompts of the first run's split that no run trained on (a run split otherwise, by
+    another --data, --seed, --max-pairs or --heldout-frac, trained on some); repeats kept, as the data weights them
+    (the built-in task has 16 distinct prompts, all in every split: its held-out pairs differ in the responses
+    alone, so it is not filtered). -> (prompts, gold fn, how many of the first run's held-out prompts were left out)"""
+    _, held, gold_fn, _ = data.split_data(cfgs[0])
+    split = lambda c: tuple(getattr(c, f) for f in SPLIT_FLAGS)  # noqa: E731
+    others = [c for c in cfgs[1:] if split(c) != split(cfgs[0]) and "builtin" not in (c.data, cfgs[0].data)]
+    seen = {p.prompt for c in others for p in data.split_data(c)[0]}
+    prompts = [p.prompt for p in held if p.prompt not in seen]
+    if not prompts:
+        differ = sorted({"--" + f.replace("_", "-") for c in others for f in SPLIT_FLAGS
+                         if getattr(c, f) != getattr(cfgs[0], f)})
+        raise I.ConfigError(f"compare: every held-out prompt of the first run is a training prompt of another run "
+                            f"(their {', '.join(differ)} differ); compare runs split alike")
+    return prompts[:n], gold_fn, len(held) - len(prompts)
 
 
 @torch.no_grad()
@@ -767,12 +783,16 @@ def compare(a):
     pols, runs = load_policies(a.runs, a.device)  # checks first: loading is the slow part
     cfg0 = pols[0]["run"][1]
     seed = cfg0.seed if a.seed is None else a.seed
-    prompts, gold_fn = heldout_prompts(cfg0, a.n_prompts)
+    prompts, gold_fn, left_out = heldout_prompts([p["run"][1] for p in pols], a.n_prompts)
+    if left_out:
+        note(f"compare: the runs split the data otherwise; {left_out} held-out prompts of {pols[0]['dir']} that "
+             "another run trained on are left out")
     refs = summary_refs(cfg0.data, a.refs)
     judges = {f"rm:{pols[a.judge_run]['dir']}": pols[a.judge_run]["run"]}
     for d in a.rm or []:
         judges[f"rm:{d}"] = runs[d] if d in runs else load_run(d, a.device)
-    res = {"n_prompts": len(prompts), "seed": seed, "interval": "95% Wilson score interval; ties count half",
+    res = {"n_prompts": len(prompts), "left_out_prompts": left_out, "seed": seed,
+           "interval": "95% Wilson score interval; ties count half",
            "external_judge": "both orders asked; a win needs both to agree, else tie", "policies": [], "pairs": []}
     outs = []
     for p in tqdm(pols, desc="sample and score", unit="policy"):

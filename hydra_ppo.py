@@ -9,8 +9,7 @@ Hydra-RLHF in one file (arXiv 2309.00754, "Efficient RLHF: Reducing the Memory U
     torchrun --nproc_per_node 2 hydra_ppo.py [--fsdp]     # data parallel (or sharded) over 2 processes
 
 Top to bottom: Config, HydraModel, ROLES (Table 2 as data), the PPO math, generate, one PPO iteration and its loop,
-Hydra-SFT and its loop, evaluation, run. What is not RLHF is in infra.py (ranks, checkpoints, loading, the memory
-plan), data.py (pairs and tokens) and lora.py (the adapters and their switch).
+Hydra-SFT and its loop, evaluation, run. infra.py holds what is not RLHF, data.py the pairs, lora.py the switch.
 """
 import contextlib
 import copy
@@ -51,22 +50,18 @@ class Config:
     dtype: str = flag("auto", "auto (bf16 on cuda, fp32 on cpu) | float32 | bfloat16")
     threads: int = flag(0, "CPU threads (0 = 1 for tiny, whose small matmuls gain nothing from more; else torch's)")
     fresh: bool = flag(False, "remove the old run's files in OUT and start over (default: resume)")
-    # data
     n_builtin: int = flag(2000, "pairs generated for the built-in task")
     max_pairs: int = flag(0, "read only the first N pairs of a --data file (0 = all): a CPU-sized slice")
     heldout_frac: float = flag(0.1, "fraction of pairs held out for evaluation")
     max_prompt: int = flag(128, "prompt tokens kept (cut from the left)")
     max_response: int = flag(48, "response tokens kept in SFT (cut from the right)")
-    # hydra-sft
     sft_steps: int = flag(300, "Hydra-SFT optimizer steps")
     sft_batch: int = flag(16, "preference pairs per SFT step")
     sft_lr: float = flag(0.0, "SFT learning rate (0 = 1e-3 for tiny or --sft-lora, 1e-5 for full SFT otherwise)")
     rm_weight: float = flag(1.0, "weight of the pairwise reward loss in Hydra-SFT")
-    sft_lora: bool = flag(False, "SFT with LoRA on a frozen base (merged at the end), for bases too big to fine-tune")
-    # lora
+    sft_lora: bool | None = flag(None, "LoRA SFT on a frozen base, adapter kept unmerged (None: the GPU memory plan's)")
     lora_r: int = flag(16, "LoRA rank (the paper uses 128 on Llama-7b)")
     lora_alpha: float = flag(32.0, "LoRA alpha; scale = alpha / r")
-    # ppo
     ppo_steps: int = flag(60, "PPO iterations (rollout + update)")
     rollout_batch: int = flag(32, "prompts sampled per PPO iteration")
     minibatch: int = flag(16, "rollouts per PPO minibatch")
@@ -89,10 +84,9 @@ class Config:
     stop_kl: float = flag(0.5, "stop the PPO epochs of an iteration once approx_kl exceeds this")
     max_grad_norm: float = flag(1.0, "gradient clip per role")
     value_init: str = flag("reward", "value head init: reward (copy the reward head, as DeepSpeed-Chat) | zero")
-    grad_ckpt: bool = flag(False, "activation checkpointing (switch-safe)")
+    grad_ckpt: bool | None = flag(None, "activation checkpointing, switch-safe (None: the GPU memory plan's)")
     fsdp: bool = flag(False, "under torchrun: shard every base across the ranks with FSDP2")
     skip_nonfinite: bool = flag(False, "skip (undo and count) a step whose loss/reward/gradient is NaN or inf")
-    # eval and io
     eval_prompts: int = flag(64, "held-out prompts sampled in the final evaluation")
     ckpt_every: int = flag(50, "steps between checkpoints")
     wandb: bool = flag(False, "also log to wandb (if installed)")
@@ -101,7 +95,8 @@ class Config:
     def __post_init__(self):  # the "0 = a rule" defaults, resolved once: checkpoints and exports hold the numbers
         tiny, full = self.model == "tiny", self.method == "ppo"  # full: PPO trains whole copies, not a LoRA actor
         self.threads = self.threads or (1 if tiny else 0)
-        self.sft_lr = self.sft_lr or (1e-3 if tiny or self.sft_lora else 1e-5)  # README: measured on SmolLM2
+        if tiny or self.sft_lora is not None:  # else the memory plan decides --sft-lora first (run)
+            self.sft_lr = self.sft_lr or (1e-3 if tiny or self.sft_lora else 1e-5)  # README: measured on SmolLM2
         self.actor_lr = self.actor_lr or ((2e-4 if full else 2e-3) if tiny else (5e-5 if full else 2e-4))
         self.critic_lr = self.critic_lr or self.actor_lr
 
@@ -143,9 +138,9 @@ class HydraModel(nn.Module):
                        use_cache=cache is not None, **({kw: cache} if cache is not None else {}))
         return out.last_hidden_state, out.get(kw)
 
-    def logits(self, h):  # (..., H) -> (..., V)
+    def logits(self, h):  # (..., H) -> (..., V), the LM's own post-head step included (infra.lm_logits)
         with self.autocast(h.device):  # as one (N, H) matmul: a (B, R, H) batched matmul reads the head once a row
-            return self.lm.get_output_embeddings()(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
+            return infra.lm_logits(self.lm, h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
 
     # the scalar heads read fp32 hidden states in fp32, autocast or not: a score is a difference of nearby numbers
     def score(self, h, mask):  # reward at the last real token, (B,)
@@ -232,14 +227,14 @@ def response_logprobs(model, h, tokens, temperature=1.0, chunk=None, entropy=Fal
     V = model.lm.get_output_embeddings().weight.shape[0]
     B, R = tokens.shape
     step = max(1, (chunk or infra.LOGIT_CHUNK) // max(1, B * V))  # positions a chunk
-    want = [entropy]  # read at call time: backward's recompute needs the log-probs only, not the (logged) entropy
-    f = lambda hc, tc: logprobs_of(model.logits(hc), tc, temperature, want[0])  # noqa: E731
+    replay = infra.Replay()  # backward's recompute needs the log-probs only, not the (logged) entropy
+    f = lambda hc, tc: logprobs_of(model.logits(hc), tc, temperature, entropy and not replay.on)  # noqa: E731
     # one call when chunks gain nothing (no gradients: nothing is kept), or an FSDP head would be gathered per chunk
     if R <= step or is_fsdp(model) or not (torch.is_grad_enabled() and h.requires_grad):
         return f(h, tokens)
-    parts = [torch.utils.checkpoint.checkpoint(f, h[:, i:i + step], tokens[:, i:i + step], use_reentrant=False)
+    parts = [torch.utils.checkpoint.checkpoint(f, h[:, i:i + step], tokens[:, i:i + step], use_reentrant=False,
+                                               context_fn=lambda: (contextlib.nullcontext(), replay))
              for i in range(0, R, step)]
-    want[0] = False
     return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1) if entropy else None
 
 
@@ -381,17 +376,12 @@ def prepare_ppo(models, method, cfg, device):
     full = {roles[r][0] for r in ("actor", "critic") if roles[r][1] is None}  # bases that train whole (full PPO)
     for base in dict.fromkeys(b for b, _, _ in roles.values()):  # table order: LoRA init draws from the RNG
         if base not in full:  # a frozen base is stored in the compute dtype; what trains stays fp32 (heads, LoRA)
-            models[base].lm.to(models[base].compute_dtype)
+            lora.cast_base(models[base].lm, models[base].compute_dtype)
         names = sorted({a for b, a, _ in roles.values() if b == base and a is not None})
         if names:
             lora.inject(models[base].lm, names, r=cfg.lora_r, alpha=cfg.lora_alpha)
         models[base].requires_grad_(False)
-        for m in models[base].modules():  # PPO's ratios and KL compare the same function: no dropout in any role
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-            for attr in ("dropout", "attention_dropout", "activation_dropout"):
-                if isinstance(getattr(m, attr, None), float):
-                    setattr(m, attr, 0.0)
+        infra.no_dropout(models[base])  # PPO's ratios and KL compare the same function: no dropout in any role
     critic = models[roles["critic"][0]]
     with torch.no_grad():
         if cfg.value_init == "reward":
@@ -421,21 +411,32 @@ def prepare_ppo(models, method, cfg, device):
                                       {"params": params["critic"], "lr": cfg.critic_lr}], weight_decay=0.0)
 
 
+@dataclass
+class Rollout:
+    """a rollout batch: this rank's share of it, as ppo_update reads it. (B, R) tensors are right-padded responses."""
+    responses: list  # B token lists, each cut after its first EOS
+    chunks: list  # (ids, mask, P) per minibatch: this rank's mb rows of each global minibatch, collated
+    rmask: torch.Tensor  # (B, R) 1 on real response tokens
+    logp: torch.Tensor  # (B, R) the actor's log-probs when sampling
+    ref_logp: torch.Tensor  # (B, R) the reference's
+    values: torch.Tensor  # (B, R) the critic's
+    raw_score: torch.Tensor  # (B,) the reward model's, before normalising
+    has_eos: torch.Tensor  # (B,) the response ended (not cut by --max-new-tokens)
+    clock: dict  # seconds sampling (gen_s) and scoring (score_s), and gen_ms_per_token
+
+
 @torch.no_grad()
 def rollout(models, roles, prompts, tok, cfg, step, device, rows=None):
     """steps 1-2 on this rank's token-id prompts (rows: their rows in the global batch, which seed the sampling), scored
-    in the update's minibatches. -> responses, chunks [(ids, mask, P)], rmask, logp, ref_logp, values (B, R), raw_score
-    (B,) and the clock."""
-    t0 = time.time()
-    rows = range(len(prompts)) if rows is None else rows
+    in the update's minibatches. -> Rollout"""
+    t0, rows = time.time(), range(len(prompts)) if rows is None else rows
     # 1. sample with the actor
     a_base, a_adapter, _ = roles["actor"]
     seeds = [step_seed(cfg.seed, "ppo", step, row) for row in rows]
     responses = generate(models[a_base], a_adapter, prompts, tok, cfg.max_new_tokens, cfg.temperature, seeds)
     t_gen = time.time() - t0
     # 2. score: every role once, without gradients
-    W = world()[1]
-    mb = cfg.minibatch // W  # this rank's share of a minibatch
+    mb = cfg.minibatch // world()[1]  # this rank's share of a minibatch
     chunks, old = [], []
     for i in range(0, len(prompts), mb):
         ids, mask, P = data.collate(prompts[i:i + mb], responses[i:i + mb], tok.pad_id)
@@ -444,17 +445,17 @@ def rollout(models, roles, prompts, tok, cfg, step, device, rows=None):
         chunks.append((ids, mask, P))
     R = max(ids.shape[1] - P for ids, _, P in chunks)
     pad = lambda x: F.pad(x, (0, R - x.shape[1]))  # noqa: E731  chunks may differ in response width
-    batch = dict(responses=responses, chunks=chunks, ranks=W,
-                 rmask=torch.cat([pad(mask[:, P:].float()) for _, mask, P in chunks]),  # (B, R)
-                 logp=torch.cat([pad(o["actor"][0]) for o in old]),
-                 ref_logp=torch.cat([pad(o["reference"][0]) for o in old]),
-                 values=torch.cat([pad(o["critic"]) for o in old]), raw_score=torch.cat([o["reward"] for o in old]),
-                 has_eos=torch.tensor([r[-1] == tok.eos_id for r in responses], device=device),
-                 gen_s=t_gen, score_s=time.time() - t0 - t_gen,
-                 gen_ms_per_token=1000 * t_gen / max(1, max((len(r) for r in responses), default=0)))
+    batch = Rollout(responses=responses, chunks=chunks,
+                    rmask=torch.cat([pad(mask[:, P:].float()) for _, mask, P in chunks]),
+                    logp=torch.cat([pad(o["actor"][0]) for o in old]),
+                    ref_logp=torch.cat([pad(o["reference"][0]) for o in old]),
+                    values=torch.cat([pad(o["critic"]) for o in old]), raw_score=torch.cat([o["reward"] for o in old]),
+                    has_eos=torch.tensor([r[-1] == tok.eos_id for r in responses], device=device),
+                    clock=dict(gen_s=t_gen, score_s=time.time() - t0 - t_gen,
+                               gen_ms_per_token=1000 * t_gen / max(1, max((len(r) for r in responses), default=0))))
     for key, name in (("raw_score", "reward-model scores"), ("logp", "log-probs"), ("ref_logp", "reference log-probs"),
                       ("values", "values")):
-        check_finite(batch[key], name, step + 1)  # before anything (the score scale included) is fitted on them
+        check_finite(getattr(batch, key), name, step + 1)  # before anything (the score scale included) is fitted
     return batch
 
 
@@ -462,28 +463,28 @@ def rollout(models, roles, prompts, tok, cfg, step, device, rows=None):
 def calibrate(critic, batch, cfg):
     """step 3, once, on the first rollout (SFT samples: actor == reference): the mean and std of every rank's scores.
     a value head copied from the reward head moves to that scale, and so do its values of this batch. -> {mean, std}"""
-    N = len(batch["responses"]) * batch["ranks"]
-    mean = all_sum(batch["raw_score"].sum()).item() / N
-    var = all_sum(((batch["raw_score"] - mean) ** 2).sum()).item() / (N - 1)
+    N = len(batch.responses) * world()[1]
+    mean = all_sum(batch.raw_score.sum()).item() / N
+    var = all_sum(((batch.raw_score - mean) ** 2).sum()).item() / (N - 1)
     norm = dict(mean=mean, std=math.sqrt(var) + 1e-6)
     if cfg.value_init == "reward":
         critic.value_head.weight.div_(norm["std"])
         critic.value_head.bias.sub_(norm["mean"]).div_(norm["std"])
-        batch["values"] = (batch["values"] - norm["mean"]) / norm["std"] * batch["rmask"]
+        batch.values = (batch.values - norm["mean"]) / norm["std"] * batch.rmask
     return norm
 
 
 def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
     """steps 4-6 on a rollout batch: rewards, advantages, then epochs x minibatches of clipped updates. norm: the
     score scale from calibrate ({} = raw scores); sums over ranks by all_sum (the identity in one process). -> stats"""
-    t0, W, beta = time.time(), batch["ranks"], kl_ctl.value
-    N = len(batch["responses"]) * W  # the global rollout batch
-    rmask, logp, values, raw_score = batch["rmask"], batch["logp"], batch["values"], batch["raw_score"]
+    t0, W, beta = time.time(), world()[1], kl_ctl.value
+    N = len(batch.responses) * W  # the global rollout batch
+    rmask, logp, values, raw_score = batch.rmask, batch.logp, batch.values, batch.raw_score
     # 4. rewards: -beta * KL per token + the clipped score at the last real token
     score = (raw_score - norm["mean"]) / norm["std"] if norm else raw_score
-    score = score.clamp(-cfg.score_clip, cfg.score_clip) + cfg.missing_eos_penalty * (~batch["has_eos"]).float()
+    score = score.clamp(-cfg.score_clip, cfg.score_clip) + cfg.missing_eos_penalty * (~batch.has_eos).float()
     with torch.no_grad():
-        rewards, kl = kl_rewards(score, logp, batch["ref_logp"], rmask, beta)
+        rewards, kl = kl_rewards(score, logp, batch.ref_logp, rmask, beta)
         # 5. GAE, and advantages whitened over every rank's tokens
         adv, returns = gae(rewards, values * rmask, rmask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, rmask, total=all_sum)
@@ -491,8 +492,7 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
     check_finite(adv, "advantages", step + 1)
     # 6. epochs x minibatches
     log = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "entropy")}
-    chunks, stopped_early = batch["chunks"], False
-    mb = chunks[0][0].shape[0]  # this rank's share of a minibatch (a last, shorter chunk: fewer prompts than one)
+    chunks, mb, stopped_early = batch.chunks, cfg.minibatch // W, False  # mb: this rank's rows of a minibatch
     for epoch in range(cfg.ppo_epochs):
         g = torch.Generator().manual_seed(step_seed(cfg.seed, f"ppo-order{epoch}", step))
         order = range(len(chunks)) if epoch == 0 else torch.randperm(len(chunks), generator=g).tolist()
@@ -501,7 +501,6 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
             sl, w = slice(c * mb, (c + 1) * mb), ids.shape[1] - P
             m = rmask[sl, :w]
             tokens = all_sum(m.sum()).clamp(min=1)  # every rank's: losses are means, a rank's share is tokens / W
-            token_mean = lambda x: all_sum((x * m).sum()) / tokens  # noqa: E731
             for mod in models.values():
                 mod.train()
             opt.zero_grad(set_to_none=True)
@@ -521,11 +520,12 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
                 loss.backward()
             # clip per role: the critic's gradient scale must not shrink the actor's step
             optimizer_step(opt, list(params.values()), cfg.max_grad_norm, "ppo", step + 1)
-            # logged over every rank's tokens: the early stop on approx_kl is one decision for all
-            s = {k: token_mean(v).item() for k, v in diag.items()}
-            # (a loss is this rank's share of the minibatch's mean, times W: their sum over ranks / W is that mean)
-            for k, v in (("pg_loss", all_sum(pg).item() / W), ("vf_loss", all_sum(vf).item() / W),
-                         ("entropy", token_mean(new["actor"][1].detach()).item()), *s.items()):
+            # logged over every rank's tokens (one all-reduce): the early stop on approx_kl is one decision for all.
+            # a loss is this rank's share of the minibatch's mean, times W: their sum over ranks / W is that mean
+            per_token = {"entropy": new["actor"][1].detach(), **diag}
+            sums = all_sum(torch.stack([pg.detach(), vf.detach(), *((v * m).sum() for v in per_token.values())]))
+            s = dict(zip(per_token, (sums[2:] / tokens).tolist()))
+            for k, v in (("pg_loss", sums[0].item() / W), ("vf_loss", sums[1].item() / W), *s.items()):
                 log[k].append(v)
             if s["approx_kl"] > cfg.stop_kl:
                 stopped_early = True
@@ -539,7 +539,7 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
     stats = {"kl_coef": beta, **{k: sum(v) / len(v) for k, v in log.items() if v}}
     stats.update(score=all_sum(raw_score.sum()).item() / N, kl=seq_kl, first_ratio=log["ratio"][0],
                  first_approx_kl=log["approx_kl"][0], explained_var=explained_variance(values, returns, rmask, all_sum),
-                 response_len=all_sum(rmask.sum()).item() / N, eos_frac=all_sum(batch["has_eos"].sum()).item() / N,
+                 response_len=all_sum(rmask.sum()).item() / N, eos_frac=all_sum(batch.has_eos.sum()).item() / N,
                  stopped_early=stopped_early, update_s=time.time() - t0)
     return stats
 
@@ -557,24 +557,24 @@ def train_ppo(models, method, prompts, tok, cfg, device, start=None):
     M, mb = cfg.minibatch, cfg.minibatch // W
     # this rank's rows of the global batch: its share of every global minibatch, so the chunks line up across ranks
     rows = [c * M + rank * mb + j for c in range(cfg.rollout_batch // M) for j in range(mb)]
-
-    def step(i):
-        t0 = time.time()
-        batch = [prompts[j][1] for j in batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, i)]
-        batch = (batch * cfg.rollout_batch)[: cfg.rollout_batch]  # fewer prompts than a batch: repeated
-        b = rollout(models, roles, [batch[j] for j in rows], tok, cfg, i, device, rows)
-        if cfg.score_norm == "sft" and not state["score_norm"]:  # 3. the first rollout fixes the score scale, once
-            state["score_norm"] = calibrate(models[roles["critic"][0]], b, cfg)
-        kl_ctl = KLController(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
-        stats = ppo_update(models, roles, params, opt, kl_ctl, b, state["score_norm"], cfg, i)
-        state["kl_coef"] = kl_ctl.value
-        stats.update({k: b[k] for k in PHASES if k in b}, step_s=time.time() - t0)
-        for k, v in state["clock"].items():
-            v.append(stats[k])
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()}
     for m in models.values():
         m.eval()
-    infra.run_steps("ppo", cfg.ppo_steps, step, state, held, opt, cfg, start, ("score", "kl"), f"ppo {method}")
+    loop = infra.Loop("ppo", cfg.ppo_steps, cfg, held, opt, state, start, ("score", "kl"), f"ppo {method}")
+    for i in loop:
+        with loop.guard():  # --skip-nonfinite: a NaN or inf undoes the step
+            t0 = time.time()
+            batch = [prompts[j][1] for j in batch_indices(len(prompts), cfg.rollout_batch, cfg.seed, i)]
+            batch = (batch * cfg.rollout_batch)[: cfg.rollout_batch]  # fewer prompts than a batch: repeated
+            b = rollout(models, roles, [batch[j] for j in rows], tok, cfg, i, device, rows)
+            if cfg.score_norm == "sft" and not state["score_norm"]:  # 3. the first rollout fixes the score scale
+                state["score_norm"] = calibrate(models[roles["critic"][0]], b, cfg)
+            kl_ctl = KLController(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
+            stats = ppo_update(models, roles, params, opt, kl_ctl, b, state["score_norm"], cfg, i)
+            state["kl_coef"] = kl_ctl.value
+            stats.update(b.clock, step_s=time.time() - t0)
+            for k, v in state["clock"].items():
+                v.append(stats[k])
+            loop.log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()})
     clock = state["clock"]
     mid = {k: sorted(v)[len(v) // 2] if v else None for k, v in clock.items()}
     return {"kl_coef": state["kl_coef"], "score_norm": state["score_norm"], "skipped_steps": state["skipped"],
@@ -666,19 +666,19 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, start=None,
     rank, W = world()
     b = cfg.sft_batch // W  # this rank's share of a batch
 
-    def step(i):
-        rows = [train_rows[j] for j in batch_indices(len(train_rows), cfg.sft_batch, cfg.seed, i)][rank * b:][:b]
-        loss, gn, stats = sft_step(model, rows, lm_w, rm_w, params, opt, tok.pad_id, device, cfg.max_grad_norm, i + 1)
-        state["loss"] = infra.rank_mean(loss.item())
-        return {"loss": state["loss"], "grad_norm": gn.item(),
-                **{k: round(infra.rank_mean(v), 6) for k, v in stats.items() if k != "rm_hits"}}
     model.train()
-    with lora.adapter("sft") if cfg.sft_lora else contextlib.nullcontext():
-        infra.run_steps(f"sft-{name}", cfg.sft_steps, step, state, held, opt, cfg, start,
-                        show=("lm_loss", "rm_loss", "rm_acc"))
+    loop = infra.Loop(f"sft-{name}", cfg.sft_steps, cfg, held, opt, state, start, ("lm_loss", "rm_loss", "rm_acc"))
+    for i in loop:
+        with loop.guard(), lora.adapter("sft") if cfg.sft_lora else contextlib.nullcontext():
+            rows = [train_rows[j] for j in batch_indices(len(train_rows), cfg.sft_batch, cfg.seed, i)][rank * b:][:b]
+            loss, gn, stats = sft_step(model, rows, lm_w, rm_w, params, opt, tok.pad_id, device, cfg.max_grad_norm,
+                                       i + 1)
+            state["loss"] = infra.rank_mean(loss.item())
+            loop.log({"loss": state["loss"], "grad_norm": gn.item(),
+                      **{k: round(infra.rank_mean(v), 6) for k, v in stats.items() if k != "rm_hits"}})
     opt.zero_grad(set_to_none=True)  # the last step's gradients would outlive training (a model's worth of memory)
-    if cfg.sft_lora:
-        lora.merge_and_unload(model.lm, "sft")  # explicit export: the PPO adapters go on top of the merged base
+    if cfg.sft_lora:  # part of the base from now on, unmerged: LoRA off is the model SFT trained, to the bit
+        lora.fix(model.lm, "sft")
     return state["loss"], state["skipped"]
 
 
@@ -694,6 +694,7 @@ def train_sft_models(models, train_rows, held_rows, cfg, tok, device):
         rm_w = cfg.rm_weight if rm_w is None else rm_w
         if name in earlier:  # a baseline stopped while training its second model: the first is done
             say(f"sft-{name}: finished before the stop, loaded from the checkpoint in {cfg.out}")
+            infra.sft_adapter(models[name], cfg)  # (--sft-lora: its adapter, fixed, is part of the checkpoint)
             infra.distribute(models[name], cfg, device)  # (a sharded checkpoint loads into a sharded model)
             infra.restore_checkpoint(ck, {name: (models[name], "all")}, None)
             sft_stats[name] = earlier[name]
@@ -794,12 +795,12 @@ def run(cfg):
     t_start = time.time()
     infra.check_window(cfg)
     device, dtype = infra.start_run(cfg)
-    infra.check_resume(cfg)  # every refusal before the first write into OUT
     train_pairs, held_pairs, gold_fn, dstats = data.split_data(cfg)
     say(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
     if cfg.sft_batch > len(train_pairs):
         raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_pairs)} training pairs")
-    plan = infra.check_memory_plan(cfg, device, dtype, ROLES[cfg.method], len(sft_models(cfg.method)))
+    cfg, plan = infra.check_memory_plan(cfg, device, dtype, ROLES[cfg.method], len(sft_models(cfg.method)))
+    infra.check_resume(cfg)  # (with --sft-lora/--grad-ckpt decided) every refusal before the first write into OUT
     models, tok = build_sft_models(cfg, dtype, device)
     infra.check_window(cfg, next(iter(models.values())).lm.config.to_dict())  # (a model the cache did not hold)
     W = world()[1]
@@ -816,7 +817,8 @@ def run(cfg):
     held_rows, cut2 = data.encode_pairs(held_pairs, tok, cfg)
     held_prompts = data.prompt_ids(held_pairs, tok, cfg)[0][: cfg.eval_prompts]
     summary = infra.update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed,
-                                   device=str(device), world_size=W, fsdp=cfg.fsdp,
+                                   device=str(device), world_size=W, fsdp=cfg.fsdp, sft_lora=cfg.sft_lora,
+                                   grad_ckpt=cfg.grad_ckpt,
                                    memory_plan_mib={k: round(v / 2**20) for k, v in plan.items()} if plan else None,
                                    n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2,
                                    data_stats=dstats)
@@ -833,7 +835,7 @@ def run(cfg):
                                        sft_loss=sft[lm_name]["loss"], peak_memory_mib_sft=peak("sft"),
                                        peak_memory_mib_load=peaks["load"])
         say(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
-    # what SFT just trained is in memory already: no second copy from disk (it doubled a run's peak). under --fsdp
+    # what SFT just trained is in memory already: no second copy from disk (a model's worth of memory). under --fsdp
     # sharded modules cannot take the PPO adapters: fresh unsharded ones (rank 0 reads sft.pt), sharded in train_ppo
     if cfg.fsdp and sft_ran and cfg.stage != "sft":
         del models  # sharded modules sit in reference cycles: only a collection frees their shards

@@ -4,7 +4,7 @@ exports, flags and files, memory readings and the plan. hydra_ppo.py (the algori
 imports neither (data.py and lora.py only).
 
   ranks            world, all_sum, gather_lists, my_rows, average_gradients, optimizer_step, shard, distribute
-  the step loop    run_steps: resume, per-step seed, a faulty step skipped or raised, metrics, checkpoint, stop
+  the step loop    Loop: resume, per-step seed, a faulty step skipped or raised, metrics, checkpoint, stop
   checkpoints      one format (torch.distributed.checkpoint, one process or sharded), save_models for sft.pt / ppo.pt
   loading          load_lm (tiny, SmolLM2 offline, a local dir or the Hugging Face cache), start_run, load_sft
   exports          export_run: Hugging Face directories and PEFT adapters
@@ -193,6 +193,28 @@ def enable_checkpointing(lm):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
+class Replay:
+    """on while torch.utils.checkpoint recomputes a forward in backward: pass `lambda: (nullcontext(), replay)` as
+    its context_fn, whose second context is entered around the recompute."""
+    on = False
+
+    def __enter__(self):
+        self.on = True
+
+    def __exit__(self, *exc):
+        self.on = False
+
+
+def no_dropout(model):
+    """every dropout of a model off: nn.Dropout modules and the float rates transformers' layers read."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "attention_dropout", "activation_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
 def distribute(model, cfg, device):
     """activation checkpointing (--grad-ckpt) and sharding (--fsdp), once the adapters are on (a sharded module takes
     no new weights). -> the weights that train (sharding puts new parameter objects in place)."""
@@ -207,6 +229,20 @@ def distribute(model, cfg, device):
 def cache_keyword(cls):
     """transformers renamed the KV cache argument past_key_values -> cache; read once per class (every token asks)."""
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def lm_logits(lm, h):
+    """(N, H) -> (N, V): the LM's output head, then what its own forward does after it, in its order (Cohere's
+    logit_scale, Granite's logits_scaling, Gemma 2/3's final softcap: without them every log-prob is off); none on
+    Llama."""
+    x, c = lm.get_output_embeddings()(h), lm.config
+    if getattr(c, "logit_scale", None) is not None:
+        x = x * c.logit_scale
+    if getattr(c, "logits_scaling", None) is not None:
+        x = x / c.logits_scaling
+    if getattr(c, "final_logit_softcapping", None) is not None:
+        x = torch.tanh(x / c.final_logit_softcapping) * c.final_logit_softcapping
+    return x
 
 
 def end_run():
@@ -245,11 +281,13 @@ class StaticDecoder:
     """transformers' StaticCache for `batch` rows of at most `length` tokens, and every tensor a step reads or writes
     at a fixed address: the token (B, 1) and a full-length mask (B, length) written in place (the columns not yet
     written are 0, so hidden()'s position ids are generate's), the write offset advanced by the cache itself. on
-    CUDA the step is captured as a graph at its first call under an adapter, then replayed; on the CPU it runs
-    eagerly (the tests). a graph bakes in the adapter live at its capture: one graph per adapter, and a step under
-    another adapter than the prefill's raises. LoRA stays unmerged and is read afresh at each replay. generate builds
-    one per call, so its cache never outlives the rollout."""
+    CUDA the step is captured as a graph at its first call under an adapter, then replayed (a capture that raises:
+    one warning line, then eager steps); on the CPU, or for a short rollout, it runs eagerly. a graph bakes in the
+    adapter live at its capture: one graph per adapter, and a step under another adapter than the prefill's raises.
+    LoRA stays unmerged and is read afresh at each replay. generate builds one per call, so its cache never outlives
+    the rollout."""
     check_every = 8  # each check is a host sync that stalls the replays
+    failed = False  # a capture raised once in this process: no decoder captures again
 
     def __init__(self, model, batch, length):
         from transformers import StaticCache
@@ -263,12 +301,19 @@ class StaticDecoder:
         h, _ = self.model.hidden(self.tok, self.mask, self.cache)
         return self.model.logits(h[:, -1])
 
+    def _captures(self, new):
+        # a capture costs about 15-50 replayed steps, about what 24 new tokens (the default) save over eager ones, and
+        # generate captures anew at each call: only from CAPTURE_MIN_NEW (64) new tokens on, where it saves ~2.7x
+        # its cost (less when rows stop early), else eager steps on the static cache
+        return self.mask.is_cuda and new >= CAPTURE_MIN_NEW
+
     def prefill(self, ids, mask):
         P = ids.shape[1]
         self.cache.reset()  # in place: the graphs keep their addresses
         self.mask.zero_()
         self.mask[:, :P] = mask
         self.adapter, self.col = lora.live_adapter(), P
+        self.capture = self._captures(self.mask.shape[1] - P) and not StaticDecoder.failed
         h, _ = self.model.hidden(ids, self.mask[:, :P], self.cache)  # eager
         return self.model.logits(h[:, -1])
 
@@ -282,35 +327,60 @@ class StaticDecoder:
         # no autocast weight cache: a cached bf16 copy of a LoRA weight would be baked into the graph
         with torch.autocast(self.mask.device.type, dtype=self.model.compute_dtype, cache_enabled=False,
                             enabled=self.model.compute_dtype != torch.float32):
-            if self.mask.device.type != "cuda":
+            if self.capture and self.adapter not in self.graphs:
+                try:
+                    self.graphs[self.adapter] = self._capture()
+                except Exception as e:  # a version or model nobody tested: slower decoding, not a dead run
+                    print(f"warning: CUDA graph capture failed, decoding eagerly ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]})", file=sys.stderr)
+                    StaticDecoder.failed, self.capture = True, False
+            if not self.capture:
                 return self._forward()
-            if self.adapter not in self.graphs:
-                self.graphs[self.adapter] = self._capture()
             graph, out = self.graphs[self.adapter]
             graph.replay()
             return out  # the graph's output buffer: read it before the next step
 
-    def _capture(self):
-        # warm up on a side stream (as torch.cuda.graph asks), put the cache's write offset back, then capture
+    def _warm_up(self):
+        # two steps (as torch.cuda.graph asks), then the cache's write offsets put back, even if one raised
         offsets = [layer.cumulative_length.clone() for layer in self.cache.layers]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        try:
             for _ in range(2):
                 self._forward()
+        finally:
+            for layer, o in zip(self.cache.layers, offsets):
+                layer.cumulative_length.copy_(o)
+
+    def _capture(self):
+        s = torch.cuda.Stream()  # the warm-up on a side stream, as torch.cuda.graph asks
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(s)
-        for layer, o in zip(self.cache.layers, offsets):
-            layer.cumulative_length.copy_(o)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self._forward()
         return graph, out
 
 
+CAPTURE_MIN_NEW = 64  # fewer new tokens: eager steps on the static cache (see StaticDecoder._captures)
+
+
+def plain_static(cache):
+    """every layer a plain StaticLayer whose write offset is a tensor (transformers >= 5.4), the one thing a replay
+    advances. a sliding-window layer keeps a python offset a replay never moves (wrong tokens); older layers read the
+    offset on the host from row 0's keys (illegal in a capture, wrong when row 0 is left-padded)."""
+    from transformers.cache_utils import StaticLayer
+    return all(type(x) is StaticLayer and torch.is_tensor(getattr(x, "cumulative_length", None)) for x in cache.layers)
+
+
 def decoder(model, batch, length):
-    """the one-token decoder generate uses: captured on CUDA (unless sharded), eager elsewhere."""
-    cuda = next(model.parameters()).device.type == "cuda" and not is_fsdp(model)
-    return (StaticDecoder if cuda else EagerDecoder)(model, batch, length)
+    """the one-token decoder generate uses: the static one on CUDA where plain_static holds (and not sharded: FSDP's
+    all-gathers cannot be captured), eager elsewhere."""
+    if next(model.parameters()).device.type == "cuda" and not is_fsdp(model):
+        dec = StaticDecoder(model, batch, length)
+        if plain_static(dec.cache):
+            return dec
+    return EagerDecoder(model, batch, length)
 
 
 # -----------------------------------------------------------------------------
@@ -466,13 +536,29 @@ def sft_will_run(cfg):
 def load_sft(models, cfg):
     """OUT/sft.pt, checked to be this run's, into the SFT models. under --fsdp only rank 0 reads it: the other
     ranks' models are on the meta device, and sharding fills them from rank 0's."""
+    for m in models.values():
+        sft_adapter(m, cfg)  # every rank: sharding needs the same modules everywhere
     if any(p.is_meta for m in models.values() for p in m.parameters()):
         return
     path = os.path.join(cfg.out, "sft.pt")
     ck = load_file(path)
     check_meta(ck["meta"], cfg, path, "sft")  # PPO flags may differ: a PPO run starts from a finished SFT
     for n, m in models.items():
-        m.load_state_dict(ck["models"][n])
+        load_sft_state(m, ck["models"][n], path)
+
+
+def sft_adapter(model, cfg):
+    """--sft-lora: the SFT adapter on the base, fixed (lora.fix), as train_sft leaves it; sft.pt holds it unmerged."""
+    if cfg.sft_lora:
+        lora.inject(model.lm, ["sft"], r=cfg.lora_r, alpha=cfg.lora_alpha)
+        lora.fix(model.lm, "sft")
+
+
+def load_sft_state(model, sd, path):
+    """an SFT model's weights from sft.pt, set up by sft_adapter."""
+    if any(".lora_A.sft" in k for k in model.state_dict()) and not any(".lora_A.sft" in k for k in sd):
+        raise ConfigError(f"{path} holds a LoRA-SFT model merged by an older hydra; rerun SFT with --fresh")
+    model.load_state_dict(sd)
 
 
 def load_ckpt(cfg):
@@ -606,39 +692,53 @@ def save_models(path, models, cfg, what):
                  "config": dataclasses.asdict(cfg), "compute_dtype": dtype}, path)
 
 
-def run_steps(stage, total, step_fn, state, held, opt, cfg, start=None, show=(), desc=None):
-    """the loop both stages share, around step_fn(i) -> the step's stats: resume from `start` (a checkpoint inside
-    this stage), seed each step (a pure function of seed, stage, step and rank), skip a step that raised
-    NumericalFault with --skip-nonfinite (the trained weights, the optimizer and `state` put back as they were
-    before it) or stop, log the metrics, checkpoint at the step's end ({name: (model, "all" | "trained")} in held,
-    the optimizer, and `state`: the small fields the loop carries), and stop when asked to."""
-    step = 0
-    if start is not None:
-        restore_checkpoint(start, held, opt)
-        state.update(start["state"])
-        step = start["step"]
-    trim_metrics(cfg.out, stage, step)
-    STOP.bar = bar = tqdm(range(step, total), desc=desc or stage, disable=not is_writer(), initial=step, total=total)
-    for step in bar:
-        torch.manual_seed(step_seed(cfg.seed, stage, step, world()[0]))
-        before = _snapshot(opt, state) if cfg.skip_nonfinite else None
+class Loop:
+    """the plumbing of a training loop, read as `for i in loop:` in hydra_ppo.py. it yields the steps still to run
+    (resumed from `start`, a checkpoint inside this stage), each seeded (a pure function of seed, stage, step and
+    rank); loop.log(stats) is the step's metrics line; after each step it checkpoints ({name: (model, "all" |
+    "trained")} in held, the optimizer, and `state`: the small fields the loop carries) every --ckpt-every steps and
+    at the end, and stops when asked to. a step whose body raised NumericalFault inside `with loop.guard():` is, under
+    --skip-nonfinite, put back as it was before it (the trained weights, the optimizer, `state`) and counted."""
+
+    def __init__(self, stage, total, cfg, held, opt, state, start=None, show=(), desc=None):
+        self.stage, self.total, self.cfg, self.held, self.opt, self.state = stage, total, cfg, held, opt, state
+        self.show, self.desc, self.first = show, desc or stage, 0
+        if start is not None:
+            restore_checkpoint(start, held, opt)
+            state.update(start["state"])
+            self.first = start["step"]
+        trim_metrics(cfg.out, stage, self.first)
+
+    def __iter__(self):
+        cfg = self.cfg
+        STOP.bar = bar = tqdm(range(self.first, self.total), desc=self.desc, disable=not is_writer(),
+                              initial=self.first, total=self.total)
+        for step in bar:
+            torch.manual_seed(step_seed(cfg.seed, self.stage, step, world()[0]))
+            self.before = _snapshot(self.opt, self.state) if cfg.skip_nonfinite else None
+            yield step
+            log_metrics(cfg.out, {"stage": self.stage, "step": step + 1, **self.stats})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in self.stats.items() if k in self.show})
+            if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == self.total:  # (every rank)
+                save_checkpoint(cfg.out, {"stage": self.stage, "step": step + 1, "state": self.state,
+                                          "meta": run_meta(cfg)}, self.held, self.opt)
+                STOP.exit_if_requested(cfg.out)
+        STOP.bar = None
+        STOP.exit_if_requested(cfg.out)  # (a signal after the last step's check: its checkpoint is written)
+
+    def log(self, stats):
+        self.stats = stats
+
+    @contextlib.contextmanager
+    def guard(self):
         try:
-            stats = step_fn(step)
+            yield
         except NumericalFault as e:
-            if before is None:
+            if self.before is None:
                 raise
-            _put_back(before, opt, state)
-            state["skipped"] += 1
-            stats = {"skipped": str(e)}
-        log_metrics(cfg.out, {"stage": stage, "step": step + 1, **stats})
-        bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in show})
-        if STOP.agreed() or (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:  # (every rank: collectives)
-            save_checkpoint(cfg.out, {"stage": stage, "step": step + 1, "state": state, "meta": run_meta(cfg)},
-                            held, opt)
-            STOP.exit_if_requested(cfg.out)
-    STOP.bar = None
-    STOP.exit_if_requested(cfg.out)  # (a signal after the last step's check: its checkpoint is written)
-    return state
+            _put_back(self.before, self.opt, self.state)
+            self.state["skipped"] += 1
+            self.stats = {"skipped": str(e)}
 
 
 def _snapshot(opt, state):
@@ -735,12 +835,6 @@ def step_seed(seed, stage, step, part=0):
     return int.from_bytes(hashlib.sha256(key).digest()[:6], "little")
 
 
-def generator(device, seed):
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
 def batch_indices(n, batch, seed, step):
     """the examples of a step: a fresh permutation per epoch, a pure function of (seed, step)."""
     per_epoch = max(1, n // batch)
@@ -782,7 +876,7 @@ def load_gguf(path, dtype, meta=False):
     if meta:  # built as below: from the config in fp32, then cast (buffers included)
         return meta_lm(cfg, torch.float32).to(dtype), tok
     # the architecture on the meta device, its weights the file's own tensors (assign): one copy, not a random init
-    # beside the file's (the load stage peaked at 2.8x the weights)
+    # beside the file's
     lm = meta_lm(cfg, torch.float32)
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=lm)["tensors"]
     lm.load_state_dict(tensors, strict=False, assign=True)
@@ -854,22 +948,22 @@ def meta_lm(config, dtype):
 
 
 def hf_state(model, adapter, sd):
-    """the LM's weights under transformers' names, LoRA wrappers taken off; adapter given: folded in
-    (W + B A * alpha / r, computed in fp32, stored in W's dtype). sd: the LM's gathered state (full_state: rank 0
-    holds it, the others {})."""
+    """the LM's weights under transformers' names, LoRA wrappers taken off, the fixed adapter sets (LoRA SFT) and
+    `adapter` folded in: W + B A * alpha / r in fp32, and then every weight is stored in fp32 (in bf16 most of a
+    small update would round away). sd: the LM's gathered state (full_state: rank 0 holds it, the others {})."""
     wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
-    out = {}
+    out, folded = {}, False
     for k, v in sd.items():
         path, _, leaf = k.rpartition(".")
         if ".lora_A." in k or ".lora_B." in k:
             continue
         if path.endswith(".base") and path[:-5] in wrapped:
             layer, path = wrapped[path[:-5]], path[:-5]
-            if adapter is not None and leaf == "weight":
-                d = (sd[f"{path}.lora_B.{adapter}"].float() @ sd[f"{path}.lora_A.{adapter}"].float()) * layer.scale
-                v = (v.float() + (d.t() if lora._is_conv1d(layer.base) else d)).to(v.dtype)  # (out, in)
+            for name in dict.fromkeys(layer.fixed + [adapter] * (adapter is not None) if leaf == "weight" else []):
+                d = (sd[f"{path}.lora_B.{name}"].float() @ sd[f"{path}.lora_A.{name}"].float()) * layer.scale
+                v, folded = v.float() + (d.t() if lora._is_conv1d(layer.base) else d), True  # (out, in)
         out[f"{path}.{leaf}"] = v
-    return out
+    return {k: v.float() if folded and v.is_floating_point() else v for k, v in out.items()}
 
 
 def export_tokenizer(tok):
@@ -878,6 +972,33 @@ def export_tokenizer(tok):
         return tok.hf
     n = tok.eos_id  # tiny: ranks 0 .. n-1, then eos, then pad
     return data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
+
+
+def reward_tokenizer(hf_tok, tok, rw, config, state):
+    """the reward export's tokenizer: called plainly on prompt + response it gives what hydra's reward head reads,
+    the BOS where hydra puts one and the EOS appended; and it pads with a token that is not the EOS (transformers'
+    classifiers score the last token that is not the pad). a pad past the model's rows gets a zero row in state's
+    input embedding and config.vocab_size (config, state: the reward export's, changed in place)."""
+    from tokenizers.processors import TemplateProcessing
+    t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
+    # saved both ways: a tokenizer class that rebuilds its post-processor from the flags (transformers 5) builds
+    # this one; one that reads tokenizer.json (4.x) reads it. no token_type_ids: the classifiers take none
+    t.init_kwargs.update(add_bos_token=bos, add_eos_token=True, model_input_names=["input_ids", "attention_mask"])
+    t.model_input_names = ["input_ids", "attention_mask"]
+    ends = [t.bos_token] * bos, [t.eos_token]
+    t.backend_tokenizer.post_processor = TemplateProcessing(
+        single=" ".join([*ends[0], "$A:0", *ends[1]]), pair=" ".join([*ends[0], "$A:0", "$B:1", *ends[1]]),
+        special_tokens=[(x, t.convert_tokens_to_ids(x)) for x in dict.fromkeys(ends[0] + ends[1])])
+    if tok.pad_id == tok.eos_id:
+        t.add_special_tokens({"pad_token": "<|reward_pad|>"})
+        emb = rw.lm.get_input_embeddings()
+        key = next(n for n, m in rw.lm.named_modules() if m is emb) + ".weight"
+        if t.pad_token_id >= config.vocab_size:  # GPT-2, Llama-3: no free row. never attended to, never scored
+            config.vocab_size = t.pad_token_id + 1
+            if key in state:  # rank 0 (the others hold no state)
+                state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
+    config.pad_token_id = t.pad_token_id
+    return t
 
 
 def write_hf(path, config, state, tok, generation=None):
@@ -899,7 +1020,7 @@ def write_hf(path, config, state, tok, generation=None):
 def write_peft(path, model, adapter, sd, base_dir):
     """adapter set `adapter` (its gathered state sd) in PEFT's on-disk format (adapter_config.json +
     adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
-    base_dir (relative to this directory)."""
+    base_dir (an absolute path: moved, the adapter loads with PeftModel.from_pretrained on the moved base)."""
     from safetensors.torch import save_file
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
@@ -939,7 +1060,7 @@ def check_export_out(out):
 def export_run(bases, roles, cfg, tok, has_ppo, out):
     """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
     ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
-    actor, its adapter merged) and OUT/adapters/NAME (each trained LoRA set, PEFT format, on its base's export).
+    actor, its adapter merged) and OUT/adapters/NAME (the actor's LoRA set, PEFT format, on OUT/sft).
     written to OUT.tmp, then swapped in. every rank calls it (the gathers are collective); rank 0 writes.
     -> the directories written."""
     import shutil
@@ -952,18 +1073,9 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     rw = bases[roles["reward"][0]]
     if to_full(rw.reward_head.bias.detach()).abs().max() > 0:  # transformers' score layers have no bias; hydra's
         raise ConfigError("the reward head has a non-zero bias, which a transformers score layer cannot hold")
-    rw_config, rw_tok = copy.deepcopy(rw.lm.config), hf_tok
+    rw_config = copy.deepcopy(rw.lm.config)
     rw_config.architectures = [type(rw.lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
-    rw_config.num_labels, rw_config.pad_token_id = 1, tok.pad_id
-    if tok.pad_id == tok.eos_id and getattr(hf_tok, "unk_token_id", None) not in (None, tok.eos_id):
-        # transformers' classifiers score the last token that is not the pad: with pad == EOS that skips the EOS
-        # that hydra's reward head reads. pad with a token text never encodes to (llama's <unk>) instead
-        rw_tok = copy.deepcopy(hf_tok)
-        rw_tok.pad_token = hf_tok.unk_token
-        rw_config.pad_token_id = hf_tok.unk_token_id
-    elif tok.pad_id == tok.eos_id:
-        say("export: this tokenizer pads with its EOS and has no other token to pad with; the exported reward model "
-            "scores the token before a trailing EOS, where hydra's reward head reads the EOS")
+    rw_config.num_labels = 1
     used = dict.fromkeys(roles[r][0] for r in ("reference", "reward", "actor"))
     gathered = {b: full_state(bases[b].lm.state_dict()) for b in used}
     ref = roles["reference"][0]
@@ -972,16 +1084,16 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     body = {k: v for k, v in hf_state(rw, None, gathered[roles["reward"][0]]).items() if k != "lm_head.weight"}
     dtype = next(iter(body.values())).dtype if body else torch.float32
     head = full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
+    rw_tok = reward_tokenizer(hf_tok, tok, rw, rw_config, body)
     dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
     adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
     if has_ppo:
         a_base, a_adapter, _ = roles["actor"]
         dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
-        for role in ("actor", "critic"):
-            base, adapter, _ = roles[role]
-            if adapter and adapter not in adapters:
-                where = "sft" if base == roles["reference"][0] else "reward"
-                adapters[adapter] = (base, full_state(lora.lora_state_dict(bases[base].lm, adapter)), where)
+        # the actor's alone: the critic's adapter is of no use without its value head, a per-token head with a
+        # bias that no transformers class holds (it stays in ppo.pt, for resuming)
+        if a_adapter:
+            adapters[a_adapter] = (a_base, full_state(lora.lora_state_dict(bases[a_base].lm, a_adapter)), "sft")
     written = sorted(dirs) + (["adapters"] if adapters else [])
     if not is_writer():
         barrier()
@@ -991,7 +1103,9 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     for name, (config, state, generation, t) in dirs.items():
         write_hf(os.path.join(tmp, name), config, state, t, generation)
     for name, (base, sd, where) in adapters.items():
-        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, f"../../{where}")
+        # absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
+        base_dir = os.path.abspath(os.path.join(out, where))
+        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, base_dir)
     swap_dir(tmp, out)
     barrier()
     return written
@@ -1012,6 +1126,8 @@ def parse_args(config_cls, argv=None, description=None):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.default is None:  # a switch left to a rule: --x, --no-x, or neither (None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     return config_cls(**vars(p.parse_args(argv)))
@@ -1032,7 +1148,7 @@ def validate(cfg, methods):
         (cfg.clip > 0 and cfg.value_clip > 0, "--clip and --value-clip must be > 0"),
         (cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm}: must be > 0 (a negative one reverses steps)"),
         (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0 (0 makes the adapters, and PPO, a no-op)"),
-        (cfg.score_clip > 0 and cfg.stop_kl > 0, "--score-clip and --stop-kl must be > 0"),
+        (cfg.score_clip > 0, f"--score-clip {cfg.score_clip}: must be > 0"),  # (--stop-kl <= 0: one minibatch)
     ]
     # (first: nan compares false, inf passes every bound below)
     checks[:0] = [(math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number")
@@ -1299,7 +1415,6 @@ MODELS = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                      max_position_embeddings=2048, tie_word_embeddings=False),
 }
-# the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
 
 
 def model_config(name, flag="--model"):
@@ -1424,33 +1539,26 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     return out
 
 
-def check_memory_plan(cfg, device, dtype, roles, n_sft):
-    """before loading a real model: print the plan (estimate above) of the stages this run will run, and on a GPU
-    refuse early when it cannot fit. -> {"load", "sft" and "ppo" (those that run), "peak"} in bytes per rank, or None
-    (tiny, or a shape the estimator cannot read)."""
-    if cfg.model == "tiny":
-        return None
-    try:
-        conf = model_config(cfg.model)
-    except ConfigError as e:
-        say(f"memory plan: skipped ({e})")
-        return None
-    W, d = world()[1], torch.finfo(dtype).bits // 8
+def memory_plan(cfg, conf, d, roles, n_sft, gpu):
+    """the plan (estimate above) of the stages this run will run, per rank, for the model config conf and d bytes a
+    base weight. -> {"load", "sft" and "ppo" (those that run), "peak"} in bytes (gpu: the peak of the device, which
+    loading does not reach); KeyError: a config it cannot read."""
+    W = world()[1]
     runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
 
     def per_rank(e):  # each rank holds 1/W of the batch; under --fsdp also 1/W of the weights and their states
         shared = sum(e[k] for k in ("weights", "lora", "grads", "optimizer"))
-        return (e["total"] - shared) / W + (shared / W if cfg.fsdp else shared)
-    try:  # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response
-        plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
-                                         cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
-                                         cfg.grad_ckpt, idle_models=n_sft - 1)),
-                "ppo": per_rank(estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d,
-                                         cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt,
-                                         rollout_batch=cfg.rollout_batch))}
-    except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
-        say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
-        return None
+        # --skip-nonfinite: _snapshot's copy of the trained weights (fp32, as their grads) and AdamW state, every step
+        held = shared + (e["grads"] + e["optimizer"]) * cfg.skip_nonfinite
+        return (e["total"] - shared) / W + (held / W if cfg.fsdp else held)
+    # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response, and
+    # under --sft-lora each base's fixed SFT adapter (fp32)
+    plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
+                                     cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
+                                     cfg.grad_ckpt, idle_models=n_sft - 1)),
+            "ppo": per_rank(estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d,
+                                     cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt, rollout_batch=cfg.rollout_batch))
+            + n_sft * cfg.lora_r * shapes(conf)["lora_r1"] * 4 * bool(cfg.sft_lora)}
     plan = {k: v for k, v in plan.items() if runs[k]}
     # loading, on the host: the SFT models in their training dtype, the last beside its file's pages when the file
     # holds another dtype (mapped until the load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
@@ -1465,21 +1573,59 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft):
         # file's pages and gguf's de-quantization temporaries, 2.25x the fp32 embedding: measured on this file
         plan = {k: v + 130 * 2**20 for k, v in plan.items()}
         plan["load"] += 2.25 * conf["vocab_size"] * conf["hidden_size"] * 4
-    stages = ", ".join(f"{k} step {v / 2**30:.1f}" for k, v in plan.items() if k != "load") or "no training stage"
-    if device.type != "cuda":
-        plan["peak"] = max(plan.values())
-        say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak "
-            f"(loading {plan['load'] / 2**30:.1f}, {stages})")
-        return plan
-    plan["peak"] = max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1))
-    free, _ = torch.cuda.mem_get_info(device)
-    say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ({stages}); "
-        f"{free / 2**30:.1f} GiB free on {device}")
+    plan["peak"] = (max([v for k, v in plan.items() if k != "load"], default=held / (W if cfg.fsdp else 1)) if gpu
+                    else max(plan.values()))
+    return plan
+
+
+def check_memory_plan(cfg, device, dtype, roles, n_sft, free=None):
+    """before loading a real model: decide --sft-lora and --grad-ckpt where they were left to the plan (None), print
+    the plan of the stages this run will run, and on a GPU refuse early when nothing fits. free: the bytes a GPU has
+    (default: what the device says). -> (cfg with both decided, {"load", "sft", "ppo", "peak"} in bytes per rank, or
+    None for tiny or a shape the estimator cannot read)."""
+    auto = [k for k in ("sft_lora", "grad_ckpt") if getattr(cfg, k) is None]
+    # a resumed run keeps what its start chose and recorded (a GPU's free memory varies between invocations)
+    path = os.path.join(cfg.out, "summary.json")
+    was = {k: v for k, v in (load_file(path) if auto and not cfg.fresh and os.path.exists(path) else {}).items()
+           if k in auto and v is not None}
+    off = dataclasses.replace(cfg, **{k: was.get(k, False) for k in auto})  # a CPU run's, and a GPU run's that fits
+    conf = None
+    if cfg.model != "tiny":
+        try:
+            conf = model_config(cfg.model)
+        except ConfigError as e:
+            say(f"memory plan: skipped ({e})")
+    if conf is None:
+        return off, None
+    d, gpu = torch.finfo(dtype).bits // 8, device.type == "cuda"
+    # on a GPU: the settings as given, then the cheapest change that fits, in this order: LoRA SFT, then activation
+    # checkpointing; a flag given (or recorded) is kept
+    tries = []
+    for kw in ((), ("sft_lora",), ("sft_lora", "grad_ckpt")) if gpu else ():
+        c = dataclasses.replace(cfg, **{k: was.get(k, k in kw) for k in auto})  # (sft_lr's rule follows sft_lora)
+        tries += [c] * (c not in tries)
+    free = (torch.cuda.mem_get_info(device)[0] if free is None else free) if gpu else math.inf
+    try:
+        plans = [(c, memory_plan(c, conf, d, roles, n_sft, gpu)) for c in tries or [off]]
+    except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
+        say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
+        return off, None
+    cfg, plan = next(((c, p) for c, p in plans if p["peak"] <= free), plans[-1])
+    stages = ", ".join(f"{k} step {v / 2**30:.1f}" for k, v in plan.items() if k not in ("load", "peak"))
+    flags = " ".join(f"--{'' if getattr(cfg, k) else 'no-'}{k.replace('_', '-')}" for k in auto)
+    if gpu and auto and plan["peak"] <= free:  # the choice, in one line
+        say(f"memory plan: chose {flags}" + (f" (the settings as given plan {plans[0][1]['peak'] / 2**30:.1f} GiB)"
+                                             if cfg is not plans[0][0] else "") + "; a flag given decides instead")
+    say(f"memory plan (eval.py estimate): about {plan['peak'] / 2**30:.1f} GiB at the peak ("
+        + (f"{stages or 'no training stage'}); {free / 2**30:.1f} GiB free on {device}" if gpu else
+           f"loading {plan['load'] / 2**30:.1f}, {stages or 'no training stage'})"))
     if plan["peak"] > free:  # what would help that this run does not do already
+        runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
         tips = (["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
                 + ["smaller --sft-batch/--max-response"] * runs["sft"]
                 + ["smaller --minibatch/--rollout-batch/--max-new-tokens"] * runs["ppo"]
                 + ["--method hydra-ppo"] * (cfg.method in ("lora-ppo", "ppo")))  # one base where a baseline has 2 or 4
-        raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB, "
-                          f"{free / 2**30:.1f} GiB is free" + (f": try {', '.join(tips)}" if tips else ""))
-    return plan
+        raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB "
+                          f"({stages}{', with ' + flags if auto else ''}), {free / 2**30:.1f} GiB is free"
+                          + (f": try {', '.join(tips)}" if tips else ""))
+    return cfg, plan

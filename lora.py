@@ -8,7 +8,9 @@ named adapter sets ("actor", "critic", ...). One process-wide switch says which 
     with lora.adapter(None):     ...   # LoRA off: exactly the frozen base (the reference / reward model)
 
 With LoRA off a wrapped layer returns base(x) untouched, so the output is bit-identical to the un-injected
-model. Nothing is ever merged implicitly; merge_and_unload() is the explicit export path.
+model. A finished LoRA-SFT adapter becomes part of the base without merging (fix(): applied whatever the switch
+says), since adding a small update to a bf16 weight rounds most of it away. Nothing is ever merged implicitly;
+merge_and_unload() is the explicit export path.
 """
 import contextlib
 import math
@@ -74,6 +76,7 @@ class LoRALinear(nn.Module):
         self.r, self.scale = r, alpha / r
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.fixed = []  # adapter sets that are part of the base (fix()): applied with LoRA off too
 
     def add_adapter(self, name):
         # adapters are kept in fp32 even on a bf16 base: they are the weights that train
@@ -88,17 +91,16 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        name = _LIVE
-        if name is None:
-            return y  # exactly the frozen base
-        if name not in self.lora_A:
-            raise KeyError(f"adapter {name!r} is live but this layer only has {list(self.lora_A)}")
-        A, B = self.lora_A[name], self.lora_B[name]
-        if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts for the matmuls
-            x = x.to(A.dtype)
-        d = F.linear(F.linear(x, A), B)  # (..., out); runs once per layer per generated token: lean
-        # y is base(x)'s own fresh output (its backward does not need it): scale and add in place, one op, no copy
-        return y.add_(d if d.dtype == y.dtype else d.to(y.dtype), alpha=self.scale)
+        names = self.fixed if _LIVE is None or _LIVE in self.fixed else [*self.fixed, _LIVE]
+        for name in names:  # none with LoRA off and nothing fixed: exactly the frozen base
+            if name not in self.lora_A:
+                raise KeyError(f"adapter {name!r} is live but this layer only has {list(self.lora_A)}")
+            A, B = self.lora_A[name], self.lora_B[name]
+            xa = x.to(A.dtype) if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type) else x
+            d = F.linear(F.linear(xa, A), B)  # (..., out); runs once per layer per generated token: lean
+            # y is base(x)'s own fresh output (its backward does not need it): scale and add in place, no copy
+            y = y.add_(d if d.dtype == y.dtype else d.to(y.dtype), alpha=self.scale)
+        return y
 
 
 # -----------------------------------------------------------------------------
@@ -140,24 +142,38 @@ def lora_state_dict(model, name):
             if f".lora_A.{name}" in k or f".lora_B.{name}" in k}
 
 
-def load_lora_state_dict(model, state, name):
-    own = lora_state_dict(model, name)
-    if set(own) != set(state):
-        missing, extra = sorted(set(own) - set(state))[:3], sorted(set(state) - set(own))[:3]
-        raise ValueError(f"adapter {name!r} does not fit this model (missing {missing}, unexpected {extra})")
-    model.load_state_dict(state, strict=False)
+def fix(model, name):
+    """make adapter set `name` part of the frozen base, unmerged: applied whatever the switch says (LoRA off
+    included), trained no more. merged into a bf16 weight, an update below bf16's step at the weight's size (2^-8 of
+    it) would be rounded away: most of what LoRA SFT learned. -> model"""
+    for layer in lora_layers(model):
+        if name not in layer.fixed:
+            layer.fixed.append(name)
+        layer.lora_A[name].requires_grad_(False), layer.lora_B[name].requires_grad_(False)
+    return model
+
+
+def cast_base(model, dtype):
+    """the base weights (and buffers) to dtype; every adapter set stays fp32, the fixed ones too. -> model"""
+    keep = [(p, p.data) for layer in lora_layers(model) for p in (*layer.lora_A.values(), *layer.lora_B.values())]
+    model.to(dtype)
+    for p, d in keep:  # .to() put a cast copy in place: the fp32 tensor comes back
+        p.data = d
+    return model
 
 
 @torch.no_grad()
 def merge_and_unload(model, name):
-    """export only: fold adapter `name` into the base weights and remove every LoRA wrapper, so there is no
-    switch left for a merged adapter to survive. safe to call twice (the second call finds nothing)."""
+    """export only: fold adapter `name` and the fixed sets into the base weights (summed in fp32) and remove every
+    LoRA wrapper, so there is no switch left for a merged adapter to survive. safe to call twice (the second call
+    finds nothing)."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                if name is not None:
-                    d = child.delta_weight(name)
+                names = dict.fromkeys(child.fixed + ([name] if name is not None else []))
+                if names:
+                    d = sum(child.delta_weight(n).float() for n in names)
                     w = child.base.weight
-                    w += (d.t() if _is_conv1d(child.base) else d).to(w.dtype)
+                    w.copy_(w.float() + (d.t() if _is_conv1d(child.base) else d))
                 setattr(parent, child_name, child.base)
     return model

@@ -130,3 +130,55 @@ def test_lora_sft_on_a_real_model_trains_at_its_default_learning_rate(model_dirs
     default = _rm_accuracy(model_dirs["llama"], str(tmp_path / "default"), [], capsys)
     slow = _rm_accuracy(model_dirs["llama"], str(tmp_path / "slow"), ["--sft-lr", "1e-5"], capsys)
     assert default >= 0.8 and default > slow + 0.2, (default, slow)
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt2-full-vocab"])
+def test_the_exported_reward_model_called_plainly_scores_as_hydras_reward_head(arch, model_dirs, tmp_path):
+    """if this fails, a user who runs the exported reward/ the obvious way (its tokenizer on prompt + response, a
+    padded batch, AutoModelForSequenceClassification) gets other scores than hydra's reward head: no EOS appended,
+    or the EOS skipped as the pad (gpt2-full-vocab: no free row for another pad)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    full = {**ARCHS["gpt2"], "vocab_size": 50257}
+    cfg = H.Config(model=model_dirs[arch] if arch in ARCHS else E.save_random_model(full, str(tmp_path / "m")))
+    models, tok = H.build_sft_models(cfg, torch.float32, torch.device("cpu"))
+    I.export_run(models, H.ROLES[cfg.method], cfg, tok, False, str(tmp_path / "hf"))
+    pairs = data.builtin_pairs(6)
+    seqs = [p + c for p, c, _ in data.encode_pairs(pairs, tok, cfg)[0]]
+    ids, mask, _ = data.collate(seqs, [[]] * len(seqs), tok.pad_id)  # left-padded: hydra's positions come from mask
+    with torch.no_grad():
+        m = models[H.ROLES[cfg.method]["reward"][0]]
+        ours = m.score(m.hidden(ids, mask)[0], mask)
+        rt = AutoTokenizer.from_pretrained(tmp_path / "hf" / "reward")
+        rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf" / "reward").eval()
+        batch = rt([p.prompt + p.chosen for p in pairs], padding=True, return_tensors="pt")
+        theirs = rm(**batch).logits[:, 0]
+    assert [r[m == 1].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])] == seqs
+    assert torch.allclose(theirs, ours, atol=1e-4), (ours.tolist(), theirs.tolist())
+    assert rt.decode(rt("a")["input_ids"][:-1], skip_special_tokens=True) == "a"  # the EOS comes off as special
+
+
+# the LM's own post-head step, set off its default so it matters on a tiny random model (gemma3: none by default)
+POST_HEAD = {"cohere": dict(logit_scale=0.25), "granite": dict(logits_scaling=4.0),
+             "gemma2": dict(final_logit_softcapping=0.5), "gemma3_text": dict(final_logit_softcapping=0.5), "llama": {}}
+
+
+@pytest.mark.parametrize("model_type", list(POST_HEAD))
+def test_hydra_logits_are_the_lms_own_after_its_logit_scale_or_softcap(model_type):
+    """if this fails, every log-prob of Cohere (logit_scale), Granite (logits_scaling) or Gemma 2/3 (final logit
+    softcap) is silently off the model's own, or the plain head of a Llama is no longer bit-identical."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                               **POST_HEAD[model_type])
+    lm = AutoModelForCausalLM.from_config(cfg).eval()
+    if lm.base_model is lm:  # transformers < 5 names no base model in Gemma3ForCausalLM: hidden() cannot run it
+        pytest.skip(f"transformers {transformers.__version__}: no base model in {type(lm).__name__}")
+    m = H.HydraModel(lm)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        h = m.hidden(ids, torch.ones_like(ids))[0]
+        ref, got, head = lm(ids).logits, m.logits(h), lm.get_output_embeddings()(h)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+    assert torch.equal(got, head) == (model_type == "llama")  # the test has teeth: the step changes the logits

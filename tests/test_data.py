@@ -91,8 +91,8 @@ def test_plain_format_blank_lines_and_identical_pairs_are_counted(tmp_path):
     path = write_lines(tmp_path / "p.jsonl", [plain(), "", "   ", plain(chosen=" same.", rejected=" same."), plain()])
     pairs, stats = load_pairs(path)
     assert pairs == [Pair("Q:", " yes.", " no.")] * 2
-    assert stats == {"lines": 5, "blank": 2, "hh": 0, "plain": 2, "empty_response": 0, "dropped_identical": 1,
-                     "dropped_prompt_mismatch": 0, "pairs": 2}
+    assert stats == {"lines": 5, "blank": 2, "hh": 0, "plain": 2, "empty_response": 0, "empty_turns": 0,
+                     "dropped_identical": 1, "dropped_prompt_mismatch": 0, "pairs": 2}
 
 
 def test_an_empty_response_is_real_data_kept_and_counted(tmp_path):
@@ -197,6 +197,39 @@ def test_real_sample_loads_with_every_line_accounted_for():
     for p in pairs:
         assert p.prompt.startswith("\n\nHuman:") and p.prompt.endswith("\n\nAssistant:")
         assert "\n\nAssistant:" not in p.chosen and "\n\nAssistant:" not in p.rejected
+
+# a strict chat template, as Llama-2's: user first, then user and assistant in turn, else an error
+STRICT = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+          "{% else %}{{ ' ' + m['content'] + ' </s>' }}{% endif %}{% endfor %}")
+
+
+def test_hh_transcripts_with_empty_turns_fit_a_strict_chat_template(tmp_path):
+    """if this fails, an HH transcript with an empty turn kills the run before SFT (a strict template refuses two user
+    turns in a row), or its prompt silently goes untemplated (an empty last human turn), or a transcript no template
+    takes is a traceback instead of one line naming its file and line."""
+    from types import SimpleNamespace
+
+    from data import encode_pairs, hf_gpt2_tokenizer, hf_tokenizer
+    hf = hf_gpt2_tokenizer(bos="<s>", eos="</s>", unk="<unk>", extra_special=("<unk>", "<s>", "</s>"))
+    hf.chat_template = STRICT
+    tok, cfg = hf_tokenizer(hf), SimpleNamespace(max_prompt=64, max_response=16)
+    hh = lambda p: json.dumps({"chosen": p + " yes.", "rejected": p + " no."})  # noqa: E731
+    prompts = ["\n\nHuman: hi\n\nAssistant:\n\nHuman: still there?\n\nAssistant:",  # an empty assistant turn
+               "\n\nHuman: hi\n\nAssistant: hello\n\nHuman:\n\nAssistant:",  # an empty last human turn
+               "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:"]
+    pairs, stats = load_pairs(write_lines(tmp_path / "hh.jsonl", map(hh, prompts)))
+    assert stats["empty_turns"] == 2 and stats["pairs"] == 3
+    assert [tok.format_prompt(p.prompt) for p in pairs] == [
+        "[INST] hi [/INST]  </s>[INST] still there? [/INST]", "[INST] hi [/INST] hello </s>[INST]  [/INST]",
+        "[INST] hi [/INST] hello </s>[INST] bye [/INST]"]
+    assert len(encode_pairs(pairs, tok, cfg)[0]) == 3
+    path = write_lines(tmp_path / "bad.jsonl", [hh(prompts[2]), hh("\n\nAssistant: I start\n\nHuman: q\n\nAssistant:")])
+    with pytest.raises(DataError) as e:
+        encode_pairs(load_pairs(path)[0], tok, cfg)
+    assert str(e.value).startswith(f"{path}:2: ") and "must alternate" in str(e.value) and "\n" not in str(e.value)
+
 
 # -----------------------------------------------------------------------------
 # splits

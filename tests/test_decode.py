@@ -1,5 +1,7 @@
 """decoding on a static KV cache with a captured one-token step (infra.StaticDecoder, generate's path on CUDA) against
 the eager path (infra.EagerDecoder, the CPU's): the same logits, the same tokens, the adapter it was captured under."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,19 +14,30 @@ EOS, PAD = 62, 63
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
 
 
+def _static_decodes():
+    from transformers import LlamaConfig, StaticCache
+    return I.plain_static(StaticCache(config=LlamaConfig(num_hidden_layers=1), max_cache_len=8))
+
+
+# transformers < 5.4: no static layer keeps its offset in a tensor, so infra.decoder never picks the static decoder
+static = pytest.mark.skipif(not _static_decodes(), reason="transformers < 5.4: generate decodes eagerly")
+
+
 def _tok():
     return data.Tokenizer(encode=lambda s: [ord(c) % 60 for c in s], decode=lambda ids: "".join(map(chr, ids)),
                        eos_id=EOS, pad_id=PAD, vocab_size=64)
 
 
-def _model(adapters=(), device="cpu", dtype=torch.float32, hidden=32, layers=2):
-    """tiny random Llama (as conftest's tiny_lm) in a HydraModel; adapters get a nonzero B so they matter."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _model(adapters=(), device="cpu", dtype=torch.float32, hidden=32, layers=2, arch="llama"):
+    """tiny random Llama (as conftest's tiny_lm) or OPT in a HydraModel; adapters get a nonzero B so they matter."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS)
-    lm = LlamaForCausalLM(cfg).eval().to(device, dtype)
+    ids = dict(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+               max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=EOS, pad_token_id=PAD,
+               bos_token_id=EOS)
+    cfg = (LlamaConfig(intermediate_size=2 * hidden, num_key_value_heads=4, **ids) if arch == "llama" else
+           OPTConfig(ffn_dim=2 * hidden, word_embed_proj_dim=hidden, dropout=0.0, **ids))
+    lm = AutoModelForCausalLM.from_config(cfg).eval().to(device, dtype)
     if adapters:
         lora.inject(lm, list(adapters), r=4, alpha=8)
         with torch.no_grad():
@@ -35,8 +48,9 @@ def _model(adapters=(), device="cpu", dtype=torch.float32, hidden=32, layers=2):
 
 
 def _batch(device="cpu"):
-    """left-padded prompts of lengths 5, 2, 4, 1."""
-    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+    """left-padded prompts of lengths 2, 5, 4, 1: row 0 padded too (a cache that reads its offset off row 0's keys,
+    as transformers < 5.4 did, writes over the prompt)."""
+    prompts = [[6, 7], [1, 2, 3, 4, 5], [8, 9, 10, 11], [12]]
     ids, mask, _ = data.collate(prompts, [[] for _ in prompts], PAD)
     return prompts, ids.to(device), mask.to(device)
 
@@ -70,11 +84,13 @@ def _steps(n, B, device="cpu"):
     return toks, reals
 
 
+@static
+@pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("adapter", [None, "actor"])
 @torch.no_grad()
-def test_static_step_matches_dynamic_cache_on_left_padding(adapter):
+def test_static_step_matches_dynamic_cache_on_left_padding(adapter, arch):
     """static cache + full-length mask buffer give the DynamicCache logits; else positions/mask/cache offset are off."""
-    m = _model(["actor"])
+    m = _model(["actor"], arch=arch)
     _, ids, mask = _batch()
     toks, reals = _steps(6, ids.shape[0])
     with lora.adapter(adapter):
@@ -84,6 +100,7 @@ def test_static_step_matches_dynamic_cache_on_left_padding(adapter):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {t}: max diff {(a - b).abs().max():.2e}"
 
 
+@static
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_generate_on_the_static_decoder_samples_what_the_eager_one_samples(temperature, monkeypatch):
     """if this fails, a GPU rollout (static cache) samples other responses than the CPU's for the same seeds (EOS cut,
@@ -100,6 +117,7 @@ def test_generate_on_the_static_decoder_samples_what_the_eager_one_samples(tempe
     assert H.generate(m, "actor", prompts, tok, 24, temperature, seeds) == ref
 
 
+@static
 @torch.no_grad()
 def test_step_refuses_an_adapter_other_than_the_prefills():
     """a step under another adapter than the prefill's raises; else one rollout mixes two policies (or the graph's)."""
@@ -114,6 +132,7 @@ def test_step_refuses_an_adapter_other_than_the_prefills():
             dec.step(ids[:, -1], torch.ones(4, dtype=torch.long))
 
 
+@static
 @torch.no_grad()
 def test_step_has_no_host_sync():
     """the one-token step never reads a device value on the host (.item(), bool(t), nonzero); else CUDA capture fails."""
@@ -137,6 +156,75 @@ def test_step_has_no_host_sync():
             dec.step(ids[:, -1], torch.tensor([1, 0, 1, 1]))
             dec.step(ids[:, -1], torch.ones(4, dtype=torch.long))
     assert not seen, f"host syncs in the step: {seen}"
+
+
+@static
+@torch.no_grad()
+def test_the_captures_warm_up_leaves_the_cache_as_it_found_it(monkeypatch):
+    """the capture sequence run eagerly (warm-up of two steps, offsets put back, then a stand-in graph that reruns the
+    step) gives the DynamicCache logits; else every captured step on a GPU writes at a stale offset."""
+    def capture(dec):  # _capture minus CUDA: the same warm-up, then a "graph" replaying the step into one buffer
+        dec._warm_up()
+        out = torch.empty(ids.shape[0], 64)
+        captured.append(lora.live_adapter())
+        return SimpleNamespace(replay=lambda: out.copy_(dec._forward())), out
+    m = _model(["actor"])
+    _, ids, mask = _batch()
+    toks, reals = _steps(6, ids.shape[0])
+    captured = []
+    monkeypatch.setattr(I.StaticDecoder, "_captures", lambda self, new: True)
+    monkeypatch.setattr(I.StaticDecoder, "_capture", capture)
+    with lora.adapter("actor"):
+        ref = _dynamic_logits(m, ids, mask, toks, reals)
+        got = _static_logits(m, ids, mask, toks, reals)
+    assert captured == ["actor"]
+    for t, (a, b) in enumerate(zip(ref, got)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), f"step {t}: max diff {(a - b).abs().max():.2e}"
+
+
+@static
+def test_a_capture_that_raises_decodes_eagerly_after_one_warning_line(monkeypatch, capsys):
+    """if this fails, a capture that raises on an untested version or model kills a run (or warns at every rollout,
+    or decodes other tokens than the eager path) instead of going on eagerly."""
+    m = _model(["actor"])
+    prompts, seeds = [[1, 2, 3], [4], [5, 6]], [7, 8, 9]
+    ref = H.generate(m, "actor", prompts, _tok(), 12, 1.0, seeds)
+
+    def capture(dec):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+    calls = []
+    monkeypatch.setattr(I, "decoder", I.StaticDecoder)
+    monkeypatch.setattr(I.StaticDecoder, "failed", False)
+    monkeypatch.setattr(I.StaticDecoder, "_captures", lambda self, new: True)
+    monkeypatch.setattr(I.StaticDecoder, "_capture", capture)
+    capsys.readouterr()
+    assert [H.generate(m, "actor", prompts, _tok(), 12, 1.0, seeds) for _ in range(2)] == [ref, ref]
+    assert capsys.readouterr().err.splitlines() == ["warning: CUDA graph capture failed, decoding eagerly "
+                                                    "(RuntimeError: operation not permitted when stream is capturing)"]
+    assert calls == [1]  # no capture tried again in this process
+
+
+def _sliding(arch):
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+    return {"mistral": lambda: MistralConfig(num_hidden_layers=2, sliding_window=16),
+            "gemma2": lambda: Gemma2Config(num_hidden_layers=2),  # sliding and full layers alternate
+            "qwen2": lambda: Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=16,
+                                         max_window_layers=1)}[arch]()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "qwen2", "llama"])
+def test_only_plain_static_caches_get_the_static_decoder(arch, monkeypatch):
+    """infra.decoder on a GPU picks the captured step only where every cache layer is a plain static one; else a
+    replay never advances a sliding-window layer's python offset: silently wrong tokens (Mistral, Gemma 2, Qwen2)."""
+    from transformers import LlamaConfig, StaticCache
+    cfg = LlamaConfig(num_hidden_layers=2) if arch == "llama" else _sliding(arch)
+    gpu = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda"))]),
+                          lm=SimpleNamespace(config=cfg))  # decoder() reads the device and the config only
+    monkeypatch.setattr(I, "StaticDecoder", lambda model, batch, length: SimpleNamespace(
+        cache=StaticCache(config=model.lm.config, max_cache_len=length)))
+    dec = I.decoder(gpu, 2, 32)
+    assert isinstance(dec, I.EagerDecoder) != (arch == "llama" and _static_decodes())
 
 
 # --- GPU only: the captured graph -------------------------------------------------------------------------------

@@ -261,4 +261,42 @@ def test_fsdp_baseline_stopped_in_its_first_sft_model_resumes_and_exports(tmp_pa
     for d in ("policy", "reward", "sft"):
         a, b = (load_file(os.path.join(x, d, "model.safetensors")) for x in (out / "hf", tmp_path / "one"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
-    assert sorted(os.listdir(out / "hf" / "adapters")) == ["actor", "critic"]
+    assert sorted(os.listdir(out / "hf" / "adapters")) == ["actor"]  # lora-ppo: no critic over reward/
+
+
+def test_data_url_under_torchrun_is_fetched_by_every_rank_without_a_crash(tmp_path):
+    """if this fails, `torchrun ... --data URL` dies on every rank but the first to finish the download (the ranks
+    shared one .part file: the first renamed it, the others' rename found nothing)."""
+    import functools
+    import gzip
+    import http.server
+    import threading
+    (tmp_path / "srv").mkdir()
+    with gzip.open(tmp_path / "srv" / "pairs.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"prompt": f"Q{i}:", "chosen": " yes.", "rejected": " no."}) + "\n" for i in range(9))
+    all_in = threading.Barrier(4, timeout=60)  # every rank is mid-download before any gets a byte: the race, each time
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            try:
+                all_in.wait()
+            except threading.BrokenBarrierError:
+                pass
+            super().do_GET()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path / "srv")))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/pairs.jsonl.gz"
+    script = tmp_path / "fetch.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport data\n"
+                      f"print('rank', os.environ['RANK'], 'pairs', len(data.load_pairs({url!r})[0]))\n")
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_CACHE": str(tmp_path / "c")}
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                            str(script)], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("pairs 9") == 4, r.stdout  # every rank read every pair (lines may interleave)
+    cached = [p.name for p in (tmp_path / "c").iterdir()]  # one whole copy, no .part left behind
+    assert len(cached) == 1 and cached[0].endswith("-pairs.jsonl.gz"), cached

@@ -225,7 +225,7 @@ def compared(tiny_runs):
     root, d, d2 = tiny_runs
     cmd, log = judge_cmd(root, "first")
     cfg = H.Config(n_builtin=200)
-    prompts, _ = E.heldout_prompts(cfg, N)
+    prompts, _, _ = E.heldout_prompts([cfg], N)
     refs = root / "refs.jsonl"
     refs.write_text("".join(json.dumps({"prompt": q, "summary": " good fun and nice."}) + "\n" for q in prompts[:5]))
     out = root / "cmp.json"
@@ -354,3 +354,24 @@ def test_score_reports_progress_on_stderr_and_keeps_its_json_last_on_stdout(tiny
     assert json.loads(out.strip().splitlines()[-1])["n"] == 20
     assert f"loaded {d}" in err and "5/5" in err  # the run's load, then the bar over 5 batches of 4 pairs
     assert "loaded" not in out and "5/5" not in out
+
+
+def test_compare_samples_only_prompts_that_every_run_held_out(tmp_path):
+    """if this fails, compare of runs that split the data otherwise (another --seed, --max-pairs or --heldout-frac)
+    judges policies on prompts one of them trained on, or, with none held out by all, compares without a word."""
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Q{i}:", "chosen": " y.", "rejected": " n."}) + "\n" for i in range(40)))
+    a, b, a2 = (H.Config(data=str(f), seed=s, heldout_frac=0.25) for s in (0, 1, 0))
+    held_a = [p.prompt for p in data.split_data(a)[1]]
+    train_b = {p.prompt for p in data.split_data(b)[0]}
+    assert set(held_a) & train_b  # the issue's case: the first run's held-out prompts, some trained on by the second
+    prompts, _, left_out = E.heldout_prompts([a, b], 100)
+    assert prompts and not set(prompts) & train_b and prompts == [q for q in held_a if q not in train_b]
+    assert left_out == len(held_a) - len(prompts)
+    assert E.heldout_prompts([a, a2], 100) == (held_a, None, 0)  # split alike: every held-out prompt, as before
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(f.read_text().splitlines(True)[:2]))
+    cfg = lambda s: H.Config(data=str(two), seed=s, heldout_frac=0.5)  # noqa: E731
+    s = next(s for s in range(1, 50) if data.split_data(cfg(s))[0] == data.split_data(cfg(0))[1])
+    with pytest.raises(I.ConfigError, match="--seed differ"):  # the second trained on the first's only held-out pair
+        E.heldout_prompts([cfg(0), cfg(s)], 100)

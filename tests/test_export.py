@@ -33,11 +33,12 @@ def _prompt_ids(tok, cfg, n=4):
     return [data.prompt_tokens(tok, p.prompt, cfg.max_prompt)[0] for p in held[:n]], [p.prompt for p in held[:n]]
 
 
-def test_export_writes_the_three_models_and_one_peft_dir_per_adapter(run_dir):
-    """if this fails, a run with --export leaves out a model a user needs, or leaves its temporary directory behind."""
+def test_export_writes_the_three_models_and_the_actors_peft_dir_alone(run_dir):
+    """if this fails, a run with --export leaves out a model a user needs, leaves its temporary directory behind, or
+    writes the critic's adapter, of no use without its value head (which no transformers class holds)."""
     hf = os.path.join(run_dir, "hf")
     assert sorted(os.listdir(hf)) == ["adapters", "policy", "reward", "sft"]
-    assert sorted(os.listdir(os.path.join(hf, "adapters"))) == ["actor", "critic"]
+    assert sorted(os.listdir(os.path.join(hf, "adapters"))) == ["actor"]
     assert not os.path.exists(hf + ".tmp")
     for d in ("policy", "sft", "reward"):
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(hf, d)))
@@ -85,7 +86,7 @@ def test_exported_policy_generates_greedily_what_eval_py_sample_greedy_gives(run
 def test_exported_reward_model_scores_as_the_reward_head_under_padding(run_dir, loaded):
     """if this fails, the exported reward model scores other text than hydra's reward head (the score layer is not
     the head, or the last real token is read from another slot when rows are padded)."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     bases, cfg, tok, _ = loaded
     rm = AutoModelForSequenceClassification.from_pretrained(os.path.join(run_dir, "hf", "reward")).eval()
     _, held, _, _ = data.split_data(cfg)
@@ -102,6 +103,10 @@ def test_exported_reward_model_scores_as_the_reward_head_under_padding(run_dir, 
             ours = model.score(model.hidden(ids, mask)[0], mask)
     assert torch.allclose(theirs, ours, atol=1e-4, rtol=1e-4), (theirs - ours).abs().max()
     assert ours.std() > 0.01  # the scores differ from row to row: a real comparison
+    rt = AutoTokenizer.from_pretrained(os.path.join(run_dir, "hf", "reward"))  # called plainly, as a user would
+    with torch.no_grad():
+        plain = rm(**rt([p.prompt + p.chosen for p in held[:12]], padding=True, return_tensors="pt")).logits[:, 0]
+    assert torch.allclose(plain, ours[:12], atol=1e-4, rtol=1e-4), (plain - ours[:12]).abs().max()
 
 
 def test_peft_loads_the_actor_adapter_on_the_exported_sft_base_with_the_actors_logits(run_dir, loaded):
@@ -140,16 +145,31 @@ def test_a_failed_export_leaves_the_previous_one_whole(run_dir, loaded, monkeypa
     with pytest.raises(OSError):
         I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
     assert sorted(os.listdir(out)) == before
-    assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["actor", "critic"]
+    assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["actor"]
 
 
-def test_a_bf16_base_exports_in_bf16(run_dir, tmp_path):
-    """if this fails, a bf16 run's export doubles in size (fp32) or a bf16 user loads other weights than trained."""
+def test_a_bf16_base_exports_in_bf16_but_a_merged_adapter_in_fp32(run_dir, tmp_path):
+    """if this fails, a bf16 run's unmerged export doubles in size (fp32), or the policy's merged PPO update is
+    rounded to bf16 (most of an update far below the weights' size is lost there)."""
     from safetensors import safe_open
     bases, cfg, tok, has_ppo = E.load_run(run_dir, "cpu")
     for m in bases.values():
         m.lm.to(torch.bfloat16)  # as prepare_ppo stores a frozen base in a bf16 run
     I.export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, str(tmp_path / "hf"))
-    for d in ("policy", "sft", "reward"):
+    for d, dtype in (("policy", torch.float32), ("sft", torch.bfloat16), ("reward", torch.bfloat16)):
         with safe_open(str(tmp_path / "hf" / d / "model.safetensors"), "pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}, d
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}, d
+
+
+def test_the_peft_export_loads_by_its_path_from_any_directory(run_dir, tmp_path, monkeypatch):
+    """if this fails, AutoPeftModelForCausalLM.from_pretrained(OUT/hf/adapters/actor) finds no base model unless the
+    caller stands in the adapter's own directory (PEFT reads a relative base path from the current directory)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    hf = os.path.join(run_dir, "hf")
+    monkeypatch.chdir(tmp_path)
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(os.path.join(hf, "adapters", "actor")).eval()
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(hf, "policy")).eval()  # the actor, merged
+    ids = torch.tensor([[400, 13, 99, 7, 1200, 13]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-4)

@@ -59,7 +59,7 @@ def test_the_algorithm_is_hydra_ppo_and_the_plumbing_lives_in_infra():
     for name in ("Config", "HydraModel", "run_roles", "gae", "policy_loss", "generate", "sft_loss", "rollout",
                  "calibrate", "ppo_update", "train_sft", "train_ppo", "evaluate", "run", "main"):
         assert name in defined, name
-    for name in ("all_sum", "shard", "save_atomic", "load_lm", "validate", "StopFlag", "estimate", "run_steps"):
+    for name in ("all_sum", "shard", "save_atomic", "load_lm", "validate", "StopFlag", "estimate", "Loop"):
         assert name not in defined, name
     lines = SOURCE.split("\n")
     at = {d: next(i + 1 for i, line in enumerate(lines) if line.startswith(d))

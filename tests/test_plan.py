@@ -28,7 +28,7 @@ def fake_cuda(monkeypatch):
 
 def plan_of(device, out, **kw):
     cfg = H.Config(model="llama-7b", out=str(out), **kw)
-    return I.check_memory_plan(cfg, device, torch.bfloat16, H.ROLES[cfg.method], len(H.sft_models(cfg.method)))
+    return I.check_memory_plan(cfg, device, torch.bfloat16, H.ROLES[cfg.method], len(H.sft_models(cfg.method)))[1]
 
 
 # -----------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def test_stage_ppo_is_planned_as_the_ppo_stage_alone(fake_cuda, tmp_path):
     Hydra-SFT of Llama-7b plans ~150 GiB, its PPO stage ~26 GiB)."""
     cuda, _ = fake_cuda
     both = plan_of(cuda, tmp_path, method="hydra-ppo", sft_lora=True)
-    alone = plan_of(cuda, tmp_path, method="hydra-ppo", stage="ppo")  # full SFT: refused were it counted
+    alone = plan_of(cuda, tmp_path, method="hydra-ppo", stage="ppo", sft_lora=True)  # its SFT is not counted
     assert "sft" not in alone and alone["peak"] == alone["ppo"] == both["ppo"] < 80 * GIB
     sft_only = plan_of(cuda, tmp_path, method="hydra-ppo", sft_lora=True, stage="sft")
     assert "ppo" not in sft_only and sft_only["peak"] == sft_only["sft"] == both["sft"]
@@ -55,7 +55,7 @@ def test_sft_is_not_planned_once_out_holds_sft_pt(fake_cuda, tmp_path):
     resumed = plan_of(cuda, tmp_path, method="hydra-ppo")  # full Hydra-SFT would need ~150 GiB: not run, not counted
     assert "sft" not in resumed and resumed["peak"] == resumed["ppo"]
     with pytest.raises(I.ConfigError, match="needs about 1[45][0-9].[0-9] GiB"):
-        plan_of(cuda, tmp_path, method="hydra-ppo", fresh=True)
+        plan_of(cuda, tmp_path, method="hydra-ppo", fresh=True, sft_lora=False, grad_ckpt=False)
 
 
 @pytest.mark.parametrize("method", H.METHODS)
@@ -63,14 +63,51 @@ def test_refusal_never_suggests_what_the_run_already_does(method, fake_cuda, tmp
     """if this fails, the refusal tells the user to pass the --method (or --sft-lora, --grad-ckpt) they passed."""
     cuda, set_free = fake_cuda
     set_free(1)
-    for kw in (dict(), dict(sft_lora=True, grad_ckpt=True), dict(stage="ppo")):
+    for kw in (dict(sft_lora=False, grad_ckpt=False), dict(), dict(sft_lora=True, grad_ckpt=True),
+               dict(stage="ppo", grad_ckpt=False)):
         with pytest.raises(I.ConfigError) as e:
             plan_of(cuda, tmp_path, method=method, **kw)
         hint = str(e.value).split("is free", 1)[1]
         assert f"--method {method}" not in hint
-        assert ("--sft-lora" in hint) == (not kw.get("sft_lora") and kw.get("stage") != "ppo")
-        assert ("--grad-ckpt" in hint) == (not kw.get("grad_ckpt"))
+        assert ("--sft-lora" in hint) == (kw.get("sft_lora") is False and kw.get("stage") != "ppo")
+        assert ("--grad-ckpt" in hint) == (kw.get("grad_ckpt") is False)  # left to the plan (None): tried already
         assert ("--method hydra-ppo" in hint) == (method in ("lora-ppo", "ppo"))
+
+
+def test_llama_7b_on_80_gib_chooses_lora_sft_and_fits_and_an_explicit_flag_wins(fake_cuda, tmp_path, capsys):
+    """if this fails, the card's first command (`--model llama-7b` on one 80 GB GPU) is refused by default, its choice
+    is not said, its learning rate is not the chosen setting's, or the plan overrides a flag the user gave."""
+    cuda, set_free = fake_cuda
+    cfg = H.Config(model="llama-7b", out=str(tmp_path))
+    assert (cfg.sft_lora, cfg.grad_ckpt, cfg.sft_lr) == (None, None, 0)  # left to the plan
+    got, plan = I.check_memory_plan(cfg, cuda, torch.bfloat16, H.ROLES[cfg.method], 1)
+    assert (got.sft_lora, got.grad_ckpt) == (True, False) and plan["peak"] <= 80 * GIB
+    assert got.sft_lr == H.Config(model="llama-7b", sft_lora=True).sft_lr  # the LoRA-SFT rule, resolved after
+    assert "memory plan: chose --sft-lora --no-grad-ckpt" in capsys.readouterr().out
+    with pytest.raises(I.ConfigError, match=r"needs about 1\d\d.\d GiB .*with --grad-ckpt\), 80.0 GiB is free"):
+        plan_of(cuda, tmp_path, sft_lora=False)  # kept: refused rather than overridden
+    big = I.check_memory_plan(H.Config(model="llama-7b", out=str(tmp_path), sft_batch=64), cuda, torch.bfloat16,
+                              H.ROLES["hydra-ppo"], 1)[0]
+    assert (big.sft_lora, big.grad_ckpt) == (True, True)  # LoRA SFT first, then activation checkpointing
+    set_free(8)
+    with pytest.raises(I.ConfigError, match=r"\(sft step .*, ppo step .*, with --sft-lora --grad-ckpt\), 8.0 GiB"):
+        plan_of(cuda, tmp_path)  # nothing fits: refused, naming the plan
+    cpu = I.check_memory_plan(H.Config(model="llama-7b", out=str(tmp_path)), torch.device("cpu"), torch.float32,
+                              H.ROLES["hydra-ppo"], 1)[0]
+    assert (cpu.sft_lora, cpu.grad_ckpt) == (False, False)  # the CPU decides nothing
+
+
+def test_a_resumed_run_keeps_the_settings_its_start_chose(fake_cuda, tmp_path):
+    """if this fails, a run resumed when the GPU has other free memory decides --sft-lora anew and is refused as
+    another run (or trains other weights)."""
+    cuda, set_free = fake_cuda
+    (tmp_path / "summary.json").write_text(json.dumps({"sft_lora": True, "grad_ckpt": True}))
+    got = I.check_memory_plan(H.Config(model="llama-7b", out=str(tmp_path)), cuda, torch.bfloat16,
+                              H.ROLES["hydra-ppo"], 1)[0]
+    assert (got.sft_lora, got.grad_ckpt) == (True, True)  # 80 GiB would fit without checkpointing
+    got = I.check_memory_plan(H.Config(model="llama-7b", out=str(tmp_path), fresh=True), cuda, torch.bfloat16,
+                              H.ROLES["hydra-ppo"], 1)[0]
+    assert (got.sft_lora, got.grad_ckpt) == (True, False)  # --fresh: decided anew
 
 
 def test_sft_plan_is_sized_by_the_sft_sequence(fake_cuda, tmp_path):
@@ -113,6 +150,27 @@ def test_kv_cache_is_sized_by_the_rollout_batch(fake_cuda, tmp_path):
     # the update stays one minibatch at a time: the activations do not grow with the rollout batch
     assert e["activations"] == E.estimate(LLAMA, "hydra-ppo", 16, T, 2, 16, 24)["activations"]
 
+
+def test_skip_nonfinite_counts_the_copy_of_the_trained_weights_and_their_optimizer_state(fake_cuda, tmp_path):
+    """if this fails, --skip-nonfinite's undo copy (every trained weight and its AdamW state, taken each step: ~75 GiB
+    more for full SFT of Llama-7b) is left out of the plan, which admits runs that then run out of memory."""
+    cuda, set_free = fake_cuda
+    set_free(4096)
+    n = I.shapes(LLAMA)["params"]
+    for kw, trained in ((dict(), n), (dict(sft_lora=True), None)):
+        plain, skip = (plan_of(cuda, tmp_path, method="hydra-ppo", **kw, skip_nonfinite=f) for f in (False, True))
+        e = E.estimate(LLAMA, "lora-sft" if kw else "sft", 16, 128 + 48, 2, 16, 48)
+        assert skip["sft"] - plain["sft"] == e["grads"] + e["optimizer"]
+        assert trained is None or skip["sft"] - plain["sft"] > 12 * trained  # fp32 weight + 2 AdamW moments
+        assert skip["ppo"] - plain["ppo"] > 0  # the adapters and the value head
+    # the copy itself: 12 bytes a trained fp32 weight (weight, exp_avg, exp_avg_sq) and AdamW's step counters
+    w = torch.nn.Linear(32, 32)
+    opt = torch.optim.AdamW(w.parameters())
+    w(torch.ones(1, 32)).sum().backward()
+    opt.step()
+    weights, opt_state, _ = I._snapshot(opt, {})
+    got = sum(c.nbytes for _, c in weights) + sum(t.nbytes for st in opt_state["state"].values() for t in st.values())
+    assert got - 12 * (32 * 33) == 2 * 4  # two fp32 step counts
 
 # -----------------------------------------------------------------------------
 # against the peak of a real run on the CPU (random-init shapes): each shape makes the term under test dominate

@@ -45,7 +45,7 @@ def _iterate(models, method, params, opt, cfg, step=0, prompts=None, norm=None):
     roles, kl = H.ROLES[method], H.KLController(cfg.kl_coef)
     batch = H.rollout(models, roles, prompts or _prompts(cfg.rollout_batch), _tok(), cfg, step, torch.device("cpu"))
     norm = norm or (H.calibrate(models[roles["critic"][0]], batch, cfg) if cfg.score_norm == "sft" else {})
-    return H.ppo_update(models, roles, params, opt, kl, batch, norm, cfg, step), batch["responses"]
+    return H.ppo_update(models, roles, params, opt, kl, batch, norm, cfg, step), batch.responses
 
 
 # ---------------------------------------------------------------- pure math
@@ -178,7 +178,7 @@ def test_sampling_draws_from_the_tempered_softmax():
     """if this fails, rollouts come from another distribution than the one the log-probs score (temperature mismatch)."""
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     T, n = 0.5, 20000
-    gens = [I.generator("cpu", i) for i in range(n)]
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
     counts = torch.bincount(H.sample_tokens(logits.expand(n, 4), T, gens), minlength=4).float() / n
     want = torch.softmax(logits[0] / T, -1)
     assert torch.allclose(counts, want, atol=0.015), (counts, want)
@@ -189,9 +189,9 @@ def test_sampling_is_the_gumbel_max_of_each_rows_own_noise(T):
     """the in-place sampler draws other noise than -log(-log(u)) from each row's generator, so a run's (and a resumed
     run's, and every rank's) samples change, if this fails."""
     logits = torch.randn(5, 300)
-    want = torch.stack([torch.rand(300, generator=I.generator("cpu", s)) for s in range(5)])
+    want = torch.stack([torch.rand(300, generator=torch.Generator().manual_seed(s)) for s in range(5)])
     want = (logits / T - torch.log(-torch.log(want.clamp(min=1e-20)))).argmax(-1)
-    assert torch.equal(H.sample_tokens(logits, T, [I.generator("cpu", s) for s in range(5)]), want)
+    assert torch.equal(H.sample_tokens(logits, T, [torch.Generator().manual_seed(s) for s in range(5)]), want)
 
 
 def test_a_response_depends_only_on_its_own_seed(tiny_lm):
@@ -296,7 +296,7 @@ def test_only_the_updates_forward_pays_for_an_entropy(tiny_lm, monkeypatch):
     assert asked and not any(asked)  # actor and reference log-probs: no entropy
     asked.clear()
     stats = H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, 0)
-    chunks = -(-batch["rmask"].shape[1] // 2)
+    chunks = -(-batch.rmask.shape[1] // 2)
     assert asked == [True] * chunks + [False] * chunks  # the forward's chunks, then backward's recompute
     assert stats["entropy"] > 0
 
@@ -433,12 +433,14 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_before_it(tiny_l
     monkeypatch.setattr(H, "value_loss", nan_in_the_third_minibatch_of_step_two)
     state, before = {"skipped": 0, "steps_seen": 0}, []
 
-    def step(i):
-        before.append(([p.detach().clone() for ps in params.values() for p in ps], copy.deepcopy(opt.state_dict())))
-        state["steps_seen"] += 1
-        batch = H.rollout(models, roles, _prompts(8), _tok(), cfg, i, torch.device("cpu"))
-        return H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, i)
-    I.run_steps("ppo", 2, step, state, {n: (m, "trained") for n, m in models.items()}, opt, cfg)
+    loop = I.Loop("ppo", 2, cfg, {n: (m, "trained") for n, m in models.items()}, opt, state)
+    for i in loop:
+        with loop.guard():
+            before.append(([p.detach().clone() for ps in params.values() for p in ps],
+                           copy.deepcopy(opt.state_dict())))
+            state["steps_seen"] += 1
+            batch = H.rollout(models, roles, _prompts(8), _tok(), cfg, i, torch.device("cpu"))
+            loop.log(H.ppo_update(models, roles, params, opt, H.KLController(cfg.kl_coef), batch, {}, cfg, i))
     assert len(calls) == 7 and state == {"skipped": 1, "steps_seen": 1}  # the faulty step's field change undone
     weights, opt_state = before[1]
     assert all(torch.equal(p, w) for p, w in zip([p for ps in params.values() for p in ps], weights))

@@ -226,3 +226,33 @@ def test_a_transformers_older_than_the_floor_is_one_line_not_a_traceback(monkeyp
         I.load_lm("facebook/opt-125m", torch.float32)
     req = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")).read()
     assert "transformers>=4.56" in req  # the floor the check enforces is the one pip installs
+
+
+def test_lora_sft_in_bf16_leaves_ppos_reference_and_reward_the_model_sft_trained(tiny_lm):
+    """if this fails, PPO's reference and reward model in bf16 are not the model LoRA SFT trained: merged into bf16
+    weights, an update far below the weights' size rounds away (the reward head then reads features it was not fitted
+    to), or the PPO cast turns the kept adapter into bf16."""
+    import copy
+    bf16 = torch.bfloat16
+    m = H.HydraModel(tiny_lm.to(bf16), compute_dtype=bf16)
+    lora.inject(m.lm, ["sft"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in m.lm.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(std=1e-3)  # an update ~1e-4 of a weight of std 0.02: below bf16's step there
+    prompts, resps = [[1, 2, 3], [4, 5]], [[6, 7, 62], [8, 9, 10, 62]]
+    ids, mask, P = data.collate(prompts, resps, 63)
+
+    def reference(model, adapter):  # what PPO's reference and reward roles compute: log-probs and the score
+        with lora.adapter(adapter), torch.no_grad():
+            h, _ = model.hidden(ids, mask)
+            return H.response_logprobs(model, h[:, P - 1:-1], ids[:, P:])[0], model.score(h, mask)
+    trained = reference(m, "sft")  # the model SFT trained: base + its live adapter
+    merged = copy.deepcopy(m)
+    lora.merge_and_unload(merged.lm, "sft")  # the old path: the adapter folded into the bf16 weights
+    lora.fix(m.lm, "sft")
+    H.prepare_ppo({"hydra": m}, "hydra-ppo", H.Config(lora_r=4, lora_alpha=8, sft_lora=True), torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for n, p in m.lm.named_parameters() if ".lora_" in n)
+    got, old = reference(m, None), reference(merged, None)  # LoRA off, as PPO's reference and reward read it
+    assert all(torch.equal(a, b) for a, b in zip(got, trained))
+    assert any(not torch.equal(a, b) for a, b in zip(old, trained))  # what the kept adapter avoids
