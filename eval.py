@@ -881,6 +881,11 @@ def sample_job(a):
         raise I.ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
     (pol,), _ = load_policies([a.run], a.device)
     cfg, t0 = pol["run"][1], time.perf_counter()
+    tok = pol["run"][2]
+    empty = [p for p in prompts if not data.prompt_tokens(tok, p, cfg.max_prompt)[0]]
+    if empty:
+        raise I.ConfigError(f"prompt {empty[0]!r} encodes to no tokens (this tokenizer adds no BOS); a prompt needs "
+                            "at least one")
     resp, texts, ended, _ = sample(pol, prompts, cfg.seed if a.seed is None else a.seed, a.batch,
                                    0.0 if a.greedy else None)
     note(f"sampled {len(prompts)} responses in {time.perf_counter() - t0:.0f} s")
@@ -995,6 +1000,7 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     written to OUT.tmp, then swapped in. -> the directories written."""
     import shutil
     from transformers import GenerationConfig
+    I.check_export_out(out)
     hf_tok = export_tokenizer(tok)
     lm_config = bases[roles["reference"][0]].lm.config
     gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
@@ -1037,6 +1043,7 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
 
 def export_job(a):
     out = a.out or os.path.join(a.run, "hf")
+    I.check_export_out(out)  # before the load: a refusal costs nothing (export_run checks again, for every caller)
     bases, cfg, tok, has_ppo = load_run(a.run, a.device)
     written = export_run(bases, H.ROLES[cfg.method], cfg, tok, has_ppo, out)
     print(f"wrote {out}: {', '.join(written)}")
@@ -1200,7 +1207,8 @@ def add_jobs(sub, p):
     j = job("export", export_job, "a finished run as Hugging Face directories (policy, SFT policy, reward model) and "
             "PEFT adapters")
     j.add_argument("run", help="a run directory written by hydra_ppo.py")
-    j.add_argument("--out", help="where to write (default: RUN/hf); replaced whole, atomically")
+    j.add_argument("--out", help="where to write (default: RUN/hf): a new or empty directory, or an earlier export, "
+                   "which is replaced whole, atomically; anything else is refused")
     j.add_argument("--device", default="cpu", help="where to load the run (cpu: no GPU memory needed)")
 
 
@@ -1235,6 +1243,11 @@ def main(argv=None):
         return a.job(a)
     except (I.ConfigError, data.DataError, JudgeError) as e:
         fail(e)
+    except OSError as e:  # a file a job writes or reads: --out naming a directory, a folder that is not there, ...
+        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:  # ctrl-c: what a job writes is written aside and renamed, so nothing is left half-done
+        print("\nerror: interrupted (SIGINT); nothing half-written was put in place", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -793,11 +793,16 @@ def run(cfg):
     """a whole run, each stage resumable: 1. Hydra-SFT (or the baselines' SFT and reward models), 2. PPO with the
     method's roles, 3. the SFT and PPO policies on held-out prompts. -> the summary (also OUT/summary.json)."""
     t_start = time.time()
+    infra.check_window(cfg)
     device, dtype = infra.start_run(cfg)
     train_pairs, held_pairs, gold_fn, dstats = data.split_data(cfg)
     say(f"data: {cfg.data}: {len(train_pairs)} train / {len(held_pairs)} held-out pairs {dstats}")
+    if cfg.sft_batch > len(train_pairs):
+        raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_pairs)} training pairs")
     cfg, plan = infra.check_memory_plan(cfg, device, dtype, ROLES[cfg.method], len(sft_models(cfg.method)))
+    infra.check_resume(cfg)  # (with --sft-lora/--grad-ckpt decided) every refusal before the first write into OUT
     models, tok = build_sft_models(cfg, dtype, device)
+    infra.check_window(cfg, next(iter(models.values())).lm.config.to_dict())  # (a model the cache did not hold)
     W = world()[1]
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
     say(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device}, matmuls in {dtype}; method {cfg.method}"
@@ -817,9 +822,6 @@ def run(cfg):
                                    memory_plan_mib={k: round(v / 2**20) for k, v in plan.items()} if plan else None,
                                    n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2,
                                    data_stats=dstats)
-    if cfg.sft_batch > len(train_rows):
-        raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_rows)} training pairs")
-    sft_path = os.path.join(cfg.out, "sft.pt")
     rm_name, lm_name = (sft_roles(cfg.method)[r][0] for r in ("reward", "reference"))
 
     # ---- stage 1: Hydra-SFT (or the baselines' separate SFT and reward models)
@@ -833,8 +835,6 @@ def run(cfg):
                                        sft_loss=sft[lm_name]["loss"], peak_memory_mib_sft=peak("sft"),
                                        peak_memory_mib_load=peaks["load"])
         say(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
-    elif cfg.stage != "sft" and not os.path.exists(sft_path):
-        raise ConfigError(f"--stage ppo needs {sft_path}; run --stage sft (or all) with this --out first")
     # what SFT just trained is in memory already: no second copy from disk (a model's worth of memory). under --fsdp
     # sharded modules cannot take the PPO adapters: fresh unsharded ones (rank 0 reads sft.pt), sharded in train_ppo
     if cfg.fsdp and sft_ran and cfg.stage != "sft":
@@ -867,6 +867,9 @@ def run(cfg):
     t0 = time.time()
     ppo_stats = train_ppo(bases, cfg.method, train_prompts, tok, cfg, device, start)
     ppo_seconds = time.time() - t0
+    if ppo_stats["skipped_steps"] >= cfg.ppo_steps:  # nothing trained: no PPO policy to save or evaluate
+        raise NumericalFault(f"every one of the {cfg.ppo_steps} PPO steps was non-finite and skipped "
+                             f"(--skip-nonfinite): no PPO policy; {cfg.out}/metrics.jsonl names each step's fault")
     peak("ppo")
     infra.save_models(os.path.join(cfg.out, "ppo.pt"), bases, cfg, "trained")
 
@@ -894,11 +897,17 @@ def main(argv=None):
     except (ConfigError, data.DataError, NumericalFault) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        line, code = infra.STOP.interrupted()
+        print(f"\nerror: {line}", file=sys.stderr)
+        sys.exit(code)
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory with --method {cfg.method} --model {cfg.model}; reduce "
               "--rollout-batch/--minibatch/--sft-batch, --max-new-tokens or --max-prompt, add --grad-ckpt, or use "
               f"--method hydra-ppo; see `python eval.py estimate {cfg.model}`", file=sys.stderr)
         sys.exit(3)
+    finally:
+        infra.unlock_out()
 
 
 if __name__ == "__main__":

@@ -444,7 +444,9 @@ def start_run(cfg):
         fix_malloc_threshold()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
+    make_out(cfg.out)
+    if is_writer():
+        lock_out(cfg.out)  # before --fresh deletes: never another live run's files
     if cfg.wandb and is_writer():
         try:
             import wandb
@@ -467,6 +469,62 @@ def start_run(cfg):
                     os.remove(path)
     barrier()  # no rank reads OUT before rank 0 has cleared it
     return device, dtype
+
+
+def make_out(out):
+    """OUT made, or one line on why it cannot be: empty, a file, not writable."""
+    if not out:
+        raise ConfigError("--out is empty: name a run directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make this directory ({e.strerror}); name a directory you can write")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: not writable; name a directory you can write")
+
+
+LOCK = []  # the open OUT/.lock of this process's run
+RUN_FILES = ("sft.pt", "ppo.pt", "summary.json", "metrics.jsonl", ".lock")  # (and ckpt/: a run has sft.pt first)
+
+
+def lock_out(out):
+    """OUT is this run's while it runs: an flock on OUT/.lock, which the kernel lets go when the process dies (a
+    killed run never blocks the next one); the file names the holder for the refusal."""
+    import fcntl
+    import socket
+    unlock_out()  # a run before this one in this process (tests call main() again)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not named itself yet"
+        f.close()
+        raise ConfigError(f"--out {out} is in use by a run that is still going ({holder}); wait for it to end, "
+                          "or use another --out")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
+    f.flush()
+    LOCK.append(f)
+
+
+def unlock_out():
+    while LOCK:
+        LOCK.pop().close()
+
+
+def check_resume(cfg):
+    """the refusals that read OUT, run before anything is written into it: --stage ppo without sft.pt, an sft.pt or
+    a checkpoint of another run (load_sft and load_ckpt read them again where they load them), an OUT/hf that
+    --export may not replace."""
+    path = os.path.join(cfg.out, "sft.pt")
+    if os.path.exists(path):  # (--fresh removed it at start-up, but under --stage ppo)
+        check_meta(load_file(path, mmap=True)["meta"], cfg, path, "sft")
+    elif cfg.stage == "ppo":
+        raise ConfigError(f"--stage ppo needs {path}; run --stage sft (or all) with this --out first")
+    load_ckpt(cfg)
+    if cfg.export:  # (not at the end of the run)
+        check_export_out(os.path.join(cfg.out, "hf"))
 
 
 def sft_will_run(cfg):
@@ -506,12 +564,21 @@ def load_sft_state(model, sd, path):
 def load_ckpt(cfg):
     """the run's checkpoint OUT/ckpt/ (its small fields; restore_checkpoint reads the tensors, each rank its shards),
     checked to be this run's. None when there is none (or --fresh)."""
-    # OUT/ckpt.old: a kill between the two renames of save_checkpoint left the previous one there
-    path = next((d for d in (os.path.join(cfg.out, n) for n in ("ckpt", "ckpt.old"))
-                 if os.path.exists(os.path.join(d, "extra.pt"))), None)
-    if cfg.fresh or path is None:
+    # OUT/ckpt.old: the one before OUT/ckpt (save_checkpoint keeps it until the next one is whole), also what a kill
+    # between the two renames left
+    found = [d for d in (os.path.join(cfg.out, n) for n in ("ckpt", "ckpt.old"))
+             if os.path.exists(os.path.join(d, "extra.pt"))]
+    if cfg.fresh or not found:
         return None
-    ck = {**load_file(os.path.join(path, "extra.pt")), "path": path}
+    for path in found:
+        try:
+            ck = {**load_file(os.path.join(path, "extra.pt")), "path": path}
+            check_dcp(path)
+            break
+        except ConfigError as e:
+            if path == found[-1]:
+                raise ConfigError(f"{e}{'' if len(found) > 1 else ' (there is no checkpoint before it)'}")
+            say_once(f"{e.args[0].split(';')[0]}; resuming from the one before it, {found[-1]}")
     if "state" not in ck:
         raise ConfigError(f"{path} was written by an older hydra (another checkpoint format); pass --fresh")
     # checked on the flags its state depends on: an SFT checkpoint's are sft.pt's. a resume may run the stage it
@@ -524,6 +591,26 @@ def load_ckpt(cfg):
         raise ConfigError(f"{path} is at {ck['stage']} step {ck['step']}, past --{stage}-steps {getattr(cfg, steps)}; "
                           f"pass --{stage}-steps {ck['step']} or more, use another --out or pass --fresh")
     return ck
+
+
+def check_dcp(path):
+    """a checkpoint's files whole: each at least as long as its metadata says (a copy cut short, a full disk)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        need = {}
+        for info in FileSystemReader(path).read_metadata().storage_data.values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        short = [f for f, n in need.items() if os.path.getsize(os.path.join(path, f)) < n]
+    except Exception as e:  # (a missing or cut .metadata: whatever pickle or the reader raise)
+        short = [f".metadata ({e})"]
+    if short:
+        raise ConfigError(f"{path} is damaged: {short[0]} is cut short or missing; delete {path} to start its stage "
+                          "over, or pass --fresh")
+
+
+@functools.lru_cache(maxsize=None)
+def say_once(msg):  # (load_ckpt is called at start-up and again where a stage loads it)
+    say(msg)
 
 
 def resume_point(ck, stage, cfg):
@@ -574,7 +661,7 @@ def save_checkpoint(out, extra, held, opt):
         dcp.save(_dcp_state(held, opt), checkpoint_id=tmp)
     if is_writer():
         torch.save(extra, os.path.join(tmp, "extra.pt"))  # inside tmp: renamed with it
-        swap_dir(tmp, path)
+        swap_dir(tmp, path, keep_old=True)  # the one before it stays, as ckpt.old: a resume falls back to it
     barrier()
 
 
@@ -585,7 +672,11 @@ def restore_checkpoint(ck, held, opt):
     sd = _dcp_state(held, opt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(sd, checkpoint_id=ck["path"])
+        try:
+            dcp.load(sd, checkpoint_id=ck["path"])
+        except Exception as e:  # (check_dcp saw every file whole: a shard damaged inside)
+            raise ConfigError(f"{ck['path']} is damaged ({str(e).splitlines()[0][:200]}); delete it to start its "
+                              "stage over, or pass --fresh")
     for n, (m, what) in held.items():
         set_model_state_dict(m, sd["models"][n], options=StateDictOptions(strict=what == "all"))
     if opt is not None:
@@ -620,8 +711,8 @@ class Loop:
 
     def __iter__(self):
         cfg = self.cfg
-        bar = tqdm(range(self.first, self.total), desc=self.desc, disable=not is_writer(), initial=self.first,
-                   total=self.total)
+        STOP.bar = bar = tqdm(range(self.first, self.total), desc=self.desc, disable=not is_writer(),
+                              initial=self.first, total=self.total)
         for step in bar:
             torch.manual_seed(step_seed(cfg.seed, self.stage, step, world()[0]))
             self.before = _snapshot(self.opt, self.state) if cfg.skip_nonfinite else None
@@ -632,6 +723,8 @@ class Loop:
                 save_checkpoint(cfg.out, {"stage": self.stage, "step": step + 1, "state": self.state,
                                           "meta": run_meta(cfg)}, self.held, self.opt)
                 STOP.exit_if_requested(cfg.out)
+        STOP.bar = None
+        STOP.exit_if_requested(cfg.out)  # (a signal after the last step's check: its checkpoint is written)
 
     def log(self, stats):
         self.stats = stats
@@ -666,17 +759,23 @@ def _put_back(before, opt, state):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits non-zero."""
+    """SIGINT/SIGTERM in a training step set a flag: the loop checkpoints at the end of the step and exits non-zero.
+    elsewhere (loading, evaluating), or a second one: KeyboardInterrupt at once (main: one line, exit 128 + signal);
+    every file is written aside and renamed, so nothing half-written is read on resume."""
 
     def __init__(self):
-        self.requested = None
+        self.requested, self.bar, self.now, self.exiting = None, None, None, False  # bar: the loop's, in a step
 
     def install(self):
+        self.bar, self.now, self.exiting = None, None, False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        if self.requested:  # second ctrl-c: give up at once
+        if self.exiting:  # on the way out with its checkpoint already
+            return
+        if self.requested or self.bar is None:  # a second signal, or no step to finish: stop now
+            self.now = signum
             raise KeyboardInterrupt
         self.requested = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint...", file=sys.stderr)
@@ -688,8 +787,24 @@ class StopFlag:
             self.requested = int(all_sum(torch.tensor(self.requested or 0), op="max")) or None
         return self.requested
 
+    def interrupted(self):
+        """-> the line and the exit status for the KeyboardInterrupt that _handler (or a plain ctrl-c) raised."""
+        sig = signal.Signals(self.now or signal.SIGINT)
+        self.close_bar()
+        if self.requested:
+            return f"{sig.name} again: stopped inside a step, without its checkpoint; the same command resumes " \
+                   "from the last one", 128 + sig
+        return f"{sig.name}: stopped (not inside a training step: no checkpoint to write); what the run wrote is " \
+               "whole, and the same command goes on from it", 128 + sig
+
+    def close_bar(self):  # its last render before the line that says why the run stopped, not after it
+        if self.bar is not None:
+            self.bar.close()
+
     def exit_if_requested(self, out):
         if self.requested:
+            self.exiting = True
+            self.close_bar()
             print(f"stopped; checkpoint in {out}. resume with the same command (add --fresh to start over).",
                   file=sys.stderr)
             sys.exit(128 + self.requested)
@@ -827,6 +942,27 @@ def meta_lm(config, dtype):
 
 
 
+EXPORT = {"sft", "reward", "policy", "adapters"}  # what export_run writes
+
+
+def check_export_out(out):
+    """an export replaces only an earlier export (or an empty directory): never a run directory, a folder that holds
+    one, a file, or anyone's other files."""
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out) or os.path.islink(out):
+        raise ConfigError(f"export to {out}: it is a file; name a new directory, or an earlier export to replace")
+    names = sorted(os.listdir(out))
+    export = set(names) <= EXPORT and os.path.isfile(os.path.join(out, "sft", "config.json"))
+    run = set(names) & set(RUN_FILES) or export and any(n in RUN_FILES for _, _, fs in os.walk(out) for n in fs)
+    if names and (run or not export):  # (walked only when it looks like an export: never a whole home directory)
+        what = "a run's files" if run else f"files that are not an earlier export ({', '.join(names[:3])}...)"
+        raise ConfigError(f"export to {out}: it holds {what}, and an export replaces the directory whole; name a new "
+                          "directory, or an earlier export to replace")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"export to {out}: not writable; name a directory you can write")
+
+
 def export_files(out):
     """`eval.py export OUT` (OUT/hf) in a process of its own, by rank 0 once the run's files are written."""
     import subprocess
@@ -874,12 +1010,18 @@ def validate(cfg, methods):
         (0 < cfg.heldout_frac < 1, f"--heldout-frac {cfg.heldout_frac}: must be in (0, 1)"),
         (0 <= cfg.lam <= 1 and 0 <= cfg.gamma <= 1, "--lam and --gamma must be in [0, 1]"),
         (cfg.clip > 0 and cfg.value_clip > 0, "--clip and --value-clip must be > 0"),
+        (cfg.max_grad_norm > 0, f"--max-grad-norm {cfg.max_grad_norm}: must be > 0 (a negative one reverses steps)"),
+        (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0 (0 makes the adapters, and PPO, a no-op)"),
+        (cfg.score_clip > 0, f"--score-clip {cfg.score_clip}: must be > 0"),  # (--stop-kl <= 0: one minibatch)
     ]
-    for name in ("sft_steps", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch", "max_new_tokens", "max_prompt",
-                 "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
+    # (first: nan compares false, inf passes every bound below)
+    checks[:0] = [(math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number")
+                  for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float)]
+    for name in ("sft_steps", "ppo_steps", "kl_horizon", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch",
+                 "max_new_tokens", "max_prompt", "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
         checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
     checks.append((cfg.threads >= 0, f"--threads {cfg.threads}: must be >= 0"))
-    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs"):
+    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs", "vf_coef"):
         checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
     checks.append((cfg.rollout_batch % cfg.minibatch == 0,
                    f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))
@@ -895,6 +1037,22 @@ def validate(cfg, methods):
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def check_window(cfg, c=None):
+    """prompt plus response within the model's positions (config dict c, else the model's if known without loading
+    it), both numbers named, before anything trains (past the window, learned positions index out of range and
+    rotary ones run where the model never trained)."""
+    try:
+        c = c or model_config(cfg.model)
+    except ConfigError:  # not known before it loads (or not at all: load_lm names what it cannot find)
+        return
+    n = c.get("max_position_embeddings") or c.get("n_positions")
+    for stage, flag, extra in (("SFT", "--max-response", cfg.max_response), ("PPO", "--max-new-tokens",
+                                                                              cfg.max_new_tokens)):
+        if n and cfg.max_prompt + extra > n:
+            raise ConfigError(f"--max-prompt {cfg.max_prompt} + {flag} {extra} = {cfg.max_prompt + extra} tokens "
+                              f"({stage}) is more than the {n} positions of --model {cfg.model}; lower them")
 
 
 def pick_device(name):
@@ -942,23 +1100,32 @@ def save_atomic(obj, path):
     barrier()
 
 
-def swap_dir(tmp, path):
+def swap_dir(tmp, path, keep_old=False):
     """put the finished directory tmp at path: the old one aside, then the new one in, so that a kill at any moment
-    leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both)."""
+    leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both). keep_old: the old one
+    stays at path.old."""
     import shutil
     old = path.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    if not keep_old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def load_file(path):
-    if path.endswith(".json"):
-        with open(path) as f:
-            return json.load(f)
-    return torch.load(path, map_location="cpu", weights_only=False)
+def load_file(path, mmap=False):
+    """a .json or a torch file; a damaged one (cut short, not that format) is one line naming it."""
+    import pickle
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                return json.load(f)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:  # (JSONDecodeError is a ValueError)
+        why = str(e) if isinstance(e, json.JSONDecodeError) else "cut short, or not a torch file"
+        raise ConfigError(f"{path} is damaged ({why}); restore it from a copy, or delete it and run the same "
+                          "hydra_ppo.py command again to write it anew")
 
 
 def log_metrics(out, record):
@@ -976,7 +1143,14 @@ def trim_metrics(out, stage, step):
     if not is_writer() or not os.path.exists(path):
         return
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # the last line: a write a kill cut short, of a step past any checkpoint; dropped
+            if i + 1 < len(lines):
+                raise ConfigError(f"{path} line {i + 1} is damaged; delete that line, or pass --fresh")
     keep = [r for r in rows if not (r["stage"] == stage and r["step"] > step)]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)

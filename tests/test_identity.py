@@ -26,7 +26,7 @@ def reseeded(finished_run, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reseeded") / "o")
     shutil.copytree(finished_run, out)
     for leftover in ("hf.tmp", "ckpt.old"):  # what a kill can leave behind (an export, a sharded checkpoint)
-        os.makedirs(os.path.join(out, leftover))
+        os.makedirs(os.path.join(out, leftover), exist_ok=True)  # (ckpt.old: also the checkpoint before ckpt)
     open(os.path.join(out, "ppo.pt.tmp"), "w").close()
     open(os.path.join(out, "notes.txt"), "w").close()  # not the run's
     assert _main(["--out", out, "--fresh", "--stage", "sft", "--seed", "1"] + SMALL)[0] == 0
@@ -42,8 +42,10 @@ def _copy(src, tmp_path):
 def test_fresh_removes_every_artifact_of_the_old_run(reseeded):
     """if this fails, --fresh leaves the old run's ppo.pt or hf/ behind, and eval.py loads the new sft.pt with the old
     run's adapters without a word."""
-    assert sorted(os.listdir(reseeded)) == ["ckpt", "metrics.jsonl", "notes.txt", "sft.pt", "summary.json"]
-    assert I.load_file(os.path.join(reseeded, "sft.pt"))["meta"]["seed"] == 1
+    assert sorted(os.listdir(reseeded)) == [".lock", "ckpt", "ckpt.old", "metrics.jsonl", "notes.txt", "sft.pt",
+                                            "summary.json"]
+    for f in ("sft.pt", "ckpt/extra.pt", "ckpt.old/extra.pt"):  # ckpt.old: the new run's checkpoint before ckpt
+        assert I.load_file(os.path.join(reseeded, f))["meta"]["seed"] == 1
     assert I.load_file(os.path.join(reseeded, "summary.json"))["seed"] == 1
     assert E.load_run(reseeded, "cpu")[3] is False  # the SFT policy alone: no PPO policy of another run
 
