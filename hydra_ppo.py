@@ -789,10 +789,34 @@ def build_sft_models(cfg, dtype, device):
     return models, tok
 
 
-def run(cfg):
-    """a whole run, each stage resumable: 1. Hydra-SFT (or the baselines' SFT and reward models), 2. PPO with the
-    method's roles, 3. the SFT and PPO policies on held-out prompts. -> the summary (also OUT/summary.json)."""
-    t_start = time.time()
+@dataclass
+class Run:
+    """what the stages of a run share: the config (its rules and the memory plan's choices resolved), where it runs,
+    its data (pairs, and as token ids), the clock and each stage's peak memory."""
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype
+    tok: data.Tokenizer
+    train_pairs: list
+    held_pairs: list
+    gold_fn: object  # the built-in task's gold reward, or None
+    t0: float
+    train_rows: list = None  # (prompt, chosen, rejected) token ids
+    held_rows: list = None
+    held_prompts: list = None  # (text, ids) of the first --eval-prompts held-out pairs
+    sft_ran: bool = False  # this invocation trained the SFT models (else they come from OUT/sft.pt)
+    peaks: dict = field(default_factory=dict)  # stage -> peak MiB of the largest rank
+    ranks: dict = field(default_factory=dict)  # stage -> peak MiB of each rank
+
+    def peak(self, stage):  # each stage measured on its own
+        self.peaks[stage], self.ranks[stage] = infra.stage_peak(self.device)
+        return self.peaks[stage]
+
+
+def start(cfg):
+    """devices, the memory plan's choices, the data and the SFT models, every check that can refuse done before the
+    first write into OUT (summary.json). -> (Run, the SFT models as loaded)"""
+    t0 = time.time()
     infra.check_window(cfg)
     device, dtype = infra.start_run(cfg)
     train_pairs, held_pairs, gold_fn, dstats = data.split_data(cfg)
@@ -807,84 +831,106 @@ def run(cfg):
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
     say(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device}, matmuls in {dtype}; method {cfg.method}"
         + (f"; {W} ranks, {'FSDP2-sharded' if cfg.fsdp else 'data parallel'}" if W > 1 else ""))
-    peaks, ranks = {}, {}  # stage -> peak MiB of the largest rank (and of each rank), each stage on its own
+    r = Run(cfg, device, dtype, tok, train_pairs, held_pairs, gold_fn, t0)
+    r.peak("load")
+    r.train_rows, cut1 = data.encode_pairs(train_pairs, tok, cfg)
+    r.held_rows, cut2 = data.encode_pairs(held_pairs, tok, cfg)
+    r.held_prompts = data.prompt_ids(held_pairs, tok, cfg)[0][: cfg.eval_prompts]
+    infra.update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed, device=str(device),
+                         world_size=W, fsdp=cfg.fsdp, sft_lora=cfg.sft_lora, grad_ckpt=cfg.grad_ckpt,
+                         memory_plan_mib={k: round(v / 2**20) for k, v in plan.items()} if plan else None,
+                         n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2,
+                         data_stats=dstats)
+    return r, models
 
-    def peak(stage):
-        peaks[stage], ranks[stage] = infra.stage_peak(device)
-        return peaks[stage]
-    peak("load")
-    train_rows, cut1 = data.encode_pairs(train_pairs, tok, cfg)
-    held_rows, cut2 = data.encode_pairs(held_pairs, tok, cfg)
-    held_prompts = data.prompt_ids(held_pairs, tok, cfg)[0][: cfg.eval_prompts]
-    summary = infra.update_summary(cfg.out, model=cfg.model, data=cfg.data, method=cfg.method, seed=cfg.seed,
-                                   device=str(device), world_size=W, fsdp=cfg.fsdp, sft_lora=cfg.sft_lora,
-                                   grad_ckpt=cfg.grad_ckpt,
-                                   memory_plan_mib={k: round(v / 2**20) for k, v in plan.items()} if plan else None,
-                                   n_train=len(train_pairs), n_heldout=len(held_pairs), truncated_pairs=cut1 + cut2,
-                                   data_stats=dstats)
-    rm_name, lm_name = (sft_roles(cfg.method)[r][0] for r in ("reward", "reference"))
 
-    # ---- stage 1: Hydra-SFT (or the baselines' separate SFT and reward models)
-    sft_ran = infra.sft_will_run(cfg)
-    if sft_ran:
-        if gold_fn and not cfg.fsdp:  # (under --fsdp the ranks but 0 have no weights until SFT shards the models)
-            r0, _ = evaluate(models, sft_roles(cfg.method), held_prompts, tok, cfg, gold_fn, policies=("sft",))
-            summary = infra.update_summary(cfg.out, gold_init=r0["gold_sft"])
-        sft = train_sft_models(models, train_rows, held_rows, cfg, tok, device)
-        summary = infra.update_summary(cfg.out, rm_accuracy=sft[rm_name]["rm_accuracy"], sft=sft,
-                                       sft_loss=sft[lm_name]["loss"], peak_memory_mib_sft=peak("sft"),
-                                       peak_memory_mib_load=peaks["load"])
-        say(f"sft done: held-out rm_accuracy {summary['rm_accuracy']:.3f}, sft_loss {summary['sft_loss']:.3f}")
-    # what SFT just trained is in memory already: no second copy from disk (a model's worth of memory). under --fsdp
-    # sharded modules cannot take the PPO adapters: fresh unsharded ones (rank 0 reads sft.pt), sharded in train_ppo
-    if cfg.fsdp and sft_ran and cfg.stage != "sft":
+def sft_stage(r, models):
+    """stage 1: Hydra-SFT (or the baselines' separate SFT and reward models), and where the SFT weights come from:
+    trained now, or read from OUT/sft.pt (a resumed run, --stage ppo). what SFT just trained stays in memory (no second
+    copy from disk), but under --fsdp sharded modules cannot take the PPO adapters: then fresh unsharded ones read
+    sft.pt (rank 0), and train_ppo shards them. -> the SFT models"""
+    cfg = r.cfg
+    r.sft_ran = infra.sft_will_run(cfg)
+    if r.sft_ran:
+        if r.gold_fn and not cfg.fsdp:  # (under --fsdp the ranks but 0 have no weights until SFT shards the models)
+            res, _ = evaluate(models, sft_roles(cfg.method), r.held_prompts, r.tok, cfg, r.gold_fn, policies=("sft",))
+            infra.update_summary(cfg.out, gold_init=res["gold_sft"])
+        sft = train_sft_models(models, r.train_rows, r.held_rows, cfg, r.tok, r.device)
+        rm_name, lm_name = (sft_roles(cfg.method)[k][0] for k in ("reward", "reference"))
+        s = infra.update_summary(cfg.out, rm_accuracy=sft[rm_name]["rm_accuracy"], sft=sft,
+                                 sft_loss=sft[lm_name]["loss"], peak_memory_mib_sft=r.peak("sft"),
+                                 peak_memory_mib_load=r.peaks["load"])
+        say(f"sft done: held-out rm_accuracy {s['rm_accuracy']:.3f}, sft_loss {s['sft_loss']:.3f}")
+        if not cfg.fsdp or cfg.stage == "sft":
+            return models
         del models  # sharded modules sit in reference cycles: only a collection frees their shards
-        infra.free_memory(device)
-        models, tok = build_sft_models(cfg, dtype, device)
-    if not sft_ran or (cfg.fsdp and cfg.stage != "sft"):
-        infra.load_sft(models, cfg)
-    if cfg.stage == "sft":
-        if cfg.fsdp and not sft_ran:  # evaluated sharded: the other ranks get rank 0's weights
-            for m in models.values():
-                infra.distribute(m, cfg, device)
-        if gold_fn:
-            r, _ = evaluate(models, sft_roles(cfg.method), held_prompts, tok, cfg, gold_fn, policies=("sft",))
-            infra.update_summary(cfg.out, gold_sft=r["gold_sft"])
-        peak("eval")
-        summary = infra.update_summary(cfg.out, peak_memory_mib=max(peaks.values()), peak_memory_mib_ranks=ranks,
-                                       seconds=time.time() - t_start)
-        say(json.dumps(summary, indent=2))
-        return summary
+        infra.free_memory(r.device)
+        models, _ = build_sft_models(cfg, r.dtype, r.device)
+    infra.load_sft(models, cfg)
+    return models
 
-    # ---- stage 2: PPO with the method's role table
-    train_prompts, cut = data.prompt_ids(train_pairs, tok, cfg)
+
+def sft_summary(r, models):
+    """--stage sft ends here: the SFT policy on the held-out prompts (the built-in task's gold reward). -> summary"""
+    if r.cfg.fsdp and not r.sft_ran:  # evaluated sharded: the other ranks get rank 0's weights
+        for m in models.values():
+            infra.distribute(m, r.cfg, r.device)
+    if r.gold_fn:
+        res, _ = evaluate(models, sft_roles(r.cfg.method), r.held_prompts, r.tok, r.cfg, r.gold_fn, policies=("sft",))
+        infra.update_summary(r.cfg.out, gold_sft=res["gold_sft"])
+    r.peak("eval")
+    summary = infra.update_summary(r.cfg.out, peak_memory_mib=max(r.peaks.values()), peak_memory_mib_ranks=r.ranks,
+                                   seconds=time.time() - r.t0)
+    say(json.dumps(summary, indent=2))
+    return summary
+
+
+def ppo_stage(r, bases):
+    """stage 2: PPO with the method's role table on the training prompts, resumed where a checkpoint stopped inside
+    it; then OUT/ppo.pt. -> its stats"""
+    cfg = r.cfg
+    prompts, cut = data.prompt_ids(r.train_pairs, r.tok, cfg)
     if cut:
-        say(f"{cut} of {len(train_prompts)} PPO prompts were longer than --max-prompt {cfg.max_prompt} and were cut "
-            "from the left")
+        say(f"{cut} of {len(prompts)} PPO prompts were longer than --max-prompt {cfg.max_prompt} and were cut from "
+            "the left")
     infra.update_summary(cfg.out, truncated_prompts=cut)
-    bases = ppo_bases(cfg.method, models)
     start = infra.resume_point(infra.load_ckpt(cfg), "ppo", cfg)  # read again: an SFT stage in this run rewrote it
     t0 = time.time()
-    ppo_stats = train_ppo(bases, cfg.method, train_prompts, tok, cfg, device, start)
-    ppo_seconds = time.time() - t0
-    if ppo_stats["skipped_steps"] >= cfg.ppo_steps:  # nothing trained: no PPO policy to save or evaluate
+    stats = train_ppo(bases, cfg.method, prompts, r.tok, cfg, r.device, start)
+    stats["ppo_seconds"] = time.time() - t0
+    if stats["skipped_steps"] >= cfg.ppo_steps:  # nothing trained: no PPO policy to save or evaluate
         raise NumericalFault(f"every one of the {cfg.ppo_steps} PPO steps was non-finite and skipped "
                              f"(--skip-nonfinite): no PPO policy; {cfg.out}/metrics.jsonl names each step's fault")
-    peak("ppo")
+    r.peak("ppo")
     infra.save_models(os.path.join(cfg.out, "ppo.pt"), bases, cfg, "trained")
+    return stats
 
-    # ---- stage 3: evaluation on held-out prompts
-    res, samples = evaluate(bases, ROLES[cfg.method], held_prompts, tok, cfg, gold_fn)
-    examples = list(zip(held_prompts, samples["sft"], samples["ppo"]))[:3]
-    summary = infra.update_summary(cfg.out, **res, kl=res["kl_ppo"], **ppo_stats, ppo_seconds=ppo_seconds,
-                                   peak_memory_mib_eval=peak("eval"), peak_memory_mib_ppo=peaks["ppo"],
-                                   peak_memory_mib=max(peaks.values()), peak_memory_mib_ranks=ranks,
-                                   seconds=time.time() - t_start,
+
+def eval_stage(r, bases, ppo_stats):
+    """stage 3: the SFT and PPO policies on the same held-out prompts with the same seeds; the summary, and with
+    --export OUT/hf (eval.py's job on the files just written, in a process of its own). -> the summary"""
+    res, samples = evaluate(bases, ROLES[r.cfg.method], r.held_prompts, r.tok, r.cfg, r.gold_fn)
+    examples = list(zip(r.held_prompts, samples["sft"], samples["ppo"]))[:3]
+    summary = infra.update_summary(r.cfg.out, **res, kl=res["kl_ppo"], **ppo_stats,
+                                   peak_memory_mib_eval=r.peak("eval"), peak_memory_mib_ppo=r.peaks["ppo"],
+                                   peak_memory_mib=max(r.peaks.values()), peak_memory_mib_ranks=r.ranks,
+                                   seconds=time.time() - r.t0,
                                    examples=[{"prompt": p[0], "sft": a, "ppo": b} for p, a, b in examples])
-    if cfg.export:  # eval.py's job on the files just written, in a process of its own (no import circle)
-        infra.export_files(cfg.out)
+    if r.cfg.export:
+        infra.export_files(r.cfg.out)
     infra.print_summary(summary)
     return summary
+
+
+def run(cfg):
+    """a whole run, each stage resumable: 1. Hydra-SFT (or the baselines' SFT and reward models), 2. PPO with the
+    method's roles, 3. the SFT and PPO policies on held-out prompts. -> the summary (also OUT/summary.json)."""
+    r, models = start(cfg)
+    models = sft_stage(r, models)
+    if r.cfg.stage == "sft":
+        return sft_summary(r, models)
+    bases = ppo_bases(r.cfg.method, models)
+    return eval_stage(r, bases, ppo_stage(r, bases))
 
 
 def main(argv=None):
