@@ -173,3 +173,25 @@ def test_the_peft_export_loads_by_its_path_from_any_directory(run_dir, tmp_path,
     ids = torch.tensor([[400, 13, 99, 7, 1200, 13]])
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-4)
+
+
+def test_an_export_folds_the_fixed_lora_sft_adapter_in_fp32(tiny_lm):
+    """if this fails, a --sft-lora run's exported sft/ and reward/ lose the SFT adapter kept unmerged (lora.fix), or
+    round its update to the base's bf16."""
+    from transformers import LlamaForCausalLM
+    m = H.HydraModel(tiny_lm.to(torch.bfloat16), compute_dtype=torch.bfloat16)
+    lora.inject(m.lm, ["sft"], r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in m.lm.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(std=1e-3)  # an update far below bf16's step at the weights' size
+    lora.fix(m.lm, "sft")
+    state = E.hf_state(m, None, m.lm.state_dict())
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    lm = LlamaForCausalLM(tiny_lm.config).eval()
+    lm.load_state_dict(state, strict=False)
+    lm.tie_weights()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad(), lora.adapter(None):  # what PPO's reference reads: base + the fixed adapter
+        want = m.lm.float()(ids).logits
+        assert torch.allclose(lm(ids).logits, want, atol=1e-5)
