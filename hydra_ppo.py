@@ -520,12 +520,12 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
                 loss.backward()
             # clip per role: the critic's gradient scale must not shrink the actor's step
             optimizer_step(opt, list(params.values()), cfg.max_grad_norm, "ppo", step + 1)
-            # logged over every rank's tokens (one all-reduce): the early stop on approx_kl is one decision for all.
-            # a loss is this rank's share of the minibatch's mean, times W: their sum over ranks / W is that mean
+            # logged over every rank's tokens (the early stop is one decision for all); a loss sums to W x its mean
             per_token = {"entropy": new["actor"][1].detach(), **diag}
             sums = all_sum(torch.stack([pg.detach(), vf.detach(), *((v * m).sum() for v in per_token.values())]))
-            s = dict(zip(per_token, (sums[2:] / tokens).tolist()))
-            for k, v in (("pg_loss", sums[0].item() / W), ("vf_loss", sums[1].item() / W), *s.items()):
+            pg_sum, vf_sum, *means = torch.cat([sums[:2], sums[2:] / tokens]).tolist()  # one host sync
+            s = dict(zip(per_token, means))
+            for k, v in (("pg_loss", pg_sum / W), ("vf_loss", vf_sum / W), *s.items()):
                 log[k].append(v)
             if s["approx_kl"] > cfg.stop_kl:
                 stopped_early = True
