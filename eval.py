@@ -906,8 +906,8 @@ def sample_job(a):
 
 def hf_state(model, adapter, sd):
     """the LM's weights under transformers' names, LoRA wrappers taken off, the fixed adapter sets (LoRA SFT) and
-    `adapter` folded in: W + B A * alpha / r in fp32, and then every weight is stored in fp32 (in bf16 most of a
-    small update would round away). sd: the LM's state."""
+    `adapter` folded in (LoRALinear.merged_weight, fp32), and then every weight is stored in fp32 (in bf16 most of a
+    small update would round away). sd: the LM's state on the CPU (I.full_state)."""
     wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
     out, folded = {}, False
     for k, v in sd.items():
@@ -916,9 +916,8 @@ def hf_state(model, adapter, sd):
             continue
         if path.endswith(".base") and path[:-5] in wrapped:
             layer, path = wrapped[path[:-5]], path[:-5]
-            for name in dict.fromkeys(layer.fixed + [adapter] * (adapter is not None) if leaf == "weight" else []):
-                d = (sd[f"{path}.lora_B.{name}"].float() @ sd[f"{path}.lora_A.{name}"].float()) * layer.scale
-                v, folded = v.float() + (d.t() if lora._is_conv1d(layer.base) else d), True  # (out, in)
+            if leaf == "weight" and layer.applied(adapter):
+                v, folded = layer.merged_weight(adapter).to(v.device), True
         out[f"{path}.{leaf}"] = v
     return {k: v.float() if folded and v.is_floating_point() else v for k, v in out.items()}
 
@@ -952,8 +951,7 @@ def reward_tokenizer(hf_tok, tok, rw, config, state):
         key = next(n for n, m in rw.lm.named_modules() if m is emb) + ".weight"
         if t.pad_token_id >= config.vocab_size:  # GPT-2, Llama-3: no free row. never attended to, never scored
             config.vocab_size = t.pad_token_id + 1
-            if key in state:  # rank 0 (the others hold no state)
-                state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
+            state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
     config.pad_token_id = t.pad_token_id
     return t
 
@@ -975,7 +973,7 @@ def write_hf(path, config, state, tok, generation=None):
 
 
 def write_peft(path, model, adapter, sd, base_dir):
-    """adapter set `adapter` (its gathered state sd) in PEFT's on-disk format (adapter_config.json +
+    """adapter set `adapter` (its state sd) in PEFT's on-disk format (adapter_config.json +
     adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
     base_dir (an absolute path: moved, the adapter loads with PeftModel.from_pretrained on the moved base)."""
     from safetensors.torch import save_file

@@ -1,13 +1,13 @@
 """
 What a real hydra run needs that is not RLHF: ranks and sharding, checkpoints and stopping, seeds, loading models,
-exports, flags and files, memory readings and the plan. hydra_ppo.py (the algorithm) and eval.py import it; it
+the decoders, flags and files, memory readings and the plan. hydra_ppo.py (the algorithm) and eval.py import it; it
 imports neither (data.py and lora.py only).
 
   ranks            world, all_sum, gather_lists, my_rows, average_gradients, optimizer_step, shard, distribute
   the step loop    Loop: resume, per-step seed, a faulty step skipped or raised, metrics, checkpoint, stop
   checkpoints      one format (torch.distributed.checkpoint, one process or sharded), save_models for sft.pt / ppo.pt
   loading          load_lm (tiny, SmolLM2 offline, a local dir or the Hugging Face cache), start_run, load_sft
-  exports          export_run: Hugging Face directories and PEFT adapters
+  exports          check_export_out, export_files (eval.py export writes them: Hugging Face and PEFT directories)
   flags and files  parse_args, validate, say, save_atomic, log_metrics, update_summary
   memory           peak readings per stage, and the analytic plan printed before a real model loads
 """

@@ -89,10 +89,22 @@ class LoRALinear(nn.Module):
     def delta_weight(self, name):
         return (self.lora_B[name] @ self.lora_A[name]) * self.scale  # (out, in)
 
+    def applied(self, live):
+        """the adapter sets this layer adds while `live` is live (None: LoRA off): the fixed ones, and `live` once."""
+        return self.fixed if live is None or live in self.fixed else [*self.fixed, live]
+
+    @torch.no_grad()
+    def merged_weight(self, live):
+        """the base weight with the sets applied under `live` folded in: W + sum of B A * alpha / r, in fp32."""
+        w = self.base.weight.float()
+        for name in self.applied(live):
+            d = self.delta_weight(name).float()
+            w = w + (d.t() if _is_conv1d(self.base) else d)  # conv1d stores (in, out)
+        return w
+
     def forward(self, x):
         y = self.base(x)
-        names = self.fixed if _LIVE is None or _LIVE in self.fixed else [*self.fixed, _LIVE]
-        for name in names:  # none with LoRA off and nothing fixed: exactly the frozen base
+        for name in self.applied(_LIVE):  # none with LoRA off and nothing fixed: exactly the frozen base
             if name not in self.lora_A:
                 raise KeyError(f"adapter {name!r} is live but this layer only has {list(self.lora_A)}")
             A, B = self.lora_A[name], self.lora_B[name]
@@ -170,10 +182,7 @@ def merge_and_unload(model, name):
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                names = dict.fromkeys(child.fixed + ([name] if name is not None else []))
-                if names:
-                    d = sum(child.delta_weight(n).float() for n in names)
-                    w = child.base.weight
-                    w.copy_(w.float() + (d.t() if _is_conv1d(child.base) else d))
+                if child.applied(name):
+                    child.base.weight.copy_(child.merged_weight(name))
                 setattr(parent, child_name, child.base)
     return model
