@@ -244,14 +244,14 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
               for i, n in enumerate(H.sft_models(name))}
     bases = H.ppo_bases(name, models)
     params, opt = H.prepare_ppo(bases, name, hcfg, device)
-    kl_ctl, tok, prompts = H.KLController(hcfg.kl_coef), bench_tokenizer(V), rand(P)
+    tok, prompts = bench_tokenizer(V), rand(P)
     roles = H.ROLES[name]
     for m in bases.values():
         m.eval()
 
     def step(i):  # train_ppo's iteration: rollout, then update (no calibration: raw scores)
         batch = H.rollout(bases, roles, prompts, tok, hcfg, i, device)
-        stats = H.ppo_update(bases, roles, params, opt, kl_ctl, batch, {}, hcfg, i)
+        stats = H.ppo_update(bases, roles, params, opt, hcfg.kl_coef, batch, {}, hcfg, i)
         return stats["response_len"], {k: {**batch.clock, **stats}[k] for k in H.PHASES}
     return step, opt, bases
 
@@ -389,12 +389,12 @@ def print_bench(o):
 # decoding (issue #23): ms per generated token of the eager decoder against the static one, which generate uses on
 # CUDA (its one-token step a captured CUDA graph), and whether the two compute the same thing
 
-DECODERS = {"eager": I.EagerDecoder, "static": I.StaticDecoder}
+DECODERS = {"eager": lambda m, batch, length: H.EagerDecoder(m), "static": I.StaticDecoder}
 
 
 def decode(model, kind, prompts, tok, new, keep=0):
-    """hydra_ppo.generate under the actor's adapter, temperature 1, seeds 0..B-1, with infra.decoder forced to one
-    kind (capture included: generate builds a decoder a call). keep: also the logits (B, V) of its first `keep`
+    """hydra_ppo.generate under the actor's adapter, temperature 1, seeds 0..B-1, with its decoder forced to one kind
+    (capture included: generate builds a decoder a call). keep: also the logits (B, V) of its first `keep`
     forwards, prefill first. -> (responses, seconds, [logits])"""
     kept = []
 
@@ -411,8 +411,8 @@ def decode(model, kind, prompts, tok, new, keep=0):
         if keep:
             dec.prefill, dec.step = keeping(dec.prefill), keeping(dec.step)
         return dec
-    dev, real = next(model.parameters()).device, I.decoder
-    I.decoder = make  # generate reads infra.decoder at each call
+    dev, real = next(model.parameters()).device, I.static_decoder
+    I.static_decoder = make  # generate reads infra.static_decoder at each call
     try:
         sync(dev)
         t0 = time.perf_counter()
@@ -420,7 +420,7 @@ def decode(model, kind, prompts, tok, new, keep=0):
         sync(dev)
         return resp, time.perf_counter() - t0, kept
     finally:
-        I.decoder = real
+        I.static_decoder = real
 
 
 def gen_row(a, model, B, start):

@@ -172,16 +172,6 @@ METHODS = tuple(ROLES)
 COPY_OF = {"actor": "sft", "reference": "sft", "critic": "rm", "reward": "rm"}
 
 
-def ppo_bases(method, sft):
-    """a method's bases from its SFT models: a base that a role trains whole (full PPO) is its own copy."""
-    bases = {}
-    for role, (base, adapter, _) in ROLES[method].items():
-        if base not in bases:
-            src = sft[COPY_OF.get(base, base)]
-            bases[base] = copy.deepcopy(src) if adapter is None and role in ("actor", "critic") else src
-    return bases
-
-
 def run_roles(models, roles, wanted, ids, mask, P, temperature, entropy=False):
     """one forward per distinct (base, adapter): in Hydra-PPO the reference and the reward share one LoRA-off pass.
     -> {role: (logp, entropy or None) (B, R) for lm heads | values (B, R) | score (B,)}."""
@@ -265,14 +255,12 @@ def kl_rewards(score, logp, ref_logp, mask, beta):
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """generalized advantage estimation over the response tokens (right-padded). -> advantages, returns (B, R)."""
-    B, R = rewards.shape
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(R)):
-        nxt_mask = mask[:, t + 1] if t + 1 < R else torch.zeros_like(last)
-        nxt_value = values[:, t + 1] * nxt_mask if t + 1 < R else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * nxt_value - values[:, t]
-        last = delta + gamma * lam * nxt_mask * last
+    adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    nxt_mask = F.pad(mask[:, 1:], (0, 1))  # (B, R): the next token is real (none after the last)
+    nxt_value = F.pad(values[:, 1:], (0, 1)) * nxt_mask
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * nxt_value[:, t] - values[:, t]
+        last = delta + gamma * lam * nxt_mask[:, t] * last
         adv[:, t] = last
     adv = adv * mask
     return adv, (adv + values) * mask
@@ -303,16 +291,11 @@ def explained_variance(values, returns, mask, total=lambda s: s):
     return (1 - mean((returns - values - mean(returns - values)) ** 2) / var).item() if var > 0 else float("nan")
 
 
-class KLController:
-    """fixed beta, or the adaptive controller of Ziegler et al. 2019 when target > 0."""
-
-    def __init__(self, beta, target=0.0, horizon=10000):
-        self.value, self.target, self.horizon = beta, target, horizon
-
-    def update(self, kl, n):
-        if self.target > 0:
-            err = max(-0.2, min(0.2, kl / self.target - 1))
-            self.value *= 1 + err * n / self.horizon
+def adaptive_kl(beta, kl, n, target=0.0, horizon=10000):
+    """beta after n responses of mean KL kl: fixed (target 0), or the adaptive controller of Ziegler et al. 2019."""
+    if target <= 0:
+        return beta
+    return beta * (1 + max(-0.2, min(0.2, kl / target - 1)) * n / horizon)
 
 
 # -----------------------------------------------------------------------------
@@ -333,10 +316,32 @@ def sample_tokens(logits, temperature, gens):
     return gumbel.add_(x / temperature if temperature != 1 else x).argmax(-1)
 
 
+class EagerDecoder:
+    """generate's one-token step on a growing cache (transformers' DynamicCache), the mask grown by a column a token:
+    the CPU's, and FSDP's (its all-gathers cannot be captured). real (B,): 1 where the row still runs."""
+    check_every = 1  # tokens between the all-rows-done checks
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+        self.model, self.cache = model, DynamicCache()
+
+    def prefill(self, ids, mask):  # -> the next token's logits (B, V)
+        self.mask = mask
+        return self.forward(ids)
+
+    def step(self, tokens, real):
+        self.mask = torch.cat([self.mask, real.unsqueeze(-1)], 1)
+        return self.forward(tokens.unsqueeze(-1))
+
+    def forward(self, ids):
+        h, self.cache = self.model.hidden(ids, self.mask, self.cache)
+        return self.model.logits(h[:, -1])
+
+
 @torch.no_grad()
 def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
-    """sample responses for token-id prompts, row i from seeds[i], one token a step with a KV cache (infra.decoder:
-    on a GPU the step is a captured graph). -> list of response token lists, each cut after its first EOS."""
+    """sample responses for token-id prompts, row i from seeds[i], one token a step with a KV cache (on a GPU the
+    step is a captured graph: infra.static_decoder). -> list of response token lists, each cut after its first EOS."""
     dev = next(model.parameters()).device
     gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
     ids, mask, _ = data.collate(prompts, [[] for _ in prompts], tok.pad_id)
@@ -347,7 +352,7 @@ def generate(model, adapter, prompts, tok, max_new, temperature, seeds):
     # inference mode: no autograd bookkeeping at all; not under FSDP2, whose gathered weights outlive the call
     with contextlib.nullcontext() if is_fsdp(model) else torch.inference_mode(), lora.adapter(adapter):
         try:
-            dec = infra.decoder(model, ids.shape[0], ids.shape[1] + max_new)
+            dec = infra.static_decoder(model, ids.shape[0], ids.shape[1] + max_new) or EagerDecoder(model)
             logits = dec.prefill(ids, mask)
             for t in range(max_new):
                 nxt = sample_tokens(logits, temperature, gens)  # (B,)
@@ -382,12 +387,8 @@ def prepare_ppo(models, method, cfg, device):
             lora.inject(models[base].lm, names, r=cfg.lora_r, alpha=cfg.lora_alpha)
         models[base].requires_grad_(False)
         infra.no_dropout(models[base])  # PPO's ratios and KL compare the same function: no dropout in any role
-    critic = models[roles["critic"][0]]
-    with torch.no_grad():
-        if cfg.value_init == "reward":
-            critic.value_head.load_state_dict(models[roles["reward"][0]].reward_head.state_dict())
-        else:
-            nn.init.zeros_(critic.value_head.weight), nn.init.zeros_(critic.value_head.bias)
+    if cfg.value_init == "reward":  # (else zero, as HydraModel made it: SFT never trains the value head)
+        models[roles["critic"][0]].value_head.load_state_dict(models[roles["reward"][0]].reward_head.state_dict())
 
     def owned():  # the weights each trained role owns (again after sharding: FSDP puts new parameters in place)
         params, seen = {}, set()
@@ -474,10 +475,10 @@ def calibrate(critic, batch, cfg):
     return norm
 
 
-def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
-    """steps 4-6 on a rollout batch: rewards, advantages, then epochs x minibatches of clipped updates. norm: the
-    score scale from calibrate ({} = raw scores); sums over ranks by all_sum (the identity in one process). -> stats"""
-    t0, W, beta = time.time(), world()[1], kl_ctl.value
+def ppo_update(models, roles, params, opt, beta, batch, norm, cfg, step):
+    """steps 4-6 on a rollout batch with KL coefficient beta: rewards, advantages, epochs x minibatches of clipped
+    updates. norm: calibrate's score scale ({} = raw scores); sums over ranks by all_sum. -> stats"""
+    t0, W = time.time(), world()[1]
     N = len(batch.responses) * W  # the global rollout batch
     rmask, logp, values, raw_score = batch.rmask, batch.logp, batch.values, batch.raw_score
     # 4. rewards: -beta * KL per token + the clipped score at the last real token
@@ -534,8 +535,7 @@ def ppo_update(models, roles, params, opt, kl_ctl, batch, norm, cfg, step):
             break
     for mod in models.values():
         mod.eval()
-    seq_kl = all_sum(kl.sum()).item() / N  # the controller sees the mean over every rank's responses
-    kl_ctl.update(seq_kl, N)
+    seq_kl = all_sum(kl.sum()).item() / N  # the KL controller sees the mean over every rank's responses
     stats = {"kl_coef": beta, **{k: sum(v) / len(v) for k, v in log.items() if v}}
     stats.update(score=all_sum(raw_score.sum()).item() / N, kl=seq_kl, first_ratio=log["ratio"][0],
                  first_approx_kl=log["approx_kl"][0], explained_var=explained_variance(values, returns, rmask, all_sum),
@@ -568,9 +568,9 @@ def train_ppo(models, method, prompts, tok, cfg, device, start=None):
             b = rollout(models, roles, [batch[j] for j in rows], tok, cfg, i, device, rows)
             if cfg.score_norm == "sft" and not state["score_norm"]:  # 3. the first rollout fixes the score scale
                 state["score_norm"] = calibrate(models[roles["critic"][0]], b, cfg)
-            kl_ctl = KLController(state["kl_coef"], cfg.target_kl, cfg.kl_horizon)
-            stats = ppo_update(models, roles, params, opt, kl_ctl, b, state["score_norm"], cfg, i)
-            state["kl_coef"] = kl_ctl.value
+            stats = ppo_update(models, roles, params, opt, state["kl_coef"], b, state["score_norm"], cfg, i)
+            state["kl_coef"] = adaptive_kl(state["kl_coef"], stats["kl"], cfg.rollout_batch, cfg.target_kl,
+                                           cfg.kl_horizon)
             stats.update(b.clock, step_s=time.time() - t0)
             for k, v in state["clock"].items():
                 v.append(stats[k])
@@ -787,6 +787,16 @@ def build_sft_models(cfg, dtype, device):
         lm, tok = infra.load_lm(cfg.model, dtype if cfg.sft_lora else torch.float32, seed=cfg.seed + i, meta=meta)
         models[name] = HydraModel(lm if meta else lm.to("cpu" if cfg.fsdp else device), compute_dtype=dtype)
     return models, tok
+
+
+def ppo_bases(method, sft):
+    """a method's bases from its SFT models: a base that a role trains whole (full PPO) is its own copy."""
+    bases = {}
+    for role, (base, adapter, _) in ROLES[method].items():
+        if base not in bases:
+            src = sft[COPY_OF.get(base, base)]
+            bases[base] = copy.deepcopy(src) if adapter is None and role in ("actor", "critic") else src
+    return bases
 
 
 @dataclass

@@ -257,26 +257,6 @@ def end_run():
 # eager step is hundreds of small kernel launches queued from Python (launch-bound, not bandwidth-bound)
 
 
-class EagerDecoder:
-    """transformers' DynamicCache, the attention mask grown by a column a token. prefill(ids, mask) and step(tokens,
-    real) -> the next token's logits (B, V); real (B,): 1 where the row still runs."""
-    check_every = 1  # tokens between the all-rows-done checks
-
-    def __init__(self, model, batch, length):
-        from transformers import DynamicCache
-        self.model, self.cache = model, DynamicCache()
-
-    def prefill(self, ids, mask):
-        self.mask = mask
-        h, self.cache = self.model.hidden(ids, mask, self.cache)
-        return self.model.logits(h[:, -1])
-
-    def step(self, tokens, real):
-        self.mask = torch.cat([self.mask, real.unsqueeze(-1)], 1)
-        h, self.cache = self.model.hidden(tokens.unsqueeze(-1), self.mask, self.cache)
-        return self.model.logits(h[:, -1])
-
-
 class StaticDecoder:
     """transformers' StaticCache for `batch` rows of at most `length` tokens, and every tensor a step reads or writes
     at a fixed address: the token (B, 1) and a full-length mask (B, length) written in place (the columns not yet
@@ -373,14 +353,14 @@ def plain_static(cache):
     return all(type(x) is StaticLayer and torch.is_tensor(getattr(x, "cumulative_length", None)) for x in cache.layers)
 
 
-def decoder(model, batch, length):
-    """the one-token decoder generate uses: the static one on CUDA where plain_static holds (and not sharded: FSDP's
-    all-gathers cannot be captured), eager elsewhere."""
+def static_decoder(model, batch, length):
+    """generate's decoder on CUDA where plain_static holds (not sharded: FSDP's all-gathers cannot be captured), else
+    None (hydra_ppo.EagerDecoder)."""
     if next(model.parameters()).device.type == "cuda" and not is_fsdp(model):
         dec = StaticDecoder(model, batch, length)
         if plain_static(dec.cache):
             return dec
-    return EagerDecoder(model, batch, length)
+    return None
 
 
 # -----------------------------------------------------------------------------

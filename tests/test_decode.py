@@ -1,5 +1,6 @@
 """decoding on a static KV cache with a captured one-token step (infra.StaticDecoder, generate's path on CUDA) against
-the eager path (infra.EagerDecoder, the CPU's): the same logits, the same tokens, the adapter it was captured under."""
+the eager path (hydra_ppo.EagerDecoder, the CPU's): the same logits, the same tokens, the adapter it was captured
+under."""
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +20,7 @@ def _static_decodes():
     return I.plain_static(StaticCache(config=LlamaConfig(num_hidden_layers=1), max_cache_len=8))
 
 
-# transformers < 5.4: no static layer keeps its offset in a tensor, so infra.decoder never picks the static decoder
+# transformers < 5.4: no static layer keeps its offset in a tensor, so infra.static_decoder never makes one
 static = pytest.mark.skipif(not _static_decodes(), reason="transformers < 5.4: generate decodes eagerly")
 
 
@@ -113,7 +114,7 @@ def test_generate_on_the_static_decoder_samples_what_the_eager_one_samples(tempe
     ref = H.generate(m, "actor", prompts, tok, 24, temperature, seeds)
     if temperature:  # the case must exercise both: rows that stop at EOS and rows that run to max_new
         assert any(r[-1] == EOS and len(r) < 24 for r in ref) and any(len(r) == 24 for r in ref)
-    monkeypatch.setattr(I, "decoder", I.StaticDecoder)
+    monkeypatch.setattr(I, "static_decoder", I.StaticDecoder)
     assert H.generate(m, "actor", prompts, tok, 24, temperature, seeds) == ref
 
 
@@ -194,7 +195,7 @@ def test_a_capture_that_raises_decodes_eagerly_after_one_warning_line(monkeypatc
         calls.append(1)
         raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
     calls = []
-    monkeypatch.setattr(I, "decoder", I.StaticDecoder)
+    monkeypatch.setattr(I, "static_decoder", I.StaticDecoder)
     monkeypatch.setattr(I.StaticDecoder, "failed", False)
     monkeypatch.setattr(I.StaticDecoder, "_captures", lambda self, new: True)
     monkeypatch.setattr(I.StaticDecoder, "_capture", capture)
@@ -215,16 +216,15 @@ def _sliding(arch):
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "qwen2", "llama"])
 def test_only_plain_static_caches_get_the_static_decoder(arch, monkeypatch):
-    """infra.decoder on a GPU picks the captured step only where every cache layer is a plain static one; else a
-    replay never advances a sliding-window layer's python offset: silently wrong tokens (Mistral, Gemma 2, Qwen2)."""
+    """infra.static_decoder on a GPU makes the captured step only where every cache layer is a plain static one; else
+    a replay never advances a sliding-window layer's python offset: silently wrong tokens (Mistral, Gemma 2, Qwen2)."""
     from transformers import LlamaConfig, StaticCache
     cfg = LlamaConfig(num_hidden_layers=2) if arch == "llama" else _sliding(arch)
     gpu = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda"))]),
-                          lm=SimpleNamespace(config=cfg))  # decoder() reads the device and the config only
+                          lm=SimpleNamespace(config=cfg))  # static_decoder() reads the device and the config only
     monkeypatch.setattr(I, "StaticDecoder", lambda model, batch, length: SimpleNamespace(
         cache=StaticCache(config=model.lm.config, max_cache_len=length)))
-    dec = I.decoder(gpu, 2, 32)
-    assert isinstance(dec, I.EagerDecoder) != (arch == "llama" and _static_decodes())
+    assert (I.static_decoder(gpu, 2, 32) is None) != (arch == "llama" and _static_decodes())
 
 
 # --- GPU only: the captured graph -------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_graph_rollout_agrees_with_generate(monkeypatch):
     tok = _tok()
     prompts = [[i + 1, (3 * i) % 60, 7] for i in range(8)]
     with monkeypatch.context() as mp:
-        mp.setattr(I, "decoder", I.EagerDecoder)
+        mp.setattr(I, "static_decoder", lambda *a: None)
         ref = H.generate(m, "actor", prompts, tok, 16, 1.0, range(8))
     got = H.generate(m, "actor", prompts, tok, 16, 1.0, range(8))
     bad = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
