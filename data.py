@@ -110,23 +110,6 @@ def fetch(url: str) -> str:
     return path
 
 
-def _read_lines(path: str) -> list[bytes]:
-    if path.startswith(("http://", "https://")):
-        path = fetch(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; --data takes 'builtin' or a .jsonl/.jsonl.gz path")
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
-        raise DataError(f"{path}: cannot read ({e}); "
-                        "expected a .jsonl or gzip-compressed .jsonl.gz file") from None
-    lines = data.split(b"\n")
-    if lines[-1] == b"":  # the final newline does not start another line
-        lines.pop()
-    return lines
-
-
 def _split_hh(transcript: str, key: str, where: str) -> tuple[str, str]:
     # the prompt runs up to and including the last assistant turn marker; the response is the rest
     i = transcript.rfind(ASSISTANT)
@@ -139,7 +122,18 @@ def _split_hh(transcript: str, key: str, where: str) -> tuple[str, str]:
 
 def json_records(path: str):
     """-> [(where, record or None for a blank line)]; every bad line is a DataError naming PATH:LINE."""
-    lines = _read_lines(path)
+    local = fetch(path) if path.startswith(("http://", "https://")) else path  # lines keep the URL's name
+    if not os.path.isfile(local):
+        raise DataError(f"{local}: no such file; --data takes 'builtin' or a .jsonl/.jsonl.gz path")
+    try:
+        with (gzip.open if local.endswith(".gz") else open)(local, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
+        raise DataError(f"{local}: cannot read ({e}); "
+                        "expected a .jsonl or gzip-compressed .jsonl.gz file") from None
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the final newline does not start another line
+        lines.pop()
     if not lines:
         raise DataError(f"{path}: empty file; expected one JSON object per line")
     out = []
@@ -188,8 +182,7 @@ def load_pairs(path: str) -> tuple[list[Pair], dict]:
         else:
             prompt, chosen = _split_hh(rec["chosen"], "chosen", where)
             prompt_r, rejected = _split_hh(rec["rejected"], "rejected", where)
-            if prompt != prompt_r:
-                # the real HH data has a few of these (a mangled earlier turn); not a usable pair
+            if prompt != prompt_r:  # a few in the real HH data (a mangled earlier turn): not a usable pair
                 stats["dropped_prompt_mismatch"] += 1
                 continue
         if not prompt.strip():
@@ -261,9 +254,8 @@ def encode_example(encode, prompt: str, response: str, eos_id: int,
     bare = list(encode(prompt))  # once, for both the prompt's ids and the response's boundary
     p, cut = encode_prompt(encode, prompt, max_prompt, bos_id, bare)
     r = response_ids(encode, prompt, response, bare)
-    truncated = cut or len(r) + 1 > max_response
-    r = r + [eos_id] if len(r) + 1 <= max_response else r[:max_response]
-    return p, r, truncated
+    fits = len(r) + 1 <= max_response
+    return p, (r + [eos_id] if fits else r[:max_response]), cut or not fits
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]],
@@ -319,9 +311,8 @@ def gpt2_tokenizer(n_ranks=4096):
     pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     enc = tiktoken.Encoding(name=f"gpt2-{n_ranks}", pat_str=pat, mergeable_ranks=ranks,
                             special_tokens={"<|endoftext|>": n_ranks})
-    eos, pad = n_ranks, n_ranks + 1  # a real pad token, distinct from eos
     return Tokenizer(encode=enc.encode_ordinary, decode=lambda ids: enc.decode([i for i in ids if i < n_ranks]),
-                     eos_id=eos, pad_id=pad, vocab_size=n_ranks + 2)
+                     eos_id=n_ranks, pad_id=n_ranks + 1, vocab_size=n_ranks + 2)  # a real pad, distinct from eos
 
 
 def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(), unk=None, n_ranks=None):
@@ -347,9 +338,8 @@ def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(),
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
                                   unk_token=unk)
     if bos:
-        b = tok.convert_tokens_to_ids(bos)
         tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1",
-                                                           special_tokens=[(bos, b)])
+                                                           special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
     return tok
 
 
@@ -373,8 +363,7 @@ def hh_to_messages(prompt):
 
 
 def hf_tokenizer(tok):
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # the BOS this tokenizer puts first (llama's <s>, opt's </s>), if any: what encode adds beyond the bare tokens
     with_special, bare = tok.encode("a"), tok.encode("a", add_special_tokens=False)
     bos = with_special[0] if len(with_special) > len(bare) and with_special[1:1 + len(bare)] == bare else None
@@ -391,9 +380,8 @@ def hf_tokenizer(tok):
         return s
 
     return Tokenizer(encode=lambda s: tok.encode(s, add_special_tokens=False),
-                     decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos,
-                     hf=tok)
+                     decode=lambda ids: tok.decode(ids, skip_special_tokens=True), eos_id=tok.eos_token_id,
+                     pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos, hf=tok)
 
 
 def response_text(tok, prompt_ids, resp_ids):
@@ -409,12 +397,8 @@ def prompt_tokens(tok, text, max_prompt, where="a prompt"):
 
 def prompt_ids(pairs, tok, cfg):
     """every pair's prompt (repeats kept: they weight prompts as the data does), tokenized -> [(text, ids)], n cut"""
-    out, cut = [], 0
-    for p in pairs:
-        ids, truncated = prompt_tokens(tok, p.prompt, cfg.max_prompt, p.where)
-        cut += truncated
-        out.append((p.prompt, ids))
-    return out, cut
+    enc = [prompt_tokens(tok, p.prompt, cfg.max_prompt, p.where) for p in pairs]  # [(ids, truncated)]
+    return [(p.prompt, ids) for p, (ids, _) in zip(pairs, enc)], sum(t for _, t in enc)
 
 
 def encode_pairs(pairs, tok, cfg):
@@ -423,9 +407,8 @@ def encode_pairs(pairs, tok, cfg):
     for p in pairs:
         prompt = tok.format_prompt(p.prompt, p.where)
         fix = str.lstrip if prompt != p.prompt else str  # a chat template already ends the turn header
-        enc = lambda resp: encode_example(tok.encode, prompt, fix(resp), tok.eos_id, cfg.max_prompt,  # noqa: E731
-                                               cfg.max_response, tok.bos_id)
-        (pi, ci, t1), (_, ri, t2) = enc(p.chosen), enc(p.rejected)
+        (pi, ci, t1), (_, ri, t2) = (encode_example(tok.encode, prompt, fix(resp), tok.eos_id, cfg.max_prompt,
+                                                    cfg.max_response, tok.bos_id) for resp in (p.chosen, p.rejected))
         rows.append((pi, ci, ri))
         cut += t1 or t2
     return rows, cut
@@ -447,8 +430,7 @@ SUMMARY_KEYS_HELP = "expected keys post or prompt (the text), summary (its refer
 
 
 def load_summaries(path: str) -> tuple[list[tuple[str, str]], dict]:
-    """read (prompt, reference summary) from a .jsonl/.jsonl.gz of {"prompt" or "post", "summary"} records
-    ("prompt" wins when both are there; other keys are ignored). returns (rows, stats); blank lines are counted."""
+    """(prompt, reference summary) rows of {"prompt" ("post" if none), "summary"} records, and stats; blanks counted."""
     stats = {"lines": 0, "blank": 0, "summaries": 0}
     rows = []
     for where, rec in json_records(path):
