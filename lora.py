@@ -5,12 +5,10 @@ Every targeted nn.Linear (or GPT-2 Conv1D) of a frozen base is wrapped by LoRALi
 named adapter sets ("actor", "critic", ...). One process-wide switch says which set is live:
 
     with lora.adapter("actor"):  ...   # base + actor LoRA
-    with lora.adapter(None):     ...   # LoRA off: exactly the frozen base (the reference / reward model)
+    with lora.adapter(None):     ...   # LoRA off: bit-identical to the frozen base (reference / reward)
 
-With LoRA off a wrapped layer returns base(x) untouched, so the output is bit-identical to the un-injected
-model. A finished LoRA-SFT adapter becomes part of the base without merging (fix(): applied whatever the switch
-says), since adding a small update to a bf16 weight rounds most of it away. Nothing is ever merged implicitly;
-merge_and_unload() is the explicit export path.
+A finished LoRA-SFT adapter joins the base unmerged (fix()), since a bf16 weight would round most of it away;
+only merge_and_unload(), the export path, ever merges.
 """
 import contextlib
 import math
@@ -31,8 +29,7 @@ def live_adapter():
 
 @contextlib.contextmanager
 def adapter(name):
-    """make adapter set `name` live (None = LoRA off) inside the block; the previous state comes back on exit,
-    exceptions included."""
+    """make adapter set `name` live (None = LoRA off) inside the block; the previous one comes back on any exit."""
     global _LIVE
     prev, _LIVE = _LIVE, name
     try:
@@ -44,8 +41,7 @@ def adapter(name):
 def checkpoint_context():
     """context_fn for torch.utils.checkpoint: activation checkpointing re-runs the forward during backward,
     when the switch may be in another state; replay the state the forward saw, or gradients are wrong."""
-    name = _LIVE
-    return contextlib.nullcontext(), adapter(name)
+    return contextlib.nullcontext(), adapter(_LIVE)
 
 
 # -----------------------------------------------------------------------------
@@ -65,8 +61,7 @@ def _is_conv1d(m):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + x @ A^T @ B^T * alpha / r, for the live adapter set; base(x) when none is live.
-    (no LoRA dropout: PPO turns every dropout off, and Hydra-SFT never used it.)"""
+    """y = base(x) + x @ A^T @ B^T * alpha / r for the live set, base(x) for none; no dropout: PPO turns it off."""
 
     def __init__(self, base, r, alpha):
         super().__init__()
@@ -74,20 +69,15 @@ class LoRALinear(nn.Module):
         w = base.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if _is_conv1d(base) else (w.shape[1], w.shape[0])
         self.r, self.scale = r, alpha / r
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.fixed = []  # adapter sets that are part of the base (fix()): applied with LoRA off too
 
     def add_adapter(self, name):
         # adapters are kept in fp32 even on a bf16 base: they are the weights that train
         A = torch.empty(self.r, self.in_features, device=self.base.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        # B = 0: a fresh adapter changes nothing
-        B = torch.zeros(self.out_features, self.r, device=A.device, dtype=torch.float32)
+        B = torch.zeros(self.out_features, self.r, device=A.device, dtype=torch.float32)  # a fresh adapter: no change
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
-
-    def delta_weight(self, name):
-        return (self.lora_B[name] @ self.lora_A[name]) * self.scale  # (out, in)
 
     def applied(self, live):
         """the adapter sets this layer adds while `live` is live (None: LoRA off): the fixed ones, and `live` once."""
@@ -98,7 +88,7 @@ class LoRALinear(nn.Module):
         """the base weight with the sets applied under `live` folded in: W + sum of B A * alpha / r, in fp32."""
         w = self.base.weight.float()
         for name in self.applied(live):
-            d = self.delta_weight(name).float()
+            d = ((self.lora_B[name] @ self.lora_A[name]) * self.scale).float()  # (out, in)
             w = w + (d.t() if _is_conv1d(self.base) else d)  # conv1d stores (in, out)
         return w
 
@@ -156,8 +146,7 @@ def lora_state_dict(model, name):
 
 def fix(model, name):
     """make adapter set `name` part of the frozen base, unmerged: applied whatever the switch says (LoRA off
-    included), trained no more. merged into a bf16 weight, an update below bf16's step at the weight's size (2^-8 of
-    it) would be rounded away: most of what LoRA SFT learned. -> model"""
+    included), trained no more: merged into a bf16 weight, updates under 2^-8 of it would round away. -> model"""
     for layer in lora_layers(model):
         if name not in layer.fixed:
             layer.fixed.append(name)
@@ -177,8 +166,7 @@ def cast_base(model, dtype):
 @torch.no_grad()
 def merge_and_unload(model, name):
     """export only: fold adapter `name` and the fixed sets into the base weights (summed in fp32) and remove every
-    LoRA wrapper, so there is no switch left for a merged adapter to survive. safe to call twice (the second call
-    finds nothing)."""
+    LoRA wrapper, so no switch is left for a merged adapter to survive. safe to call twice."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
