@@ -40,9 +40,8 @@ from statistics import fmean
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.llama import modeling_llama  # noqa: F401  imported before hydra_ppo, whose RSS baseline
-from transformers.models.opt import modeling_opt  # noqa: F401  is taken at its import: these modules are ~90 MiB of
-# RSS, more than the tiny model's whole run
+from transformers.models.llama import modeling_llama  # noqa: F401  before hydra_ppo, whose RSS baseline is taken
+from transformers.models.opt import modeling_opt  # noqa: F401  at its import: ~90 MiB, more than tiny's whole run
 from tqdm import tqdm
 
 import data
@@ -66,9 +65,8 @@ def note(msg):
 
 
 def load_run(out, device="auto"):
-    """rebuild a finished run from its directory (sft.pt, and ppo.pt if PPO ran).
-    -> (bases {name: HydraModel}, cfg, tok, has_ppo). the SFT policy is ROLES[method]["reference"], the PPO one
-    "actor"."""
+    """rebuild a finished run from its directory (sft.pt, and ppo.pt if PPO ran). -> (bases {name: HydraModel}, cfg,
+    tok, has_ppo). the SFT policy is ROLES[method]["reference"], the PPO one "actor"."""
     t0, sft_path = time.perf_counter(), os.path.join(out, "sft.pt")
     if not os.path.exists(sft_path):
         raise I.ConfigError(f"{out}: no sft.pt here; expected a run directory written by hydra_ppo.py")
@@ -152,9 +150,8 @@ def print_estimate(a):
     s = I.shapes(cfg)
     est = lambda m, b: estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
     unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
-    print(f"estimate {a.model}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
-          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt
-          + f"; {unit}")
+    print(f"estimate {a.model}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} (response "
+          f"{a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt + f"; {unit}")
     keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "casts", "kv_cache", "total")
     paper = PAPER_PEAK_GIB.get(a.model.removesuffix("-random"), {})
     fit = lambda m, lim: largest_batch(lambda b: est(m, b)["total"] <= lim)  # noqa: E731  its largest batch
@@ -190,13 +187,11 @@ def set_threads(a):
 
 
 def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
-    """-> (step(i) -> response tokens of step i and the PPO clock, optimizer, models): one training step of row
-    `name` on random data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults: learning rates,
-    LoRA alpha)."""
+    """-> (step(i) -> (response tokens, PPO clock), optimizer, models): one training step of row `name` on random
+    data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults)."""
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
-    # one minibatch per rollout, one epoch, no early stop: every step does the same work. no score scale (the std
-    # of one batch's scores; a scalar costs no memory)
+    # one minibatch per rollout, one epoch, no early stop, no score scale: every step does the same work
     hcfg = H.Config(model="bench", sft_batch=B, rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R,
                     ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt, score_norm="none",
                     sft_lora=False)
@@ -227,8 +222,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     if name in ("sft", "lora-sft"):  # train_sft's own setup and step, Hydra-SFT losses (lm + reward)
         hcfg = dataclasses.replace(hcfg, sft_lora=name == "lora-sft")
         # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
-        model = H.HydraModel(build_lm(cfg, 0, device, dtype if hcfg.sft_lora else torch.float32),
-                             compute_dtype=dtype)
+        model = H.HydraModel(build_lm(cfg, 0, device, dtype if hcfg.sft_lora else torch.float32), compute_dtype=dtype)
         params, opt = H.prepare_sft(model, hcfg, device)
         rows = list(zip(rand(P), rand(R), rand(R)))  # (prompt, chosen, rejected) of fixed lengths
         model.train()
@@ -257,10 +251,8 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
 
 
 def set_malloc(mode):
-    """how glibc hands freed host memory back (a CPU run's tensors live there). "track" (the memory phase): every
-    block over 64 KiB goes back at free, so that RSS follows the live tensors, at the cost of page-faulting each
-    large tensor in afresh (+30-80% on a CPU PPO step, 135M shape). "keep" (the clock): freed blocks up to 32 MiB stay
-    for reuse, as in a plain run, where glibc raises its thresholds so as it frees large blocks. -> whether set."""
+    """how glibc hands freed host memory back. "track": every block over 64 KiB at free, so that RSS follows the live
+    tensors (at a page-fault cost); "keep": blocks up to 32 MiB stay for reuse, as in a plain run. -> whether set."""
     libc = I.glibc()
     if libc is None:
         return False
@@ -285,9 +277,8 @@ def bench_one(a):
                 response_len=a.response_len, device=str(device), dtype=str(dtype).removeprefix("torch."),
                 memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
     times, lens, gens = [], [], []
-    # on the CPU memory and time are measured apart: RSS follows the live tensors only while malloc hands every freed
-    # block back ("track"), and that costs page faults a run does not pay (it keeps them: "keep"). so a warm-up and one
-    # step under "track" give the peak, then a warm-up and a.steps steps under "keep" give the clock
+    # on the CPU memory and time are measured apart (set_malloc): a warm-up and one step under "track" give the peak,
+    # then a warm-up and a.steps steps under "keep" give the clock
     apart = device.type == "cpu" and set_malloc("track")
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
@@ -393,9 +384,8 @@ DECODERS = {"eager": I.EagerDecoder, "static": I.StaticDecoder}
 
 
 def decode(model, kind, prompts, tok, new, keep=0):
-    """hydra_ppo.generate under the actor's adapter, temperature 1, seeds 0..B-1, with infra.decoder forced to one
-    kind (capture included: generate builds a decoder a call). keep: also the logits (B, V) of its first `keep`
-    forwards, prefill first. -> (responses, seconds, [logits])"""
+    """hydra_ppo.generate (actor adapter, temperature 1, seeds 0..B-1) with infra.decoder forced to one kind, capture
+    included. keep: also the logits (B, V) of its first `keep` forwards. -> (responses, seconds, [logits])"""
     kept = []
 
     def keeping(f):
@@ -452,8 +442,8 @@ def gen_row(a, model, B, start):
 
 
 def bench_gen(a):
-    """ms per generated token, eager decoder against static, LoRA on as Hydra-PPO's actor samples (two adapter sets
-    injected, one live), per batch size; medians of interleaved repeats, and the two decoders' agreement."""
+    """ms per generated token, eager decoder against static, LoRA on as Hydra-PPO's actor samples (two sets, one
+    live), per batch size; medians of interleaved repeats, and the two decoders' agreement."""
     set_threads(a)
     device, dtype, start = I.pick_device(a.device), DTYPES[a.dtype], time.perf_counter()
     model = H.HydraModel(build_lm(I.model_config(a.model), 0, device, dtype), compute_dtype=dtype).eval()
@@ -495,9 +485,8 @@ TOKENIZER_STYLES = {
 
 
 def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
-    """random-init causal LM of a built-in shape (I.MODELS), a cached/local config or a config dict, saved to out_dir
-    (config.json + safetensors) with a GPT-2 BPE tokenizer beside it; config bos/eos/pad ids are the tokenizer's.
-    a vocab smaller than the BPE's keeps its first ranks. -> out_dir"""
+    """random-init causal LM of a built-in shape, a cached/local config or a config dict, saved to out_dir with a
+    GPT-2 BPE tokenizer (its first ranks, for a smaller vocab) whose bos/eos/pad ids the config takes. -> out_dir"""
     conf = (dict(name_or_config) if isinstance(name_or_config, dict)
             else I.model_config(name_or_config, flag="save-random"))
     if dtype not in DTYPES:
@@ -512,15 +501,14 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
         raise I.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
     tok = data.hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    # GPT-2 style: bos = eos = <|endoftext|>, not prepended
-    ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["eos"]
+    if ids["bos"] is None:  # GPT-2 style: bos = eos = <|endoftext|>, not prepended
+        ids["bos"] = ids["eos"]
     assert len(tok) <= V and all(i is None or i < V for i in ids.values()), (len(tok), ids, V)
     conf.update({f"{k}_token_id": i for k, i in ids.items()})
     config = AutoConfig.for_model(**conf)
     torch.manual_seed(seed)
     t0 = time.time()
-    # built in dtype: one copy of the weights, never two
-    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])  # built in dtype: one copy of the weights
     n = sum(p.numel() for p in lm.parameters())
     note(f"save-random: built {conf['model_type']} ({n / 1e6:.1f}M params) in {time.time() - t0:.0f} s; saving")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -680,10 +668,8 @@ SPLIT_FLAGS = ("data", "n_builtin", "max_pairs", "heldout_frac", "seed")  # what
 
 
 def heldout_prompts(cfgs, n):
-    """the first n held-out prompts of the first run's split that no run trained on (a run split otherwise, by
-    another --data, --seed, --max-pairs or --heldout-frac, trained on some); repeats kept, as the data weights them
-    (the built-in task has 16 distinct prompts, all in every split: its held-out pairs differ in the responses
-    alone, so it is not filtered). -> (prompts, gold fn, how many of the first run's held-out prompts were left out)"""
+    """the first n held-out prompts of the first run's split that no other run trained on (builtin: not filtered,
+    its prompts are in every split); repeats kept. -> (prompts, gold fn, how many were left out)"""
     _, held, gold_fn, _ = data.split_data(cfgs[0])
     split = lambda c: tuple(getattr(c, f) for f in SPLIT_FLAGS)  # noqa: E731
     others = [c for c in cfgs[1:] if split(c) != split(cfgs[0]) and "builtin" not in (c.data, cfgs[0].data)]
@@ -868,9 +854,8 @@ def score_job(a):
     wins = sum((c > r) + 0.5 * (c == r) for c, r in scores)  # a tie counts half
     res = dict(run=a.run, data=a.data, n=len(scores), accuracy=wins / len(scores),
                interval=list(wilson(wins, len(scores))), mean_margin=fmean(c - r for c, r in scores), data_stats=stats)
-    print(f"{a.run} reward model on {a.data}: accuracy {res['accuracy']:.3f} "
-          f"[{res['interval'][0]:.3f}, {res['interval'][1]:.3f}] "
-          f"over {res['n']} pairs, mean margin {res['mean_margin']:+.3f}")
+    print(f"{a.run} reward model on {a.data}: accuracy {res['accuracy']:.3f} [{res['interval'][0]:.3f}, "
+          f"{res['interval'][1]:.3f}] over {res['n']} pairs, mean margin {res['mean_margin']:+.3f}")
     print(json.dumps(res))  # the last line: one JSON object for scripts
     return res
 
@@ -905,9 +890,8 @@ def sample_job(a):
 
 
 def hf_state(model, adapter, sd):
-    """the LM's weights under transformers' names, LoRA wrappers taken off, the fixed adapter sets (LoRA SFT) and
-    `adapter` folded in (LoRALinear.merged_weight, fp32), and then every weight is stored in fp32 (in bf16 most of a
-    small update would round away). sd: the LM's state on the CPU (I.full_state)."""
+    """the LM's weights (sd, on the CPU) under transformers' names, the fixed sets and `adapter` folded in; then all
+    in fp32 (in bf16 most of a small update would round away)."""
     wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
     out, folded = {}, False
     for k, v in sd.items():
@@ -931,14 +915,11 @@ def export_tokenizer(tok):
 
 
 def reward_tokenizer(hf_tok, tok, rw, config, state):
-    """the reward export's tokenizer: called plainly on prompt + response it gives what hydra's reward head reads,
-    the BOS where hydra puts one and the EOS appended; and it pads with a token that is not the EOS (transformers'
-    classifiers score the last token that is not the pad). a pad past the model's rows gets a zero row in state's
-    input embedding and config.vocab_size (config, state: the reward export's, changed in place)."""
+    """the reward export's tokenizer: BOS where hydra puts one, EOS appended, and a pad that is not the EOS
+    (transformers' classifiers score the last non-pad token); a new pad id grows config and state in place."""
     from tokenizers.processors import TemplateProcessing
     t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
-    # saved both ways: a tokenizer class that rebuilds its post-processor from the flags (transformers 5) builds
-    # this one; one that reads tokenizer.json (4.x) reads it. no token_type_ids: the classifiers take none
+    # saved both ways: as flags (transformers 5 rebuilds from them) and in tokenizer.json (4.x); no token_type_ids
     t.init_kwargs.update(add_bos_token=bos, add_eos_token=True, model_input_names=["input_ids", "attention_mask"])
     t.model_input_names = ["input_ids", "attention_mask"]
     ends = [t.bos_token] * bos, [t.eos_token]
@@ -973,9 +954,8 @@ def write_hf(path, config, state, tok, generation=None):
 
 
 def write_peft(path, model, adapter, sd, base_dir):
-    """adapter set `adapter` (its state sd) in PEFT's on-disk format (adapter_config.json +
-    adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
-    base_dir (an absolute path: moved, the adapter loads with PeftModel.from_pretrained on the moved base)."""
+    """adapter set `adapter` (its state sd) in PEFT's on-disk format, for PeftModel.from_pretrained on the base
+    exported in base_dir."""
     from safetensors.torch import save_file
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
@@ -992,10 +972,8 @@ def write_peft(path, model, adapter, sd, base_dir):
 
 
 def export_run(bases, roles, cfg, tok, has_ppo, out):
-    """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
-    ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
-    actor, its adapter merged) and OUT/adapters/NAME (the actor's LoRA set, PEFT format, on OUT/sft).
-    written to OUT.tmp, then swapped in. -> the directories written."""
+    """OUT/sft (the reference role), OUT/reward (...ForSequenceClassification, the reward head as `score`), and
+    after PPO OUT/policy (the actor, merged) and OUT/adapters/NAME (its LoRA set, PEFT, on OUT/sft). -> dirs written"""
     import shutil
     from transformers import GenerationConfig
     I.check_export_out(out)
@@ -1023,8 +1001,7 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     if has_ppo:
         a_base, a_adapter, _ = roles["actor"]
         dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
-        # the actor's alone: the critic's adapter is of no use without its value head, a per-token head with a
-        # bias that no transformers class holds (it stays in ppo.pt, for resuming)
+        # the actor's alone: the critic's needs its value head, which no transformers class holds (ppo.pt keeps it)
         if a_adapter:
             adapters[a_adapter] = (a_base, lora.lora_state_dict(bases[a_base].lm, a_adapter), "sft")
     tmp = out.rstrip("/") + ".tmp"
