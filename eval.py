@@ -478,9 +478,7 @@ def bench_gen(a):
 TOKENIZER_STYLES = {
     "opt": dict(bos="</s>", eos="</s>", pad="<pad>", unk="<unk>", extra_special=("<s>", "<pad>", "</s>", "<unk>")),
     "llama": dict(bos="<s>", eos="</s>", pad=None, unk="<unk>", extra_special=("<unk>", "<s>", "</s>")),
-    "gpt2": dict(bos=None, eos="<|endoftext|>"),  # GPT-2, GPT-NeoX and Qwen2 prepend nothing
-    "gpt_neox": dict(bos=None, eos="<|endoftext|>"),
-    "qwen2": dict(bos=None, eos="<|endoftext|>"),
+    **dict.fromkeys(("gpt2", "gpt_neox", "qwen2"), dict(bos=None, eos="<|endoftext|>")),  # these prepend nothing
 }
 
 
@@ -645,15 +643,11 @@ def judge_both_orders(ask, prompt, a, b):
 # policies: sampling on shared prompts and seeds, KL to the run's own reference, reward-model scores
 
 
-def parse_policy(spec):
-    d, _, kind = spec.rpartition(":")
-    return (d, kind) if d and kind in ("sft", "ppo") else (spec, None)
-
-
 def load_policies(specs, device):
     runs, pols = {}, []
     for spec in specs:
-        d, kind = parse_policy(spec)
+        d, _, kind = spec.rpartition(":")
+        d, kind = (d, kind) if d and kind in ("sft", "ppo") else (spec, None)
         if d not in runs:  # DIR and DIR:sft share one loaded run
             runs[d] = load_run(d, device)
         if kind == "ppo" and not runs[d][3]:
@@ -791,10 +785,9 @@ def compare(a):
                **{f"mean {j}": fmean(v) for j, v in scores.items()}}
         with_ref = [(refs[q], t) for q, t in zip(prompts, texts) if q in refs]
         if with_ref:  # mean ROUGE F1 against the reference summaries
-            for k, fn in (("rouge1", lambda r, t: rouge_n(r, t, 1)), ("rouge2", lambda r, t: rouge_n(r, t, 2)),
-                          ("rougeL", rouge_l)):
-                row[k] = fmean(fn(r, t)["f"] for r, t in with_ref)
-            row["rouge_n"] = len(with_ref)
+            row.update(rouge1=fmean(rouge_n(r, t, 1)["f"] for r, t in with_ref),
+                       rouge2=fmean(rouge_n(r, t, 2)["f"] for r, t in with_ref),
+                       rougeL=fmean(rouge_l(r, t)["f"] for r, t in with_ref), rouge_n=len(with_ref))
         res["policies"].append(row)
         outs.append({"texts": texts, "scores": scores})
     ask = (cmd_judge(a.judge_cmd, a.judge_timeout) if a.judge_cmd
@@ -813,6 +806,11 @@ def compare(a):
                              "examples": ex})
     res["samples"] = [{"prompt": q, **{f"{k}:{p['name']}": o["texts"][n] for k, (p, o) in enumerate(zip(pols, outs))}}
                       for n, q in enumerate(prompts)]
+    print_compare(res)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"\nwrote {a.out}")
     return res
 
 
@@ -831,16 +829,6 @@ def print_compare(res):
            [[f"{p['a']}-{p['b']}", repr(e["prompt"][-24:]), repr(e["a"][:40]), repr(e["b"][:40]),
              "  ".join(f"{k} {sa:.2f}|{sb:.2f}" for k, (sa, sb) in e["scores"].items())]
             for p in res["pairs"] for e in p["examples"]])
-
-
-def compare_job(a):
-    res = compare(a)
-    print_compare(res)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"\nwrote {a.out}")
-    return res
 
 
 # -----------------------------------------------------------------------------
@@ -906,14 +894,6 @@ def hf_state(model, adapter, sd):
     return {k: v.float() if folded and v.is_floating_point() else v for k, v in out.items()}
 
 
-def export_tokenizer(tok):
-    """the transformers tokenizer to save beside an export; tiny's tiktoken BPE rebuilt as one (the same ids)."""
-    if tok.hf is not None:
-        return tok.hf
-    n = tok.eos_id  # tiny: ranks 0 .. n-1, then eos, then pad
-    return data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
-
-
 def reward_tokenizer(hf_tok, tok, rw, config, state):
     """the reward export's tokenizer: BOS where hydra puts one, EOS appended, and a pad that is not the EOS
     (transformers' classifiers score the last non-pad token); a new pad id grows config and state in place."""
@@ -977,7 +957,9 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     import shutil
     from transformers import GenerationConfig
     I.check_export_out(out)
-    hf_tok = export_tokenizer(tok)
+    # tiny's tiktoken BPE rebuilt as a transformers tokenizer, the same ids: ranks 0 .. eos - 1, then eos, then pad
+    hf_tok = tok.hf if tok.hf is not None else data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>",
+                                                                      n_ranks=tok.eos_id)
     lm_config = bases[roles["reference"][0]].lm.config
     gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                            do_sample=True, temperature=cfg.temperature, top_k=0, max_new_tokens=cfg.max_new_tokens)
@@ -1100,8 +1082,10 @@ def ints(v):
     return xs
 
 
-def parents():
-    """-> the shared flag groups: {name: parent parser}"""
+def parser():
+    ap = Parser(prog="eval.py", description=__doc__.strip().splitlines()[0],
+                epilog="`eval.py JOB --help` for a job's flags; the module docstring has examples.")
+    sub = ap.add_subparsers(title="jobs", metavar="JOB", required=True)
     p = {k: Parser(add_help=False) for k in ("lora", "step", "clock", "dtype", "run")}
     p["lora"].add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
     p["step"].add_argument("--batch-size", type=int, default=8, help="pairs (sft rows) or rollouts (ppo rows) a step")
@@ -1119,10 +1103,7 @@ def parents():
     p["dtype"].add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="base weight dtype")
     p["run"].add_argument("--device", default="auto", help="where to load the runs")
     p["run"].add_argument("--batch", type=int, default=16, help="prompts (pairs, for score) per forward")
-    return p
 
-
-def add_jobs(sub, p):
     def job(name, run, about, groups=(), hidden=False):
         listed = {} if hidden else {"help": about}  # a job without help= stays out of `eval.py --help`
         j = sub.add_parser(name, parents=[p[g] for g in groups], description=about,
@@ -1148,7 +1129,7 @@ def add_jobs(sub, p):
             "BPE tokenizer, as a directory hydra_ppo.py --model DIR loads", ("dtype",))
     j.add_argument("model", help=f"{', '.join(I.MODELS)}, a local dir or a cached hub id")
     j.add_argument("dir", help="a new (or empty) directory")
-    j = job("compare", compare_job, "policies of finished runs head to head on the same held-out prompts", ("run",))
+    j = job("compare", compare, "policies of finished runs head to head on the same held-out prompts", ("run",))
     j.add_argument("runs", nargs="+", help="run directories; DIR:sft / DIR:ppo pick a policy (default: PPO if it ran)")
     j.add_argument("--n-prompts", type=int, default=64, help="held-out prompts of the first run")
     j.add_argument("--judge-run", type=int, default=0, help="index of the run whose reward model judges")
@@ -1185,12 +1166,6 @@ def add_jobs(sub, p):
     j.add_argument("--out", help="where to write (default: RUN/hf): a new or empty directory, or an earlier export, "
                    "which is replaced whole, atomically; anything else is refused")
     j.add_argument("--device", default="cpu", help="where to load the run (cpu: no GPU memory needed)")
-
-
-def parser():
-    ap = Parser(prog="eval.py", description=__doc__.strip().splitlines()[0],
-                epilog="`eval.py JOB --help` for a job's flags; the module docstring has examples.")
-    add_jobs(ap.add_subparsers(title="jobs", metavar="JOB", required=True), parents())
     return ap
 
 
