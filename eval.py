@@ -18,9 +18,8 @@ Alignment of finished runs (the paper's win-rates, and ROUGE for summaries):
     python eval.py export out                           # out/hf: Hugging Face and PEFT directories
 
 A run DIR is its PPO actor if DIR/ppo.pt exists, else its SFT policy (the reference role, LoRA off); DIR:sft / DIR:ppo
-choose. Win-rates count ties as half, with a 95% Wilson score interval. An external judge (--judge-cmd / --judge-url)
-is asked both orders: a win needs both to agree, anything else is a tie, so a judge that always says "A" gives all ties.
-Long jobs report progress on stderr; where a job prints JSON, it is stdout's last line.
+choose. Win-rates count ties as half (95% Wilson score interval); an external judge (--judge-cmd / --judge-url) is
+asked both orders, and a win needs both to agree. Progress goes to stderr; printed JSON is stdout's last line.
 """
 import argparse
 import copy
@@ -61,7 +60,7 @@ def note(msg):
 
 
 # -----------------------------------------------------------------------------
-# a finished run, and the memory plan of a method by name
+# a finished run; the memory plan (infra.estimate) of a method by name, beside the paper's figures
 
 
 def load_run(out, device="auto"):
@@ -108,21 +107,16 @@ def estimate(config_dict, method, *args, **kw):
     return I.estimate(config_dict, H.ROLES.get(method, method), *args, **kw)
 
 
-# -----------------------------------------------------------------------------
-# the memory plan (infra.estimate) beside the paper's figures, and the largest batch under a budget
-
 # the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
 PAPER_PEAK_GIB = {"llama-7b": {"ppo": 220.0, "lora-ppo": 68.0, "j-hydra-ppo": 67.9, "hydra-ppo": 71.1}}
 
 
 def largest_batch(fits, cap=1024):
     """largest b in [1, cap] with fits(b), fits monotone: doubling, then bisection. 0 when even 1 does not fit."""
-    if not fits(1):
-        return 0
-    lo = 1
-    while lo * 2 <= cap and fits(lo * 2):
-        lo *= 2
-    hi = min(lo * 2, cap + 1)  # first size known not to fit (or past the cap)
+    lo, hi = 0, 1
+    while hi <= cap and fits(hi):  # fits(lo): 0, or the largest power of two tried
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)  # first size known not to fit (or past the cap)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -271,8 +265,7 @@ def bench_one(a):
     after two steps that measure its memory), in this process. -> the row's dict, printed as one JSON line."""
     set_threads(a)
     device = I.pick_device(a.device)
-    dtype = I.pick_dtype("auto", device)
-    cfg = I.model_config(a.model)
+    dtype, cfg = I.pick_dtype("auto", device), I.model_config(a.model)
     head = dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
                 response_len=a.response_len, device=str(device), dtype=str(dtype).removeprefix("torch."),
                 memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
@@ -347,23 +340,11 @@ def bench(a):
     out = dict(memory_measure=res[0]["memory_measure"], model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
                response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, grad_ckpt=a.grad_ckpt,
                device=res[0]["device"], dtype=res[0]["dtype"], code=code_version(), rows=res)
-    print_bench(out)
-    save_json(out, a.out, "bench.json")
-    return out
-
-
-def save_json(obj, out, fname):
-    os.makedirs(out, exist_ok=True)
-    I.save_atomic(obj, os.path.join(out, fname))
-    print(f"wrote {os.path.join(out, fname)}")
-
-
-def print_bench(o):
     measure = {"cuda": "torch.cuda.max_memory_allocated",
-               "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[o["memory_measure"]]
-    print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} "
-          f"tokens, {o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}"
-          + ", activation checkpointing" * o["grad_ckpt"])
+               "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[out["memory_measure"]]
+    print(f"\nbench {a.model}: batch {a.batch_size}, prompt {a.prompt_len} + response {a.response_len} tokens, "
+          f"{a.steps} timed steps after 1 warm-up, {out['dtype']} on {out['device']}, LoRA r {a.lora_r}"
+          + ", activation checkpointing" * a.grad_ckpt)
     print(f"peak memory = {measure}, one fresh process per row")
     f = lambda r, k, spec, div=1: num(None if r.get(k) is None else r[k] / div, spec)  # noqa: E731  (oom rows)
     clock = "gen {gen_s:.2f} ({gen_ms_per_token:.0f} ms/token) score {score_s:.2f} update {update_s:.2f} s"
@@ -373,7 +354,15 @@ def print_bench(o):
              "out of memory" if r.get("oom") else f(r, "peak_memory_mib", ".1f"), f(r, "latency_per_sample_s", ".4f"),
              f(r, "x_ppo", ".2f"), f(r, "x_floor", ".2f"), f(r, "x_lora_sft", ".2f"), f(r, "estimate_mib", ".0f"),
              f(r, "estimate_err", "+.0%"), clock.format(**r) if r.get("gen_s") is not None else ""]
-            for r in o["rows"]], right=True)
+            for r in res], right=True)
+    save_json(out, a.out, "bench.json")
+    return out
+
+
+def save_json(obj, out, fname):
+    os.makedirs(out, exist_ok=True)
+    I.save_atomic(obj, os.path.join(out, fname))
+    print(f"wrote {os.path.join(out, fname)}")
 
 
 # -----------------------------------------------------------------------------
@@ -467,7 +456,6 @@ def bench_gen(a):
     return out
 
 
-
 # -----------------------------------------------------------------------------
 # random-init models of real shapes, saved as a Hugging Face directory (config, safetensors, tokenizer) that
 # hydra_ppo.py --model DIR loads like a downloaded one: no network, no weights to fetch
@@ -524,7 +512,8 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
 
 
 # -----------------------------------------------------------------------------
-# ROUGE-1/2/L F1: lowercase, words = runs of [a-z0-9], clipped n-gram counts, LCS for L
+# scoring: ROUGE-1/2/L F1 (lowercase, words = runs of [a-z0-9], clipped n-gram counts, LCS for L), win-rates, and
+# external judges (never called unless configured)
 
 
 def rouge_words(s):
@@ -556,9 +545,6 @@ def rouge_l(ref, hyp):
             diag, row[j] = row[j], (diag + 1 if x == y else max(row[j], row[j - 1]))
     return _prf(row[-1], len(b), len(a))
 
-# -----------------------------------------------------------------------------
-# win-rates
-
 
 def wilson(wins, n, z=1.96):
     """Wilson score interval of the rate wins / n (wins may hold half-ties: then it is a little conservative)."""
@@ -578,9 +564,6 @@ def win_rate(outcomes):
 
 def by_score(sa, sb):
     return [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(sa, sb)]
-
-# -----------------------------------------------------------------------------
-# external judges: never called unless configured
 
 
 PAIRWISE = ("Below is a conversation and two candidate responses of an AI assistant.\n\n[Conversation]\n{prompt}\n\n"
@@ -636,8 +619,7 @@ def url_judge(url, model, timeout=60.0):
 def judge_both_orders(ask, prompt, a, b):
     """ask (A, B), then (B, A): a win needs both orders to agree. -> (outcome for a, number of unparsed answers)."""
     v1, v2 = parse_verdict(ask(prompt, a, b)), parse_verdict(ask(prompt, b, a))
-    bad = (v1 is None) + (v2 is None)
-    return (1.0 if (v1, v2) == ("A", "B") else 0.0 if (v1, v2) == ("B", "A") else 0.5), bad
+    return (1.0 if (v1, v2) == ("A", "B") else 0.0 if (v1, v2) == ("B", "A") else 0.5), (v1 is None) + (v2 is None)
 
 # -----------------------------------------------------------------------------
 # policies: sampling on shared prompts and seeds, KL to the run's own reference, reward-model scores
@@ -713,18 +695,6 @@ def rm_scores(run, prompts, texts, ended, bs):
     return out
 
 
-def score_pairs(run, pairs, bs=16):
-    """the run's reward role on each pair's chosen and rejected response, encoded as in training (BOS, joint tokens,
-    EOS, the same length limits), both in one forward. -> [(score chosen, score rejected)]."""
-    _, cfg, tok, _ = run
-    rows, out = data.encode_pairs(pairs, tok, cfg)[0], []
-    for i in tqdm(range(0, len(rows), bs), desc="score", unit="batch"):
-        chunk = rows[i:i + bs]
-        r = reward(run, [r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk])
-        out += list(zip(r[:len(chunk)], r[len(chunk):]))
-    return out
-
-
 def summary_refs(spec, path):
     """prompt -> reference summary: from --refs, else from the run's data file when its records carry "summary"."""
     try:
@@ -749,9 +719,6 @@ def read_prompts(path):
             return [line.rstrip("\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise I.ConfigError(f"--prompts {path}: cannot read it ({e})")
-
-# -----------------------------------------------------------------------------
-# compare
 
 
 def compare(a):
@@ -832,13 +799,20 @@ def print_compare(res):
 
 
 # -----------------------------------------------------------------------------
-# a run's reward model on a preference file, its policy's responses, the run as Hugging Face / PEFT directories
+# a run's reward model on a preference file, its policy's responses, and exports: the run as Hugging Face directories
+# (policy, SFT policy, reward model) and PEFT adapters that transformers (and peft) alone load
 
 
 def score_job(a):
     pairs, stats = data.load_pairs(a.data)
-    pairs = pairs[:a.n] if a.n else pairs
-    scores = score_pairs(load_run(a.run, a.device), pairs, a.batch)
+    run = load_run(a.run, a.device)
+    _, cfg, tok, _ = run
+    # each pair encoded as in training (BOS, joint tokens, EOS, the same limits); chosen and rejected in one forward
+    rows, scores = data.encode_pairs(pairs[:a.n] if a.n else pairs, tok, cfg)[0], []
+    for i in tqdm(range(0, len(rows), a.batch), desc="score", unit="batch"):
+        chunk = rows[i:i + a.batch]
+        r = reward(run, [r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk])
+        scores += list(zip(r[:len(chunk)], r[len(chunk):]))
     wins = sum((c > r) + 0.5 * (c == r) for c, r in scores)  # a tie counts half
     res = dict(run=a.run, data=a.data, n=len(scores), accuracy=wins / len(scores),
                interval=list(wilson(wins, len(scores))), mean_margin=fmean(c - r for c, r in scores), data_stats=stats)
@@ -871,10 +845,6 @@ def sample_job(a):
         print(f"{pol['name']} | {r['prompt'][-60:]!r}\n  -> {r['response']!r}  (reward {r['reward']:+.3f}{gold})")
     print(json.dumps(rows))  # the last line: one JSON list for scripts
     return rows
-
-
-# exports: a finished run as Hugging Face directories (policy, SFT policy, reward model) and PEFT adapters, so that
-# transformers (and peft) alone can load what hydra trained; written aside, then swapped in
 
 
 def hf_state(model, adapter, sd):
@@ -1035,16 +1005,6 @@ def results_rows(summaries):
     return sorted(rows, key=lambda r: ROW_ORDER.index(r["method"]) if r["method"] in ROW_ORDER else len(ROW_ORDER))
 
 
-def results_markdown(rows):
-    head = ["method", "run", "model", "data", "RM acc", "reward", "gold", "KL", "peak MiB", "latency/sample s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in rows]
-    lines.append("\nreward: each run's own reward model (not comparable across runs; `eval.py compare` gives "
-                 "win-rates). KL: nats per response to the run's reference. "
-                 "peak memory: the PPO run (SFT rows: the SFT stage).")
-    return "\n".join(lines)
-
-
 def table_job(a):
     summaries = []
     for d in a.runs:
@@ -1052,7 +1012,13 @@ def table_job(a):
         if not os.path.exists(path):
             raise I.ConfigError(f"{path}: no such file; expected a run directory written by hydra_ppo.py")
         summaries.append((d, I.load_file(path)))
-    md = results_markdown(results_rows(summaries))
+    head = ["method", "run", "model", "data", "RM acc", "reward", "gold", "KL", "peak MiB", "latency/sample s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in results_rows(summaries)]
+    lines.append("\nreward: each run's own reward model (not comparable across runs; `eval.py compare` gives "
+                 "win-rates). KL: nats per response to the run's reference. "
+                 "peak memory: the PPO run (SFT rows: the SFT stage).")
+    md = "\n".join(lines)
     print(md)
     if a.out:
         with open(a.out, "w") as f:
