@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +39,9 @@ from collections import Counter
 from statistics import fmean
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from safetensors.torch import save_file
+from tokenizers.processors import TemplateProcessing
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.models.llama import modeling_llama  # noqa: F401  before hydra_ppo, whose RSS baseline is taken
 from transformers.models.opt import modeling_opt  # noqa: F401  at its import: ~90 MiB, more than tiny's whole run
 from tqdm import tqdm
@@ -867,7 +870,6 @@ def hf_state(model, adapter, sd):
 def reward_tokenizer(hf_tok, tok, rw, config, state):
     """the reward export's tokenizer: BOS where hydra puts one, EOS appended, and a pad that is not the EOS
     (transformers' classifiers score the last non-pad token); a new pad id grows config and state in place."""
-    from tokenizers.processors import TemplateProcessing
     t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
     # saved both ways: as flags (transformers 5 rebuilds from them) and in tokenizer.json (4.x); no token_type_ids
     t.init_kwargs.update(add_bos_token=bos, add_eos_token=True, model_input_names=["input_ids", "attention_mask"])
@@ -889,7 +891,6 @@ def reward_tokenizer(hf_tok, tok, rw, config, state):
 
 def write_hf(path, config, state, tok, generation=None):
     """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
-    from safetensors.torch import save_file
     os.makedirs(path)
     config = copy.deepcopy(config)
     config.dtype = next(iter(state.values())).dtype  # what dtype="auto" loads: the saved tensors' own
@@ -906,7 +907,6 @@ def write_hf(path, config, state, tok, generation=None):
 def write_peft(path, model, adapter, sd, base_dir):
     """adapter set `adapter` (its state sd) in PEFT's on-disk format, for PeftModel.from_pretrained on the base
     exported in base_dir."""
-    from safetensors.torch import save_file
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
     tensors = {"base_model.model." + k.replace(f".lora_A.{adapter}", ".lora_A.weight")
@@ -924,8 +924,6 @@ def write_peft(path, model, adapter, sd, base_dir):
 def export_run(bases, roles, cfg, tok, has_ppo, out):
     """OUT/sft (the reference role), OUT/reward (...ForSequenceClassification, the reward head as `score`), and
     after PPO OUT/policy (the actor, merged) and OUT/adapters/NAME (its LoRA set, PEFT, on OUT/sft). -> dirs written"""
-    import shutil
-    from transformers import GenerationConfig
     I.check_export_out(out)
     # tiny's tiktoken BPE rebuilt as a transformers tokenizer, the same ids: ranks 0 .. eos - 1, then eos, then pad
     hf_tok = tok.hf if tok.hf is not None else data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>",
@@ -949,21 +947,19 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     head = I.full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
     rw_tok = reward_tokenizer(hf_tok, tok, rw, rw_config, body)
     dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
-    adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
+    a_base, a_adapter, _ = roles["actor"]
     if has_ppo:
-        a_base, a_adapter, _ = roles["actor"]
         dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
-        # the actor's alone: the critic's needs its value head, which no transformers class holds (ppo.pt keeps it)
-        if a_adapter:
-            adapters[a_adapter] = (a_base, lora.lora_state_dict(bases[a_base].lm, a_adapter), "sft")
+    # the actor's adapter alone: the critic's needs its value head, which no transformers class holds (ppo.pt keeps it)
+    adapters = {a_adapter: lora.lora_state_dict(bases[a_base].lm, a_adapter)} if has_ppo and a_adapter else {}
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for name, (config, state, generation, t) in dirs.items():
         write_hf(os.path.join(tmp, name), config, state, t, generation)
-    for name, (base, sd, where) in adapters.items():
-        # absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
-        base_dir = os.path.abspath(os.path.join(out, where))
-        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, base_dir)
+    for name, sd in adapters.items():
+        # on OUT/sft, absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
+        base_dir = os.path.abspath(os.path.join(out, "sft"))
+        write_peft(os.path.join(tmp, "adapters", name), bases[a_base], name, sd, base_dir)
     I.swap_dir(tmp, out)
     return sorted(dirs) + (["adapters"] if adapters else [])
 
