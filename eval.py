@@ -229,8 +229,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
                 H.sft_step(model, rows, 1.0, 1.0, params, opt, V - 1, device, 1.0, i + 1)
             return R, None
         return step, opt, {"sft": model}
-    # full PPO trains fp32 copies of these (prepare_ppo then stores the frozen ones in dtype); LoRA methods: dtype bases
-    store = torch.float32 if name == "ppo" else dtype
+    store = torch.float32 if name == "ppo" else dtype  # full PPO: fp32 copies (prepare_ppo stores frozen ones in dtype)
     models = {n: H.HydraModel(build_lm(cfg, i, device, store), compute_dtype=dtype)
               for i, n in enumerate(H.sft_models(name))}
     bases = H.ppo_bases(name, models)
@@ -273,8 +272,7 @@ def bench_one(a):
                 response_len=a.response_len, device=str(device), dtype=str(dtype).removeprefix("torch."),
                 memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
     times, lens, gens = [], [], []
-    # on the CPU memory and time are measured apart (set_malloc): a warm-up and one step under "track" give the peak,
-    # then a warm-up and a.steps steps under "keep" give the clock
+    # on the CPU, memory then time: a warm-up and one step under "track", then a warm-up and a.steps under "keep"
     apart = device.type == "cpu" and set_malloc("track")
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
@@ -369,8 +367,7 @@ def save_json(obj, out, fname):
 
 
 # -----------------------------------------------------------------------------
-# decoding (issue #23): ms per generated token of the eager decoder against the static one, which generate uses on
-# CUDA (its one-token step a captured CUDA graph), and whether the two compute the same thing
+# decoding: ms per generated token, the eager decoder against the static one generate uses on CUDA (a CUDA graph)
 
 DECODERS = {"eager": I.EagerDecoder, "static": I.StaticDecoder}
 
@@ -434,8 +431,7 @@ def gen_row(a, model, B, start):
 
 
 def bench_gen(a):
-    """ms per generated token, eager decoder against static, LoRA on as Hydra-PPO's actor samples (two sets, one
-    live), per batch size; medians of interleaved repeats, and the two decoders' agreement."""
+    """ms per generated token, eager decoder against static, per batch size, LoRA on as Hydra-PPO's actor samples."""
     set_threads(a)
     device, dtype, start = I.pick_device(a.device), DTYPES[a.dtype], time.perf_counter()
     model = H.HydraModel(build_lm(I.model_config(a.model), 0, device, dtype), compute_dtype=dtype).eval()
@@ -464,8 +460,7 @@ def bench_gen(a):
 # hydra_ppo.py --model DIR loads like a downloaded one: no network, no weights to fetch
 
 
-# the tokenizer each architecture gets: as its real one where the GPT-2 BPE allows (OPT's is GPT-2's BPE with these
-# special tokens; its BOS is </s>, prepended). model types not named here get Llama's: <s> prepended, </s>, no pad
+# each model type's tokenizer as its real one where the GPT-2 BPE allows (OPT's BOS is </s>, prepended); else Llama's
 TOKENIZER_STYLES = {
     "opt": dict(bos="</s>", eos="</s>", pad="<pad>", unk="<unk>", extra_special=("<s>", "<pad>", "</s>", "<unk>")),
     "llama": dict(bos="<s>", eos="</s>", pad=None, unk="<unk>", extra_special=("<unk>", "<s>", "</s>")),
@@ -484,8 +479,7 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     V = conf["vocab_size"]
     n_special = len({t for t in (*style.get("extra_special", ()), style.get("bos"), style["eos"], style.get("pad"),
                                  style.get("unk")) if t})
-    # <|endoftext|> is rank 50256: a cut BPE adds it as a special
-    n_ranks = None if V >= 50257 + n_special else V - n_special
+    n_ranks = None if V >= 50257 + n_special else V - n_special  # <|endoftext|> is rank 50256: a cut BPE adds it
     if n_ranks is not None and n_ranks < 256:
         raise I.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
     tok = data.hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
@@ -905,8 +899,7 @@ def write_hf(path, config, state, tok, generation=None):
 
 
 def write_peft(path, model, adapter, sd, base_dir):
-    """adapter set `adapter` (its state sd) in PEFT's on-disk format, for PeftModel.from_pretrained on the base
-    exported in base_dir."""
+    """adapter set `adapter` (its state sd) in PEFT's format, for PeftModel.from_pretrained on the base in base_dir."""
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
     tensors = {"base_model.model." + k.replace(f".lora_A.{adapter}", ".lora_A.weight")
