@@ -18,9 +18,8 @@ Alignment of finished runs (the paper's win-rates, and ROUGE for summaries):
     python eval.py export out                           # out/hf: Hugging Face and PEFT directories
 
 A run DIR is its PPO actor if DIR/ppo.pt exists, else its SFT policy (the reference role, LoRA off); DIR:sft / DIR:ppo
-choose. Win-rates count ties as half, with a 95% Wilson score interval. An external judge (--judge-cmd / --judge-url)
-is asked both orders: a win needs both to agree, anything else is a tie, so a judge that always says "A" gives all ties.
-Long jobs report progress on stderr; where a job prints JSON, it is stdout's last line.
+choose. Win-rates count ties as half (95% Wilson score interval); an external judge (--judge-cmd / --judge-url) is
+asked both orders, and a win needs both to agree. Progress goes to stderr; printed JSON is stdout's last line.
 """
 import argparse
 import copy
@@ -31,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -39,10 +39,11 @@ from collections import Counter
 from statistics import fmean
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.llama import modeling_llama  # noqa: F401  imported before hydra_ppo, whose RSS baseline
-from transformers.models.opt import modeling_opt  # noqa: F401  is taken at its import: these modules are ~90 MiB of
-# RSS, more than the tiny model's whole run
+from safetensors.torch import save_file
+from tokenizers.processors import TemplateProcessing
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers.models.llama import modeling_llama  # noqa: F401  before hydra_ppo, whose RSS baseline is taken
+from transformers.models.opt import modeling_opt  # noqa: F401  at its import: ~90 MiB, more than tiny's whole run
 from tqdm import tqdm
 
 import data
@@ -62,13 +63,12 @@ def note(msg):
 
 
 # -----------------------------------------------------------------------------
-# a finished run, and the memory plan of a method by name
+# a finished run; the memory plan (infra.estimate) of a method by name, beside the paper's figures
 
 
 def load_run(out, device="auto"):
-    """rebuild a finished run from its directory (sft.pt, and ppo.pt if PPO ran).
-    -> (bases {name: HydraModel}, cfg, tok, has_ppo). the SFT policy is ROLES[method]["reference"], the PPO one
-    "actor"."""
+    """rebuild a finished run from its directory (sft.pt, and ppo.pt if PPO ran). -> (bases {name: HydraModel}, cfg,
+    tok, has_ppo). the SFT policy is ROLES[method]["reference"], the PPO one "actor"."""
     t0, sft_path = time.perf_counter(), os.path.join(out, "sft.pt")
     if not os.path.exists(sft_path):
         raise I.ConfigError(f"{out}: no sft.pt here; expected a run directory written by hydra_ppo.py")
@@ -110,21 +110,16 @@ def estimate(config_dict, method, *args, **kw):
     return I.estimate(config_dict, H.ROLES.get(method, method), *args, **kw)
 
 
-# -----------------------------------------------------------------------------
-# the memory plan (infra.estimate) beside the paper's figures, and the largest batch under a budget
-
 # the paper's peak memory on Llama-7b (GB read as GiB; ppo is their estimate, the others measured on one 80 GB GPU)
 PAPER_PEAK_GIB = {"llama-7b": {"ppo": 220.0, "lora-ppo": 68.0, "j-hydra-ppo": 67.9, "hydra-ppo": 71.1}}
 
 
 def largest_batch(fits, cap=1024):
     """largest b in [1, cap] with fits(b), fits monotone: doubling, then bisection. 0 when even 1 does not fit."""
-    if not fits(1):
-        return 0
-    lo = 1
-    while lo * 2 <= cap and fits(lo * 2):
-        lo *= 2
-    hi = min(lo * 2, cap + 1)  # first size known not to fit (or past the cap)
+    lo, hi = 0, 1
+    while hi <= cap and fits(hi):  # fits(lo): 0, or the largest power of two tried
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)  # first size known not to fit (or past the cap)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -152,9 +147,8 @@ def print_estimate(a):
     s = I.shapes(cfg)
     est = lambda m, b: estimate(cfg, m, b, a.seq_len, d, a.lora_r, grad_ckpt=a.grad_ckpt)  # noqa: E731
     unit, div = ("GiB", 2**30) if est("ppo", a.batch_size)["total"] > 10 * 2**30 else ("MiB", MIB)
-    print(f"estimate {a.model}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} "
-          f"(response {a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt
-          + f"; {unit}")
+    print(f"estimate {a.model}: {s['params'] / 1e6:.1f}M params, batch {a.batch_size}, seq {a.seq_len} (response "
+          f"{a.seq_len // 2}), {a.dtype}, LoRA r {a.lora_r}" + ", activation checkpointing" * a.grad_ckpt + f"; {unit}")
     keys = ("weights", "lora", "grads", "optimizer", "activations", "logits", "casts", "kv_cache", "total")
     paper = PAPER_PEAK_GIB.get(a.model.removesuffix("-random"), {})
     fit = lambda m, lim: largest_batch(lambda b: est(m, b)["total"] <= lim)  # noqa: E731  its largest batch
@@ -190,13 +184,11 @@ def set_threads(a):
 
 
 def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
-    """-> (step(i) -> response tokens of step i and the PPO clock, optimizer, models): one training step of row
-    `name` on random data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults: learning rates,
-    LoRA alpha)."""
+    """-> (step(i) -> (response tokens, PPO clock), optimizer, models): one training step of row `name` on random
+    data, set up by hydra_ppo's own prepare_sft / prepare_ppo (a run's defaults)."""
     V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V - 1, (B, n), generator=g).tolist()  # noqa: E731  never the pad id
-    # one minibatch per rollout, one epoch, no early stop: every step does the same work. no score scale (the std
-    # of one batch's scores; a scalar costs no memory)
+    # one minibatch per rollout, one epoch, no early stop, no score scale: every step does the same work
     hcfg = H.Config(model="bench", sft_batch=B, rollout_batch=B, minibatch=B, max_prompt=P, max_new_tokens=R,
                     ppo_epochs=1, stop_kl=math.inf, lora_r=lora_r, grad_ckpt=grad_ckpt, score_norm="none",
                     sft_lora=False)
@@ -227,8 +219,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
     if name in ("sft", "lora-sft"):  # train_sft's own setup and step, Hydra-SFT losses (lm + reward)
         hcfg = dataclasses.replace(hcfg, sft_lora=name == "lora-sft")
         # hydra_ppo's mixed precision: full SFT trains fp32 weights, LoRA SFT a frozen base stored in dtype
-        model = H.HydraModel(build_lm(cfg, 0, device, dtype if hcfg.sft_lora else torch.float32),
-                             compute_dtype=dtype)
+        model = H.HydraModel(build_lm(cfg, 0, device, dtype if hcfg.sft_lora else torch.float32), compute_dtype=dtype)
         params, opt = H.prepare_sft(model, hcfg, device)
         rows = list(zip(rand(P), rand(R), rand(R)))  # (prompt, chosen, rejected) of fixed lengths
         model.train()
@@ -238,8 +229,7 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
                 H.sft_step(model, rows, 1.0, 1.0, params, opt, V - 1, device, 1.0, i + 1)
             return R, None
         return step, opt, {"sft": model}
-    # full PPO trains fp32 copies of these (prepare_ppo then stores the frozen ones in dtype); LoRA methods: dtype bases
-    store = torch.float32 if name == "ppo" else dtype
+    store = torch.float32 if name == "ppo" else dtype  # full PPO: fp32 copies (prepare_ppo stores frozen ones in dtype)
     models = {n: H.HydraModel(build_lm(cfg, i, device, store), compute_dtype=dtype)
               for i, n in enumerate(H.sft_models(name))}
     bases = H.ppo_bases(name, models)
@@ -257,10 +247,8 @@ def build_row(name, cfg, B, P, R, lora_r, device, dtype, grad_ckpt=False):
 
 
 def set_malloc(mode):
-    """how glibc hands freed host memory back (a CPU run's tensors live there). "track" (the memory phase): every
-    block over 64 KiB goes back at free, so that RSS follows the live tensors, at the cost of page-faulting each
-    large tensor in afresh (+30-80% on a CPU PPO step, 135M shape). "keep" (the clock): freed blocks up to 32 MiB stay
-    for reuse, as in a plain run, where glibc raises its thresholds so as it frees large blocks. -> whether set."""
+    """how glibc hands freed host memory back. "track": every block over 64 KiB at free, so that RSS follows the live
+    tensors (at a page-fault cost); "keep": blocks up to 32 MiB stay for reuse, as in a plain run. -> whether set."""
     libc = I.glibc()
     if libc is None:
         return False
@@ -279,15 +267,12 @@ def bench_one(a):
     after two steps that measure its memory), in this process. -> the row's dict, printed as one JSON line."""
     set_threads(a)
     device = I.pick_device(a.device)
-    dtype = I.pick_dtype("auto", device)
-    cfg = I.model_config(a.model)
+    dtype, cfg = I.pick_dtype("auto", device), I.model_config(a.model)
     head = dict(name=a.name, model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
                 response_len=a.response_len, device=str(device), dtype=str(dtype).removeprefix("torch."),
                 memory_measure="cuda" if device.type == "cuda" else "cpu-rss")
     times, lens, gens = [], [], []
-    # on the CPU memory and time are measured apart: RSS follows the live tensors only while malloc hands every freed
-    # block back ("track"), and that costs page faults a run does not pay (it keeps them: "keep"). so a warm-up and one
-    # step under "track" give the peak, then a warm-up and a.steps steps under "keep" give the clock
+    # on the CPU, memory then time: a warm-up and one step under "track", then a warm-up and a.steps under "keep"
     apart = device.type == "cpu" and set_malloc("track")
     try:
         step, opt, models = build_row(a.name, cfg, a.batch_size, a.prompt_len, a.response_len, a.lora_r, device, dtype,
@@ -356,7 +341,21 @@ def bench(a):
     out = dict(memory_measure=res[0]["memory_measure"], model=a.model, batch_size=a.batch_size, prompt_len=a.prompt_len,
                response_len=a.response_len, steps=a.steps, lora_r=a.lora_r, grad_ckpt=a.grad_ckpt,
                device=res[0]["device"], dtype=res[0]["dtype"], code=code_version(), rows=res)
-    print_bench(out)
+    measure = {"cuda": "torch.cuda.max_memory_allocated",
+               "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[out["memory_measure"]]
+    print(f"\nbench {a.model}: batch {a.batch_size}, prompt {a.prompt_len} + response {a.response_len} tokens, "
+          f"{a.steps} timed steps after 1 warm-up, {out['dtype']} on {out['device']}, LoRA r {a.lora_r}"
+          + ", activation checkpointing" * a.grad_ckpt)
+    print(f"peak memory = {measure}, one fresh process per row")
+    f = lambda r, k, spec, div=1: num(None if r.get(k) is None else r[k] / div, spec)  # noqa: E731  (oom rows)
+    clock = "gen {gen_s:.2f} ({gen_ms_per_token:.0f} ms/token) score {score_s:.2f} update {update_s:.2f} s"
+    _table(["row", "bases", "LoRA", "trainable M", "peak MiB", "s/sample", "x ppo", "x floor", "x lora-sft", "est MiB",
+            "est err", "ppo clock"],
+           [[r["name"], f(r, "frozen_bases", ".0f"), f(r, "lora_sets", ".0f"), f(r, "trainable_params", ".2f", 1e6),
+             "out of memory" if r.get("oom") else f(r, "peak_memory_mib", ".1f"), f(r, "latency_per_sample_s", ".4f"),
+             f(r, "x_ppo", ".2f"), f(r, "x_floor", ".2f"), f(r, "x_lora_sft", ".2f"), f(r, "estimate_mib", ".0f"),
+             f(r, "estimate_err", "+.0%"), clock.format(**r) if r.get("gen_s") is not None else ""]
+            for r in res], right=True)
     save_json(out, a.out, "bench.json")
     return out
 
@@ -367,35 +366,15 @@ def save_json(obj, out, fname):
     print(f"wrote {os.path.join(out, fname)}")
 
 
-def print_bench(o):
-    measure = {"cuda": "torch.cuda.max_memory_allocated",
-               "cpu-rss": "peak RSS (VmHWM) above its reading after imports"}[o["memory_measure"]]
-    print(f"\nbench {o['model']}: batch {o['batch_size']}, prompt {o['prompt_len']} + response {o['response_len']} "
-          f"tokens, {o['steps']} timed steps after 1 warm-up, {o['dtype']} on {o['device']}, LoRA r {o['lora_r']}"
-          + ", activation checkpointing" * o["grad_ckpt"])
-    print(f"peak memory = {measure}, one fresh process per row")
-    f = lambda r, k, spec, div=1: num(None if r.get(k) is None else r[k] / div, spec)  # noqa: E731  (oom rows)
-    clock = "gen {gen_s:.2f} ({gen_ms_per_token:.0f} ms/token) score {score_s:.2f} update {update_s:.2f} s"
-    _table(["row", "bases", "LoRA", "trainable M", "peak MiB", "s/sample", "x ppo", "x floor", "x lora-sft", "est MiB",
-            "est err", "ppo clock"],
-           [[r["name"], f(r, "frozen_bases", ".0f"), f(r, "lora_sets", ".0f"), f(r, "trainable_params", ".2f", 1e6),
-             "out of memory" if r.get("oom") else f(r, "peak_memory_mib", ".1f"), f(r, "latency_per_sample_s", ".4f"),
-             f(r, "x_ppo", ".2f"), f(r, "x_floor", ".2f"), f(r, "x_lora_sft", ".2f"), f(r, "estimate_mib", ".0f"),
-             f(r, "estimate_err", "+.0%"), clock.format(**r) if r.get("gen_s") is not None else ""]
-            for r in o["rows"]], right=True)
-
-
 # -----------------------------------------------------------------------------
-# decoding (issue #23): ms per generated token of the eager decoder against the static one, which generate uses on
-# CUDA (its one-token step a captured CUDA graph), and whether the two compute the same thing
+# decoding: ms per generated token, the eager decoder against the static one generate uses on CUDA (a CUDA graph)
 
 DECODERS = {"eager": lambda m, batch, length: H.EagerDecoder(m), "static": I.StaticDecoder}
 
 
 def decode(model, kind, prompts, tok, new, keep=0):
-    """hydra_ppo.generate under the actor's adapter, temperature 1, seeds 0..B-1, with its decoder forced to one kind
-    (capture included: generate builds a decoder a call). keep: also the logits (B, V) of its first `keep`
-    forwards, prefill first. -> (responses, seconds, [logits])"""
+    """hydra_ppo.generate (actor adapter, temperature 1, seeds 0..B-1) with its decoder forced to one kind, capture
+    included. keep: also the logits (B, V) of its first `keep` forwards. -> (responses, seconds, [logits])"""
     kept = []
 
     def keeping(f):
@@ -452,8 +431,7 @@ def gen_row(a, model, B, start):
 
 
 def bench_gen(a):
-    """ms per generated token, eager decoder against static, LoRA on as Hydra-PPO's actor samples (two adapter sets
-    injected, one live), per batch size; medians of interleaved repeats, and the two decoders' agreement."""
+    """ms per generated token, eager decoder against static, per batch size, LoRA on as Hydra-PPO's actor samples."""
     set_threads(a)
     device, dtype, start = I.pick_device(a.device), DTYPES[a.dtype], time.perf_counter()
     model = H.HydraModel(build_lm(I.model_config(a.model), 0, device, dtype), compute_dtype=dtype).eval()
@@ -477,27 +455,22 @@ def bench_gen(a):
     return out
 
 
-
 # -----------------------------------------------------------------------------
 # random-init models of real shapes, saved as a Hugging Face directory (config, safetensors, tokenizer) that
 # hydra_ppo.py --model DIR loads like a downloaded one: no network, no weights to fetch
 
 
-# the tokenizer each architecture gets: as its real one where the GPT-2 BPE allows (OPT's is GPT-2's BPE with these
-# special tokens; its BOS is </s>, prepended). model types not named here get Llama's: <s> prepended, </s>, no pad
+# each model type's tokenizer as its real one where the GPT-2 BPE allows (OPT's BOS is </s>, prepended); else Llama's
 TOKENIZER_STYLES = {
     "opt": dict(bos="</s>", eos="</s>", pad="<pad>", unk="<unk>", extra_special=("<s>", "<pad>", "</s>", "<unk>")),
     "llama": dict(bos="<s>", eos="</s>", pad=None, unk="<unk>", extra_special=("<unk>", "<s>", "</s>")),
-    "gpt2": dict(bos=None, eos="<|endoftext|>"),  # GPT-2, GPT-NeoX and Qwen2 prepend nothing
-    "gpt_neox": dict(bos=None, eos="<|endoftext|>"),
-    "qwen2": dict(bos=None, eos="<|endoftext|>"),
+    **dict.fromkeys(("gpt2", "gpt_neox", "qwen2"), dict(bos=None, eos="<|endoftext|>")),  # these prepend nothing
 }
 
 
 def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
-    """random-init causal LM of a built-in shape (I.MODELS), a cached/local config or a config dict, saved to out_dir
-    (config.json + safetensors) with a GPT-2 BPE tokenizer beside it; config bos/eos/pad ids are the tokenizer's.
-    a vocab smaller than the BPE's keeps its first ranks. -> out_dir"""
+    """random-init causal LM of a built-in shape, a cached/local config or a config dict, saved to out_dir with a
+    GPT-2 BPE tokenizer (its first ranks, for a smaller vocab) whose bos/eos/pad ids the config takes. -> out_dir"""
     conf = (dict(name_or_config) if isinstance(name_or_config, dict)
             else I.model_config(name_or_config, flag="save-random"))
     if dtype not in DTYPES:
@@ -506,21 +479,19 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
     V = conf["vocab_size"]
     n_special = len({t for t in (*style.get("extra_special", ()), style.get("bos"), style["eos"], style.get("pad"),
                                  style.get("unk")) if t})
-    # <|endoftext|> is rank 50256: a cut BPE adds it as a special
-    n_ranks = None if V >= 50257 + n_special else V - n_special
+    n_ranks = None if V >= 50257 + n_special else V - n_special  # <|endoftext|> is rank 50256: a cut BPE adds it
     if n_ranks is not None and n_ranks < 256:
         raise I.ConfigError(f"vocab_size {V}: the byte-level BPE needs at least {256 + n_special} ids")
     tok = data.hf_gpt2_tokenizer(**style, n_ranks=n_ranks)
     ids = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    # GPT-2 style: bos = eos = <|endoftext|>, not prepended
-    ids["bos"] = ids["bos"] if ids["bos"] is not None else ids["eos"]
+    if ids["bos"] is None:  # GPT-2 style: bos = eos = <|endoftext|>, not prepended
+        ids["bos"] = ids["eos"]
     assert len(tok) <= V and all(i is None or i < V for i in ids.values()), (len(tok), ids, V)
     conf.update({f"{k}_token_id": i for k, i in ids.items()})
     config = AutoConfig.for_model(**conf)
     torch.manual_seed(seed)
     t0 = time.time()
-    # built in dtype: one copy of the weights, never two
-    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])  # built in dtype: one copy of the weights
     n = sum(p.numel() for p in lm.parameters())
     note(f"save-random: built {conf['model_type']} ({n / 1e6:.1f}M params) in {time.time() - t0:.0f} s; saving")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -538,7 +509,8 @@ def save_random_model(name_or_config, out_dir, dtype="float32", seed=0):
 
 
 # -----------------------------------------------------------------------------
-# ROUGE-1/2/L F1: lowercase, words = runs of [a-z0-9], clipped n-gram counts, LCS for L
+# scoring: ROUGE-1/2/L F1 (lowercase, words = runs of [a-z0-9], clipped n-gram counts, LCS for L), win-rates, and
+# external judges (never called unless configured)
 
 
 def rouge_words(s):
@@ -570,9 +542,6 @@ def rouge_l(ref, hyp):
             diag, row[j] = row[j], (diag + 1 if x == y else max(row[j], row[j - 1]))
     return _prf(row[-1], len(b), len(a))
 
-# -----------------------------------------------------------------------------
-# win-rates
-
 
 def wilson(wins, n, z=1.96):
     """Wilson score interval of the rate wins / n (wins may hold half-ties: then it is a little conservative)."""
@@ -592,9 +561,6 @@ def win_rate(outcomes):
 
 def by_score(sa, sb):
     return [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(sa, sb)]
-
-# -----------------------------------------------------------------------------
-# external judges: never called unless configured
 
 
 PAIRWISE = ("Below is a conversation and two candidate responses of an AI assistant.\n\n[Conversation]\n{prompt}\n\n"
@@ -650,22 +616,17 @@ def url_judge(url, model, timeout=60.0):
 def judge_both_orders(ask, prompt, a, b):
     """ask (A, B), then (B, A): a win needs both orders to agree. -> (outcome for a, number of unparsed answers)."""
     v1, v2 = parse_verdict(ask(prompt, a, b)), parse_verdict(ask(prompt, b, a))
-    bad = (v1 is None) + (v2 is None)
-    return (1.0 if (v1, v2) == ("A", "B") else 0.0 if (v1, v2) == ("B", "A") else 0.5), bad
+    return (1.0 if (v1, v2) == ("A", "B") else 0.0 if (v1, v2) == ("B", "A") else 0.5), (v1 is None) + (v2 is None)
 
 # -----------------------------------------------------------------------------
 # policies: sampling on shared prompts and seeds, KL to the run's own reference, reward-model scores
 
 
-def parse_policy(spec):
-    d, _, kind = spec.rpartition(":")
-    return (d, kind) if d and kind in ("sft", "ppo") else (spec, None)
-
-
 def load_policies(specs, device):
     runs, pols = {}, []
     for spec in specs:
-        d, kind = parse_policy(spec)
+        d, _, kind = spec.rpartition(":")
+        d, kind = (d, kind) if d and kind in ("sft", "ppo") else (spec, None)
         if d not in runs:  # DIR and DIR:sft share one loaded run
             runs[d] = load_run(d, device)
         if kind == "ppo" and not runs[d][3]:
@@ -680,10 +641,8 @@ SPLIT_FLAGS = ("data", "n_builtin", "max_pairs", "heldout_frac", "seed")  # what
 
 
 def heldout_prompts(cfgs, n):
-    """the first n held-out prompts of the first run's split that no run trained on (a run split otherwise, by
-    another --data, --seed, --max-pairs or --heldout-frac, trained on some); repeats kept, as the data weights them
-    (the built-in task has 16 distinct prompts, all in every split: its held-out pairs differ in the responses
-    alone, so it is not filtered). -> (prompts, gold fn, how many of the first run's held-out prompts were left out)"""
+    """the first n held-out prompts of the first run's split that no other run trained on (builtin: not filtered,
+    its prompts are in every split); repeats kept. -> (prompts, gold fn, how many were left out)"""
     _, held, gold_fn, _ = data.split_data(cfgs[0])
     split = lambda c: tuple(getattr(c, f) for f in SPLIT_FLAGS)  # noqa: E731
     others = [c for c in cfgs[1:] if split(c) != split(cfgs[0]) and "builtin" not in (c.data, cfgs[0].data)]
@@ -733,18 +692,6 @@ def rm_scores(run, prompts, texts, ended, bs):
     return out
 
 
-def score_pairs(run, pairs, bs=16):
-    """the run's reward role on each pair's chosen and rejected response, encoded as in training (BOS, joint tokens,
-    EOS, the same length limits), both in one forward. -> [(score chosen, score rejected)]."""
-    _, cfg, tok, _ = run
-    rows, out = data.encode_pairs(pairs, tok, cfg)[0], []
-    for i in tqdm(range(0, len(rows), bs), desc="score", unit="batch"):
-        chunk = rows[i:i + bs]
-        r = reward(run, [r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk])
-        out += list(zip(r[:len(chunk)], r[len(chunk):]))
-    return out
-
-
 def summary_refs(spec, path):
     """prompt -> reference summary: from --refs, else from the run's data file when its records carry "summary"."""
     try:
@@ -769,9 +716,6 @@ def read_prompts(path):
             return [line.rstrip("\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise I.ConfigError(f"--prompts {path}: cannot read it ({e})")
-
-# -----------------------------------------------------------------------------
-# compare
 
 
 def compare(a):
@@ -805,10 +749,9 @@ def compare(a):
                **{f"mean {j}": fmean(v) for j, v in scores.items()}}
         with_ref = [(refs[q], t) for q, t in zip(prompts, texts) if q in refs]
         if with_ref:  # mean ROUGE F1 against the reference summaries
-            for k, fn in (("rouge1", lambda r, t: rouge_n(r, t, 1)), ("rouge2", lambda r, t: rouge_n(r, t, 2)),
-                          ("rougeL", rouge_l)):
-                row[k] = fmean(fn(r, t)["f"] for r, t in with_ref)
-            row["rouge_n"] = len(with_ref)
+            row.update(rouge1=fmean(rouge_n(r, t, 1)["f"] for r, t in with_ref),
+                       rouge2=fmean(rouge_n(r, t, 2)["f"] for r, t in with_ref),
+                       rougeL=fmean(rouge_l(r, t)["f"] for r, t in with_ref), rouge_n=len(with_ref))
         res["policies"].append(row)
         outs.append({"texts": texts, "scores": scores})
     ask = (cmd_judge(a.judge_cmd, a.judge_timeout) if a.judge_cmd
@@ -827,6 +770,11 @@ def compare(a):
                              "examples": ex})
     res["samples"] = [{"prompt": q, **{f"{k}:{p['name']}": o["texts"][n] for k, (p, o) in enumerate(zip(pols, outs))}}
                       for n, q in enumerate(prompts)]
+    print_compare(res)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"\nwrote {a.out}")
     return res
 
 
@@ -847,30 +795,26 @@ def print_compare(res):
             for p in res["pairs"] for e in p["examples"]])
 
 
-def compare_job(a):
-    res = compare(a)
-    print_compare(res)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"\nwrote {a.out}")
-    return res
-
-
 # -----------------------------------------------------------------------------
-# a run's reward model on a preference file, its policy's responses, the run as Hugging Face / PEFT directories
+# a run's reward model on a preference file, its policy's responses, and exports: the run as Hugging Face directories
+# (policy, SFT policy, reward model) and PEFT adapters that transformers (and peft) alone load
 
 
 def score_job(a):
     pairs, stats = data.load_pairs(a.data)
-    pairs = pairs[:a.n] if a.n else pairs
-    scores = score_pairs(load_run(a.run, a.device), pairs, a.batch)
+    run = load_run(a.run, a.device)
+    _, cfg, tok, _ = run
+    # each pair encoded as in training (BOS, joint tokens, EOS, the same limits); chosen and rejected in one forward
+    rows, scores = data.encode_pairs(pairs[:a.n] if a.n else pairs, tok, cfg)[0], []
+    for i in tqdm(range(0, len(rows), a.batch), desc="score", unit="batch"):
+        chunk = rows[i:i + a.batch]
+        r = reward(run, [r[0] for r in chunk] * 2, [r[1] for r in chunk] + [r[2] for r in chunk])
+        scores += list(zip(r[:len(chunk)], r[len(chunk):]))
     wins = sum((c > r) + 0.5 * (c == r) for c, r in scores)  # a tie counts half
     res = dict(run=a.run, data=a.data, n=len(scores), accuracy=wins / len(scores),
                interval=list(wilson(wins, len(scores))), mean_margin=fmean(c - r for c, r in scores), data_stats=stats)
-    print(f"{a.run} reward model on {a.data}: accuracy {res['accuracy']:.3f} "
-          f"[{res['interval'][0]:.3f}, {res['interval'][1]:.3f}] "
-          f"over {res['n']} pairs, mean margin {res['mean_margin']:+.3f}")
+    print(f"{a.run} reward model on {a.data}: accuracy {res['accuracy']:.3f} [{res['interval'][0]:.3f}, "
+          f"{res['interval'][1]:.3f}] over {res['n']} pairs, mean margin {res['mean_margin']:+.3f}")
     print(json.dumps(res))  # the last line: one JSON object for scripts
     return res
 
@@ -900,14 +844,9 @@ def sample_job(a):
     return rows
 
 
-# exports: a finished run as Hugging Face directories (policy, SFT policy, reward model) and PEFT adapters, so that
-# transformers (and peft) alone can load what hydra trained; written aside, then swapped in
-
-
 def hf_state(model, adapter, sd):
-    """the LM's weights under transformers' names, LoRA wrappers taken off, the fixed adapter sets (LoRA SFT) and
-    `adapter` folded in (LoRALinear.merged_weight, fp32), and then every weight is stored in fp32 (in bf16 most of a
-    small update would round away). sd: the LM's state on the CPU (I.full_state)."""
+    """the LM's weights (sd, on the CPU) under transformers' names, the fixed sets and `adapter` folded in; then all
+    in fp32 (in bf16 most of a small update would round away)."""
     wrapped = {n: m for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)}
     out, folded = {}, False
     for k, v in sd.items():
@@ -922,23 +861,11 @@ def hf_state(model, adapter, sd):
     return {k: v.float() if folded and v.is_floating_point() else v for k, v in out.items()}
 
 
-def export_tokenizer(tok):
-    """the transformers tokenizer to save beside an export; tiny's tiktoken BPE rebuilt as one (the same ids)."""
-    if tok.hf is not None:
-        return tok.hf
-    n = tok.eos_id  # tiny: ranks 0 .. n-1, then eos, then pad
-    return data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>", n_ranks=n)
-
-
 def reward_tokenizer(hf_tok, tok, rw, config, state):
-    """the reward export's tokenizer: called plainly on prompt + response it gives what hydra's reward head reads,
-    the BOS where hydra puts one and the EOS appended; and it pads with a token that is not the EOS (transformers'
-    classifiers score the last token that is not the pad). a pad past the model's rows gets a zero row in state's
-    input embedding and config.vocab_size (config, state: the reward export's, changed in place)."""
-    from tokenizers.processors import TemplateProcessing
+    """the reward export's tokenizer: BOS where hydra puts one, EOS appended, and a pad that is not the EOS
+    (transformers' classifiers score the last non-pad token); a new pad id grows config and state in place."""
     t, bos = copy.deepcopy(hf_tok), tok.bos_id is not None
-    # saved both ways: a tokenizer class that rebuilds its post-processor from the flags (transformers 5) builds
-    # this one; one that reads tokenizer.json (4.x) reads it. no token_type_ids: the classifiers take none
+    # saved both ways: as flags (transformers 5 rebuilds from them) and in tokenizer.json (4.x); no token_type_ids
     t.init_kwargs.update(add_bos_token=bos, add_eos_token=True, model_input_names=["input_ids", "attention_mask"])
     t.model_input_names = ["input_ids", "attention_mask"]
     ends = [t.bos_token] * bos, [t.eos_token]
@@ -958,7 +885,6 @@ def reward_tokenizer(hf_tok, tok, rw, config, state):
 
 def write_hf(path, config, state, tok, generation=None):
     """one from_pretrained directory: config.json, model.safetensors, the tokenizer (and generation_config.json)."""
-    from safetensors.torch import save_file
     os.makedirs(path)
     config = copy.deepcopy(config)
     config.dtype = next(iter(state.values())).dtype  # what dtype="auto" loads: the saved tensors' own
@@ -973,10 +899,7 @@ def write_hf(path, config, state, tok, generation=None):
 
 
 def write_peft(path, model, adapter, sd, base_dir):
-    """adapter set `adapter` (its state sd) in PEFT's on-disk format (adapter_config.json +
-    adapter_model.safetensors, PEFT's key names), for peft.PeftModel.from_pretrained on the base exported in
-    base_dir (an absolute path: moved, the adapter loads with PeftModel.from_pretrained on the moved base)."""
-    from safetensors.torch import save_file
+    """adapter set `adapter` (its state sd) in PEFT's format, for PeftModel.from_pretrained on the base in base_dir."""
     layers = [(n, m) for n, m in model.lm.named_modules() if isinstance(m, lora.LoRALinear)]
     r, scale = layers[0][1].r, layers[0][1].scale
     tensors = {"base_model.model." + k.replace(f".lora_A.{adapter}", ".lora_A.weight")
@@ -992,14 +915,12 @@ def write_peft(path, model, adapter, sd, base_dir):
 
 
 def export_run(bases, roles, cfg, tok, has_ppo, out):
-    """OUT/sft (the SFT policy: the reference role, LoRA off), OUT/reward (the reward role as transformers'
-    ...ForSequenceClassification, num_labels 1, the reward head as its `score`), and after PPO OUT/policy (the
-    actor, its adapter merged) and OUT/adapters/NAME (the actor's LoRA set, PEFT format, on OUT/sft).
-    written to OUT.tmp, then swapped in. -> the directories written."""
-    import shutil
-    from transformers import GenerationConfig
+    """OUT/sft (the reference role), OUT/reward (...ForSequenceClassification, the reward head as `score`), and
+    after PPO OUT/policy (the actor, merged) and OUT/adapters/NAME (its LoRA set, PEFT, on OUT/sft). -> dirs written"""
     I.check_export_out(out)
-    hf_tok = export_tokenizer(tok)
+    # tiny's tiktoken BPE rebuilt as a transformers tokenizer, the same ids: ranks 0 .. eos - 1, then eos, then pad
+    hf_tok = tok.hf if tok.hf is not None else data.hf_gpt2_tokenizer(eos="<|endoftext|>", pad="<|pad|>",
+                                                                      n_ranks=tok.eos_id)
     lm_config = bases[roles["reference"][0]].lm.config
     gen = GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
                            do_sample=True, temperature=cfg.temperature, top_k=0, max_new_tokens=cfg.max_new_tokens)
@@ -1019,22 +940,19 @@ def export_run(bases, roles, cfg, tok, has_ppo, out):
     head = I.full_state(rw.reward_head.state_dict()).get("weight", torch.zeros(0)).to(dtype)
     rw_tok = reward_tokenizer(hf_tok, tok, rw, rw_config, body)
     dirs["reward"] = (rw_config, {**body, "score.weight": head}, None, rw_tok)
-    adapters = {}  # name -> (base, gathered state, the export holding that base's weights)
+    a_base, a_adapter, _ = roles["actor"]
     if has_ppo:
-        a_base, a_adapter, _ = roles["actor"]
         dirs["policy"] = (lm_config, hf_state(bases[a_base], a_adapter, gathered[a_base]), gen, hf_tok)
-        # the actor's alone: the critic's adapter is of no use without its value head, a per-token head with a
-        # bias that no transformers class holds (it stays in ppo.pt, for resuming)
-        if a_adapter:
-            adapters[a_adapter] = (a_base, lora.lora_state_dict(bases[a_base].lm, a_adapter), "sft")
+    # the actor's adapter alone: the critic's needs its value head, which no transformers class holds (ppo.pt keeps it)
+    adapters = {a_adapter: lora.lora_state_dict(bases[a_base].lm, a_adapter)} if has_ppo and a_adapter else {}
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for name, (config, state, generation, t) in dirs.items():
         write_hf(os.path.join(tmp, name), config, state, t, generation)
-    for name, (base, sd, where) in adapters.items():
-        # absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
-        base_dir = os.path.abspath(os.path.join(out, where))
-        write_peft(os.path.join(tmp, "adapters", name), bases[base], name, sd, base_dir)
+    for name, sd in adapters.items():
+        # on OUT/sft, absolute: PEFT reads a relative base path from the caller's directory, not the adapter's
+        base_dir = os.path.abspath(os.path.join(out, "sft"))
+        write_peft(os.path.join(tmp, "adapters", name), bases[a_base], name, sd, base_dir)
     I.swap_dir(tmp, out)
     return sorted(dirs) + (["adapters"] if adapters else [])
 
@@ -1076,16 +994,6 @@ def results_rows(summaries):
     return sorted(rows, key=lambda r: ROW_ORDER.index(r["method"]) if r["method"] in ROW_ORDER else len(ROW_ORDER))
 
 
-def results_markdown(rows):
-    head = ["method", "run", "model", "data", "RM acc", "reward", "gold", "KL", "peak MiB", "latency/sample s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in rows]
-    lines.append("\nreward: each run's own reward model (not comparable across runs; `eval.py compare` gives "
-                 "win-rates). KL: nats per response to the run's reference. "
-                 "peak memory: the PPO run (SFT rows: the SFT stage).")
-    return "\n".join(lines)
-
-
 def table_job(a):
     summaries = []
     for d in a.runs:
@@ -1093,7 +1001,13 @@ def table_job(a):
         if not os.path.exists(path):
             raise I.ConfigError(f"{path}: no such file; expected a run directory written by hydra_ppo.py")
         summaries.append((d, I.load_file(path)))
-    md = results_markdown(results_rows(summaries))
+    head = ["method", "run", "model", "data", "RM acc", "reward", "gold", "KL", "peak MiB", "latency/sample s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in results_rows(summaries)]
+    lines.append("\nreward: each run's own reward model (not comparable across runs; `eval.py compare` gives "
+                 "win-rates). KL: nats per response to the run's reference. "
+                 "peak memory: the PPO run (SFT rows: the SFT stage).")
+    md = "\n".join(lines)
     print(md)
     if a.out:
         with open(a.out, "w") as f:
@@ -1123,8 +1037,10 @@ def ints(v):
     return xs
 
 
-def parents():
-    """-> the shared flag groups: {name: parent parser}"""
+def parser():
+    ap = Parser(prog="eval.py", description=__doc__.strip().splitlines()[0],
+                epilog="`eval.py JOB --help` for a job's flags; the module docstring has examples.")
+    sub = ap.add_subparsers(title="jobs", metavar="JOB", required=True)
     p = {k: Parser(add_help=False) for k in ("lora", "step", "clock", "dtype", "run")}
     p["lora"].add_argument("--lora-r", type=int, default=16, help="LoRA rank (the paper: 128)")
     p["step"].add_argument("--batch-size", type=int, default=8, help="pairs (sft rows) or rollouts (ppo rows) a step")
@@ -1142,10 +1058,7 @@ def parents():
     p["dtype"].add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="base weight dtype")
     p["run"].add_argument("--device", default="auto", help="where to load the runs")
     p["run"].add_argument("--batch", type=int, default=16, help="prompts (pairs, for score) per forward")
-    return p
 
-
-def add_jobs(sub, p):
     def job(name, run, about, groups=(), hidden=False):
         listed = {} if hidden else {"help": about}  # a job without help= stays out of `eval.py --help`
         j = sub.add_parser(name, parents=[p[g] for g in groups], description=about,
@@ -1171,7 +1084,7 @@ def add_jobs(sub, p):
             "BPE tokenizer, as a directory hydra_ppo.py --model DIR loads", ("dtype",))
     j.add_argument("model", help=f"{', '.join(I.MODELS)}, a local dir or a cached hub id")
     j.add_argument("dir", help="a new (or empty) directory")
-    j = job("compare", compare_job, "policies of finished runs head to head on the same held-out prompts", ("run",))
+    j = job("compare", compare, "policies of finished runs head to head on the same held-out prompts", ("run",))
     j.add_argument("runs", nargs="+", help="run directories; DIR:sft / DIR:ppo pick a policy (default: PPO if it ran)")
     j.add_argument("--n-prompts", type=int, default=64, help="held-out prompts of the first run")
     j.add_argument("--judge-run", type=int, default=0, help="index of the run whose reward model judges")
@@ -1208,12 +1121,6 @@ def add_jobs(sub, p):
     j.add_argument("--out", help="where to write (default: RUN/hf): a new or empty directory, or an earlier export, "
                    "which is replaced whole, atomically; anything else is refused")
     j.add_argument("--device", default="cpu", help="where to load the run (cpu: no GPU memory needed)")
-
-
-def parser():
-    ap = Parser(prog="eval.py", description=__doc__.strip().splitlines()[0],
-                epilog="`eval.py JOB --help` for a job's flags; the module docstring has examples.")
-    add_jobs(ap.add_subparsers(title="jobs", metavar="JOB", required=True), parents())
     return ap
 
 
