@@ -1318,88 +1318,73 @@ def shapes(cfg):
                 layer=layer)
 
 
-# the analytic memory plan. bytes; d = bytes per element of the base dtype.
-# - structure from the role table: base copies = distinct bases, LoRA sets = distinct (base, adapter). a PPO row holds
-#   one forward's activations (B sequences): actor and critic backpropagate one at a time unless they share a forward
-#   (J-Hydra). an SFT row puts chosen and rejected through one forward (2B). a baseline's two SFT models are both on
-#   the device, trained in turn: the idle one adds its weights (idle_models).
-# - mixed precision as hydra_ppo does it: what trains is fp32 (a full copy: 4 weight + 4 grad + 8 AdamW per
-#   parameter; else LoRA and the scalar heads), a frozen base is stored in d. in d < 4 autocast saves a d-byte copy
-#   of each trained weight for backward ("casts"; with activation checkpointing only those outside the layers).
-#   the heads are fp32 in every copy; an untied LM head of the critic gets no gradient (no optimizer state).
-# - activations per token per layer (Korthikanti et al. 2022, recounted for transformers' blocks with
-#   saved_tensors_hooks: no dropout, SDPA flash attention, GQA keys/values saved expanded):
+# the analytic memory plan, in bytes (d: bytes per element of the base dtype)
+# - fp32: what trains (a full copy: 4 weight + 4 grad + 8 AdamW per parameter; else LoRA and the scalar heads), the
+#   heads in every copy, the logits; a frozen base is stored in d. in d < 4 autocast saves a d-byte copy of each
+#   trained weight for backward ("casts").
+# - activations per token per layer, counted with saved_tensors_hooks (no dropout, SDPA flash attention, GQA
+#   keys/values saved expanded; micro models within 10%, tests):
 #     llama: norms' inputs and outputs, q, k, v, attn out, gate, up, silu, down input -> (10h full | 8h LoRA) + 4 ffn
 #     opt:   norms' inputs and outputs, q, k, v, attn out, fc2 input -> 8h + ffn (+ 2h SFT dropout: PPO turns it off)
 #   + r per wrapped Linear; in d < 4 a full copy's fp32 residual stream and per-matmul input casts (llama 7h, opt 4h),
-#   a frozen base llama's fp32 RMSNorm (h): fitted to saved_tensors_hooks counts on micro models (tests: within
-#   10%). activation checkpointing keeps each layer's input (h) and recomputes one layer.
-# - logits: fp32, 3 alive (log-softmax, its grad in and out) for one chunk of positions (response_logprobs),
-#   B x min(R, LOGIT_CHUNK / (B V)) x V, the actor's only.
-# - the rollout's KV cache, 2 L B' T kv d (B' = --rollout-batch: generate decodes it whole; B = --minibatch), never
-#   alive with training activations: total = weights + lora + grads + optimizer + max(activations + logits + casts,
-#   kv cache). no allocator slack, no runtime.
-# - lengths (check_memory_plan): SFT T = --max-prompt + --max-response, PPO T = --max-prompt + --max-new-tokens.
+#   a frozen base llama's fp32 RMSNorm (h). activation checkpointing keeps each layer's input (h), recomputes one.
+# - the rollout's KV cache is never alive with training activations: the peak holds the larger. no allocator slack.
 
 
 def plan(method):
-    """method: "floor", "sft", "lora-sft", or a PPO method's role table (hydra_ppo.ROLES[name]). -> base copies, LoRA
-    sets, fully trained copies, sequences whose activations are alive at once (units of B)."""
-    if method == "floor":  # one LoRA set, one forward of B sequences
+    """method: "floor" (one LoRA set), "sft", "lora-sft" (chosen and rejected in one forward: 2B), or a PPO method's
+    role table (hydra_ppo.ROLES[name]): one forward of B, as actor and critic backpropagate one at a time unless they
+    share it (J-Hydra). -> base copies (distinct bases), LoRA sets (distinct (base, adapter)), fully trained copies,
+    sequences whose activations are alive at once (units of B)."""
+    if method == "floor":
         return dict(copies=1, sets=1, full=0, seqs=1)
     if method in ("sft", "lora-sft"):
-        lo = method == "lora-sft"
-        return dict(copies=1, sets=int(lo), full=int(not lo), seqs=2)
-    roles = method
-    train = {roles[r][:2] for r in ("actor", "critic")}
-    return dict(copies=len({b for b, _, _ in roles.values()}), sets=len({(b, a) for b, a, _ in roles.values() if a}),
+        return dict(copies=1, sets=int(method == "lora-sft"), full=int(method == "sft"), seqs=2)
+    train = {method[r][:2] for r in ("actor", "critic")}
+    return dict(copies=len({b for b, _, _ in method.values()}), sets=len({(b, a) for b, a, _ in method.values() if a}),
                 full=sum(a is None for _, a in train), seqs=1)
 
 
 def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False,
              rollout_batch=None, idle_models=0):
-    """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
-    seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given.
-    batch_size: the sequences of one forward (PPO: the minibatch); rollout_batch: the prompts one generate decodes
-    at once, the KV cache's batch (default batch_size). idle_models (sft rows): SFT models held on the device beside
-    the one that trains (a baseline's second)."""
+    """analytic peak memory of one training step of `method` (as plan takes it), in bytes per component. seq_len:
+    prompt + response tokens (the response is half unless given); batch_size: the sequences of one forward (PPO: the
+    minibatch); rollout_batch: the KV cache's (generate decodes the whole rollout; default batch_size); idle_models
+    (sft rows): SFT models on the device beside the one that trains (a baseline's two are trained in turn)."""
     s, p = shapes(config_dict), plan(method)
     B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
     lora_n = p["sets"] * lora_r * s["lora_r1"]
-    full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
+    full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # (the critic's untied LM head: no grad)
     ppo = isinstance(method, dict)
     # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
     head_n = 0 if method == "floor" else h + ppo
-    small_n = lora_n + head_n
+    trained = full_n + lora_n + head_n  # each with an fp32 grad and AdamW state
     low, full = d < 4, p["full"] > 0  # autocast to d; a fully trained copy (fp32 weights, fp32 residual stream)
     if s["gated"]:
-        per_tok = ((10 if full else 8) * h + 4 * s["ffn"]) * d
-        per_tok += ((7 if full else 1) * h * d) if low else 0
+        per_tok = ((10 if full else 8) * h + 4 * s["ffn"]) * d + ((7 if full else 1) * h * d if low else 0)
     else:
         per_tok = (8 * h + s["ffn"]) * d + (4 * h * d if full and low else 0)
         per_tok += 2 * h * d * (not ppo and config_dict.get("dropout", 0) > 0)  # SFT keeps opt's 2 dropouts (PPO: off)
     layer = per_tok + (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0) * d  # bytes one layer saves per token
     saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
-    # autocast's d-byte weight copies, saved for backward: all of them, or (checkpointing) those outside the layers
-    casts = (p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0
     heads = 2 * (h + 1) * 4  # reward + value head, fp32, in every copy
     # an idle SFT model: stored as the one that trains is (fp32 for full SFT, else d: --sft-lora merged its adapter)
     idle = idle_models * (s["params"] * (4 if full else d) + heads) if method in ("sft", "lora-sft") else 0
     out = dict(
-        weights=((p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * heads
-                 + idle),
+        weights=(p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * heads + idle,
         lora=lora_n * 4,
-        grads=(full_n + small_n) * 4,
-        optimizer=(full_n + small_n) * 8,
+        grads=trained * 4,
+        optimizer=trained * 8,
         activations=p["seqs"] * B * T * (saved + 2 * h * d),
-        # hydra_ppo.response_logprobs' chunk; the floor row's library loss makes fp32 logits at every position
+        # 3 alive (log-softmax, its grad in and out) in response_logprobs' chunk; the floor row's loss: every position
         logits=3 * B * (T if method == "floor" else min(R, max(1, LOGIT_CHUNK // (B * s["V"])))) * s["V"] * 4,
-        casts=casts,
+        # all of autocast's weight copies, or (checkpointing) those outside the layers
+        casts=(p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0,
         kv_cache=2 * s["L"] * (rollout_batch or B) * T * s["kv"] * d if ppo else 0,
     )
     out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(
         out["activations"] + out["logits"] + out["casts"], out["kv_cache"])
-    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=full_n + lora_n + head_n)
+    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=trained)
     return out
 
 
