@@ -1040,9 +1040,8 @@ def validate(cfg, methods):
 
 
 def check_window(cfg, c=None):
-    """prompt plus response within the model's positions (config dict c, else the model's if known without loading
-    it), both numbers named, before anything trains (past the window, learned positions index out of range and
-    rotary ones run where the model never trained)."""
+    """prompt plus response within the model's positions (config dict c, else the model's if known unloaded), before
+    anything trains: past them, learned positions index out of range and rotary ones run where it never trained."""
     try:
         c = c or model_config(cfg.model)
     except ConfigError:  # not known before it loads (or not at all: load_lm names what it cannot find)
@@ -1086,24 +1085,22 @@ def say(*args):
 def save_atomic(obj, path):
     """write to a temporary name, then rename: a kill at any moment leaves the previous file intact. every rank
     calls it (the others wait for rank 0, so that they see the file once it returns)."""
-    if not is_writer():
-        return barrier()
-    tmp = path + ".tmp"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    if is_writer():
+        tmp = path + ".tmp"
+        if path.endswith(".json"):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
     barrier()
 
 
 def swap_dir(tmp, path, keep_old=False):
-    """put the finished directory tmp at path: the old one aside, then the new one in, so that a kill at any moment
-    leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both). keep_old: the old one
-    stays at path.old."""
+    """put the finished directory tmp at path, the old one moved aside to path.old first (kept there with keep_old):
+    a kill at any moment leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both)."""
     import shutil
     old = path.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -1159,8 +1156,7 @@ def trim_metrics(out, stage, step):
 
 def update_summary(out, **kv):
     path = os.path.join(out, "summary.json")
-    s = load_file(path) if os.path.exists(path) else {}
-    s.update(kv)
+    s = {**(load_file(path) if os.path.exists(path) else {}), **kv}
     save_atomic(s, path)
     return s
 
@@ -1187,8 +1183,8 @@ def print_summary(s):
 
 
 def vm_hwm_kib():
-    """peak RSS of this process image. VmHWM starts afresh at exec; ru_maxrss (the fallback where there is no /proc)
-    is carried across fork + exec, so a child of a bigger process (pytest, a bench parent) would read its parent's."""
+    """peak RSS of this process image: VmHWM starts afresh at exec (ru_maxrss, where there is no /proc, is carried
+    across fork + exec: a child of a bigger process reads its parent's)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -1200,8 +1196,7 @@ _RSS_BASELINE_KIB = vm_hwm_kib()  # after imports: what the run adds is ours
 
 
 def peak_memory_mib(device):
-    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline (the bench's memory phase has malloc
-    hand every freed block back, so that RSS tracks live memory)."""
+    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return (vm_hwm_kib() - _RSS_BASELINE_KIB) / 1024
@@ -1217,23 +1212,17 @@ def glibc():
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-MMAP_THRESHOLD = 2**20  # bytes: a block this big or bigger is mmap'd by glibc's malloc and unmapped at free
-
-
 def fix_malloc_threshold():
-    """a CPU run's tensors live in malloc's memory. glibc raises its mmap threshold to the size of each large block
-    freed (up to 32 MiB), after which blocks of every batch shape are carved from the heap and kept when freed: RSS
-    grows past the live tensors, and past the memory plan. a fixed threshold keeps large blocks out of the heap (it
-    also stops that growth). left alone where the user set malloc's environment (MALLOC_*_, GLIBC_TUNABLES) or the
-    C library is not glibc. -> whether set."""
+    """blocks of 1 MiB and up mmap'd, unmapped at free: glibc otherwise raises the threshold to each large block freed
+    and keeps later ones in its heap when freed, so that a CPU run's RSS outgrows its tensors and the plan. left alone
+    where malloc's environment is set (MALLOC_*_, GLIBC_TUNABLES) or the C library is not glibc. -> whether set."""
     if glibc() is None or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False
-    return bool(glibc().mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    return bool(glibc().mallopt(-3, 2**20))  # M_MMAP_THRESHOLD, bytes
 
 
 def free_memory(device):
-    """drop what nothing references: python's cycles, the CUDA cache, and on the CPU the freed blocks malloc kept
-    (between stages, so that each stage's peak RSS starts from live memory)."""
+    """drop python's cycles, the CUDA cache and malloc's kept free blocks: a stage's peak starts from live memory."""
     import gc
     gc.collect()
     if device.type == "cuda":
@@ -1243,8 +1232,7 @@ def free_memory(device):
 
 
 def reset_peak_memory(device):
-    """start the peak reading afresh, so that each stage of a run is measured on its own (cuda: the allocator's
-    counter; linux: writing 5 to clear_refs sets VmHWM to the current RSS)."""
+    """start the peak reading afresh, each stage measured on its own (linux: 5 in clear_refs sets VmHWM to RSS)."""
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
