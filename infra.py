@@ -1270,8 +1270,7 @@ MODELS = {
 
 
 def model_config(name, flag="--model"):
-    """built-in shapes ("-random" = random init of them), else config.json from a local dir or the HF cache, never
-    the net."""
+    """built-in shapes ("-random": random init of them), else config.json from a local dir or the HF cache (offline)."""
     from transformers import AutoConfig
     base = name.removesuffix("-random")
     if base in MODELS:
@@ -1284,8 +1283,7 @@ def model_config(name, flag="--model"):
 
 
 def shapes(cfg):
-    """-> dims, parameter count of the LM (embeddings + decoder + lm_head) and LoRA parameters per adapter set per
-    unit rank."""
+    """-> dims, the LM's parameter count (embeddings + decoder + lm_head), LoRA parameters per adapter set per rank."""
     h, L, nh = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or h // nh
     q, kv = nh * hd, (cfg.get("num_key_value_heads") or nh) * hd
