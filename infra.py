@@ -1375,9 +1375,8 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
 
 
 def memory_plan(cfg, conf, d, roles, n_sft, gpu):
-    """the plan (estimate above) of the stages this run will run, per rank, for the model config conf and d bytes a
-    base weight. -> {"load", "sft" and "ppo" (those that run), "peak"} in bytes (gpu: the peak of the device, which
-    loading does not reach); KeyError: a config it cannot read."""
+    """the plan per rank of the stages this run will run, for model config conf and d bytes a base weight -> {"sft",
+    "ppo" (those that run), "load", "peak" (gpu: the device's, loading aside)} in bytes; KeyError: an unknown config."""
     W = world()[1]
     runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
 
@@ -1399,8 +1398,7 @@ def memory_plan(cfg, conf, d, roles, n_sft, gpu):
     # holds another dtype (mapped until the load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
     n, store = shapes(conf)["params"], d if cfg.sft_lora else 4
     file_dtype = getattr(torch, str(conf.get("dtype") or conf.get("torch_dtype") or ""), None)
-    floating = isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point
-    file_d = torch.finfo(file_dtype).bits // 8 if floating else store
+    file_d = file_dtype.itemsize if isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point else store
     held = n_sft * n * store  # the SFT models' weights (all a run that trains nothing holds)
     plan["load"] = held + (n * file_d if file_d != store else 0)
     if gguf_file(cfg.model):  # load_lm's offline route
@@ -1414,34 +1412,31 @@ def memory_plan(cfg, conf, d, roles, n_sft, gpu):
 
 
 def check_memory_plan(cfg, device, dtype, roles, n_sft, free=None):
-    """before loading a real model: decide --sft-lora and --grad-ckpt where they were left to the plan (None), print
-    the plan of the stages this run will run, and on a GPU refuse early when nothing fits. free: the bytes a GPU has
-    (default: what the device says). -> (cfg with both decided, {"load", "sft", "ppo", "peak"} in bytes per rank, or
-    None for tiny or a shape the estimator cannot read)."""
+    """before loading a real model: decide --sft-lora and --grad-ckpt where left to the plan (None), print the plan,
+    and on a GPU refuse early when nothing fits. free: a GPU's free bytes (default: what the device says). -> (cfg
+    with both decided, memory_plan's dict, or None for tiny or a config the estimator cannot read)."""
     auto = [k for k in ("sft_lora", "grad_ckpt") if getattr(cfg, k) is None]
     # a resumed run keeps what its start chose and recorded (a GPU's free memory varies between invocations)
     path = os.path.join(cfg.out, "summary.json")
     was = {k: v for k, v in (load_file(path) if auto and not cfg.fresh and os.path.exists(path) else {}).items()
            if k in auto and v is not None}
-    off = dataclasses.replace(cfg, **{k: was.get(k, False) for k in auto})  # a CPU run's, and a GPU run's that fits
-    conf = None
-    if cfg.model != "tiny":
-        try:
-            conf = model_config(cfg.model)
-        except ConfigError as e:
-            say(f"memory plan: skipped ({e})")
-    if conf is None:
+    off = dataclasses.replace(cfg, **{k: was.get(k, False) for k in auto})  # as given: a CPU run, a GPU first try
+    if cfg.model == "tiny":
+        return off, None
+    try:
+        conf = model_config(cfg.model)
+    except ConfigError as e:
+        say(f"memory plan: skipped ({e})")
         return off, None
     d, gpu = torch.finfo(dtype).bits // 8, device.type == "cuda"
-    # on a GPU: the settings as given, then the cheapest change that fits, in this order: LoRA SFT, then activation
-    # checkpointing; a flag given (or recorded) is kept
-    tries = []
-    for kw in ((), ("sft_lora",), ("sft_lora", "grad_ckpt")) if gpu else ():
+    # on a GPU: as given, else the cheapest change that fits: LoRA SFT, then checkpointing too (a flag given stays)
+    tries = [off]
+    for kw in (("sft_lora",), ("sft_lora", "grad_ckpt")) if gpu else ():
         c = dataclasses.replace(cfg, **{k: was.get(k, k in kw) for k in auto})  # (sft_lr's rule follows sft_lora)
         tries += [c] * (c not in tries)
     free = (torch.cuda.mem_get_info(device)[0] if free is None else free) if gpu else math.inf
     try:
-        plans = [(c, memory_plan(c, conf, d, roles, n_sft, gpu)) for c in tries or [off]]
+        plans = [(c, memory_plan(c, conf, d, roles, n_sft, gpu)) for c in tries]
     except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
         say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
         return off, None
@@ -1455,10 +1450,9 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft, free=None):
         + (f"{stages or 'no training stage'}); {free / 2**30:.1f} GiB free on {device}" if gpu else
            f"loading {plan['load'] / 2**30:.1f}, {stages or 'no training stage'})"))
     if plan["peak"] > free:  # what would help that this run does not do already
-        runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
-        tips = (["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
-                + ["smaller --sft-batch/--max-response"] * runs["sft"]
-                + ["smaller --minibatch/--rollout-batch/--max-new-tokens"] * runs["ppo"]
+        tips = (["--sft-lora"] * ("sft" in plan and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
+                + ["smaller --sft-batch/--max-response"] * ("sft" in plan)
+                + ["smaller --minibatch/--rollout-batch/--max-new-tokens"] * ("ppo" in plan)
                 + ["--method hydra-ppo"] * (cfg.method in ("lora-ppo", "ppo")))  # one base where a baseline has 2 or 4
         raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB "
                           f"({stages}{', with ' + flags if auto else ''}), {free / 2**30:.1f} GiB is free"
