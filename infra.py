@@ -1083,8 +1083,7 @@ def say(*args):
 
 
 def save_atomic(obj, path):
-    """write to a temporary name, then rename: a kill at any moment leaves the previous file intact. every rank
-    calls it (the others wait for rank 0, so that they see the file once it returns)."""
+    """write, then rename into place (a kill leaves the old file whole). every rank calls it; returns once written."""
     if is_writer():
         tmp = path + ".tmp"
         if path.endswith(".json"):
@@ -1183,8 +1182,7 @@ def print_summary(s):
 
 
 def vm_hwm_kib():
-    """peak RSS of this process image: VmHWM starts afresh at exec (ru_maxrss, where there is no /proc, is carried
-    across fork + exec: a child of a bigger process reads its parent's)."""
+    """peak RSS of this process image (VmHWM restarts at exec; ru_maxrss, without /proc, carries a parent's past it)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -1213,9 +1211,8 @@ def glibc():
 
 
 def fix_malloc_threshold():
-    """blocks of 1 MiB and up mmap'd, unmapped at free: glibc otherwise raises the threshold to each large block freed
-    and keeps later ones in its heap when freed, so that a CPU run's RSS outgrows its tensors and the plan. left alone
-    where malloc's environment is set (MALLOC_*_, GLIBC_TUNABLES) or the C library is not glibc. -> whether set."""
+    """blocks of 1 MiB and up mmap'd: glibc's own threshold rises with each large block freed, and freed blocks then
+    stay in its heap (RSS outgrows the tensors). not where MALLOC_*_ / GLIBC_TUNABLES are set. -> whether set."""
     if glibc() is None or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False
     return bool(glibc().mallopt(-3, 2**20))  # M_MMAP_THRESHOLD, bytes
@@ -1318,10 +1315,9 @@ def shapes(cfg):
 
 
 def plan(method):
-    """method: "floor" (one LoRA set), "sft", "lora-sft" (chosen and rejected in one forward: 2B), or a PPO method's
-    role table (hydra_ppo.ROLES[name]): one forward of B, as actor and critic backpropagate one at a time unless they
-    share it (J-Hydra). -> base copies (distinct bases), LoRA sets (distinct (base, adapter)), fully trained copies,
-    sequences whose activations are alive at once (units of B)."""
+    """method: "floor" (one LoRA set), "sft", "lora-sft" (chosen and rejected in one forward: 2B), or a role table
+    (hydra_ppo.ROLES[name]: one forward of B, actor and critic backpropagate in turn). -> base copies, LoRA sets
+    (distinct (base, adapter)), fully trained copies, sequences whose activations are alive at once (units of B)."""
     if method == "floor":
         return dict(copies=1, sets=1, full=0, seqs=1)
     if method in ("sft", "lora-sft"):
@@ -1334,9 +1330,8 @@ def plan(method):
 def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False,
              rollout_batch=None, idle_models=0):
     """analytic peak memory of one training step of `method` (as plan takes it), in bytes per component. seq_len:
-    prompt + response tokens (the response is half unless given); batch_size: the sequences of one forward (PPO: the
-    minibatch); rollout_batch: the KV cache's (generate decodes the whole rollout; default batch_size); idle_models
-    (sft rows): SFT models on the device beside the one that trains (a baseline's two are trained in turn)."""
+    prompt + response (half unless given); batch_size: one forward's (PPO: the minibatch); rollout_batch: the KV
+    cache's (default batch_size); idle_models (sft rows): SFT models beside the one that trains (a baseline's)."""
     s, p = shapes(config_dict), plan(method)
     B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
     lora_n = p["sets"] * lora_r * s["lora_r1"]
