@@ -1337,8 +1337,7 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     lora_n = p["sets"] * lora_r * s["lora_r1"]
     full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # (the critic's untied LM head: no grad)
     ppo = isinstance(method, dict)
-    # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
-    head_n = 0 if method == "floor" else h + ppo
+    head_n = 0 if method == "floor" else h + ppo  # ppo: the value head; sft: the reward weight (no bias grad)
     trained = full_n + lora_n + head_n  # each with an fp32 grad and AdamW state
     low, full = d < 4, p["full"] > 0  # autocast to d; a fully trained copy (fp32 weights, fp32 residual stream)
     if s["gated"]:
@@ -1380,15 +1379,13 @@ def memory_plan(cfg, conf, d, roles, n_sft, gpu):
         # --skip-nonfinite: _snapshot's copy of the trained weights (fp32, as their grads) and AdamW state, every step
         held = shared + (e["grads"] + e["optimizer"]) * cfg.skip_nonfinite
         return (e["total"] - shared) / W + (held / W if cfg.fsdp else held)
-    # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response, and
-    # under --sft-lora each base's fixed SFT adapter (fp32)
-    plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
-                                     cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
-                                     cfg.grad_ckpt, idle_models=n_sft - 1)),
-            "ppo": per_rank(estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d,
-                                     cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt, rollout_batch=cfg.rollout_batch))
-            + n_sft * cfg.lora_r * shapes(conf)["lora_r1"] * 4 * bool(cfg.sft_lora)}
-    plan = {k: v for k, v in plan.items() if runs[k]}
+    # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response
+    sft = estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch, cfg.max_prompt + cfg.max_response, d,
+                   cfg.lora_r, cfg.max_response, cfg.grad_ckpt, idle_models=n_sft - 1)
+    ppo = estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d, cfg.lora_r, cfg.max_new_tokens,
+                   cfg.grad_ckpt, rollout_batch=cfg.rollout_batch)
+    adapters = n_sft * cfg.lora_r * shapes(conf)["lora_r1"] * 4 * bool(cfg.sft_lora)  # --sft-lora's fixed ones, fp32
+    plan = {k: v for k, v in (("sft", per_rank(sft)), ("ppo", per_rank(ppo) + adapters)) if runs[k]}
     # loading, on the host: the SFT models in their training dtype, the last beside its file's pages when the file
     # holds another dtype (mapped until the load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
     n, store = shapes(conf)["params"], d if cfg.sft_lora else 4
