@@ -986,14 +986,11 @@ class ConfigError(ValueError):
 def parse_args(config_cls, argv=None, description=None):
     """every field of the config dataclass as a --flag (its metadata["help"] the help line). -> an instance."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.default is None:  # a switch left to a rule: --x, --no-x, or neither (None)
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    for f in dataclasses.fields(config_cls):  # a bool: --x; a None default: --x, --no-x or neither (left to a rule)
+        kw = (dict(action="store_true") if f.type in (bool, "bool") else
+              dict(action=argparse.BooleanOptionalAction, default=None) if f.default is None else
+              dict(type=type(f.default), default=f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kw)
     return config_cls(**vars(p.parse_args(argv)))
 
 
@@ -1302,9 +1299,8 @@ def shapes(cfg):
 
 
 # the analytic memory plan, in bytes (d: bytes per element of the base dtype)
-# - fp32: what trains (a full copy: 4 weight + 4 grad + 8 AdamW per parameter; else LoRA and the scalar heads), the
-#   heads in every copy, the logits; a frozen base is stored in d. in d < 4 autocast saves a d-byte copy of each
-#   trained weight for backward ("casts").
+# - fp32: what trains (a full copy: 4 weight + 4 grad + 8 AdamW per parameter; else LoRA and the heads), every copy's
+#   heads, the logits; a frozen base is in d. in d < 4 autocast saves a d-byte copy of each trained weight ("casts").
 # - activations per token per layer, counted with saved_tensors_hooks (no dropout, SDPA flash attention, GQA
 #   keys/values saved expanded; micro models within 10%, tests):
 #     llama: norms' inputs and outputs, q, k, v, attn out, gate, up, silu, down input -> (10h full | 8h LoRA) + 4 ffn
