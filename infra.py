@@ -996,7 +996,10 @@ def parse_args(config_cls, argv=None, description=None):
 
 def validate(cfg, methods):
     """one line per bad flag value, naming the flag and what it takes."""
-    checks = [
+    # every float finite first: nan compares false, inf passes every bound below
+    checks = [(math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number")
+              for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float)]
+    checks += [
         (cfg.method in methods, f"--method {cfg.method!r}: expected one of {', '.join(methods)}"),
         (cfg.stage in ("all", "sft", "ppo"), f"--stage {cfg.stage!r}: expected all, sft or ppo"),
         (cfg.score_norm in ("sft", "none"), f"--score-norm {cfg.score_norm!r}: expected sft or none"),
@@ -1011,26 +1014,21 @@ def validate(cfg, methods):
         (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0 (0 makes the adapters, and PPO, a no-op)"),
         (cfg.score_clip > 0, f"--score-clip {cfg.score_clip}: must be > 0"),  # (--stop-kl <= 0: one minibatch)
     ]
-    # (first: nan compares false, inf passes every bound below)
-    checks[:0] = [(math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number")
-                  for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float)]
-    for name in ("sft_steps", "ppo_steps", "kl_horizon", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch",
-                 "max_new_tokens", "max_prompt", "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
-        checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
-    checks.append((cfg.threads >= 0, f"--threads {cfg.threads}: must be >= 0"))
-    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs", "vf_coef"):
-        checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
-    checks.append((cfg.rollout_batch % cfg.minibatch == 0,
-                   f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))
-    checks.append((cfg.score_norm == "none" or cfg.rollout_batch >= 2,
-                   "--score-norm sft takes the std of the first rollout's scores: needs --rollout-batch >= 2 "
-                   f"(got {cfg.rollout_batch}), or pass --score-norm none"))
+    checks += [(getattr(cfg, k) >= 1, f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be >= 1") for k in (
+        "sft_steps", "ppo_steps", "kl_horizon", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch",
+        "max_new_tokens", "max_prompt", "max_response", "eval_prompts", "ckpt_every", "n_builtin")]
+    checks += [(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be >= 0") for k in (
+        "threads", "sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs", "vf_coef")]
+    checks += [(cfg.rollout_batch % cfg.minibatch == 0,
+                f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"),
+               (cfg.score_norm == "none" or cfg.rollout_batch >= 2,
+                "--score-norm sft takes the std of the first rollout's scores: needs --rollout-batch >= 2 "
+                f"(got {cfg.rollout_batch}), or pass --score-norm none")]
     W = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun: every rank takes an equal share of each batch
-    for name in ("sft_batch", "minibatch"):
-        checks.append((getattr(cfg, name) % W == 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be a "
-                       f"multiple of the {W} ranks (torchrun --nproc_per_node x nodes)"))
-    checks.append((not cfg.fsdp or "WORLD_SIZE" in os.environ, "--fsdp shards the model across processes: launch "
-                   "with torchrun, e.g. torchrun --nproc_per_node 2 hydra_ppo.py --fsdp"))
+    checks += [(getattr(cfg, k) % W == 0, f"--{k.replace('_', '-')} {getattr(cfg, k)} must be a multiple of the {W} "
+                "ranks (torchrun --nproc_per_node x nodes)") for k in ("sft_batch", "minibatch")]
+    checks += [(not cfg.fsdp or "WORLD_SIZE" in os.environ, "--fsdp shards the model across processes: launch with "
+                "torchrun, e.g. torchrun --nproc_per_node 2 hydra_ppo.py --fsdp")]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
