@@ -1093,8 +1093,7 @@ def save_atomic(obj, path):
 
 
 def swap_dir(tmp, path, keep_old=False):
-    """put the finished directory tmp at path, the old one moved aside to path.old first (kept there with keep_old):
-    a kill at any moment leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both)."""
+    """put directory tmp at path, the old one moved to path.old first (kept with keep_old): a kill leaves one whole."""
     import shutil
     old = path.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
