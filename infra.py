@@ -1093,7 +1093,7 @@ def save_atomic(obj, path):
 
 
 def swap_dir(tmp, path, keep_old=False):
-    """put directory tmp at path, the old one moved to path.old first (kept with keep_old): a kill leaves one whole."""
+    """tmp to path, the old one moved to path.old first (kept with keep_old): a kill leaves a whole one at either."""
     import shutil
     old = path.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -1304,7 +1304,7 @@ def shapes(cfg):
 #     opt:   norms' inputs and outputs, q, k, v, attn out, fc2 input -> 8h + ffn (+ 2h SFT dropout: PPO turns it off)
 #   + r per wrapped Linear; in d < 4 a full copy's fp32 residual stream and per-matmul input casts (llama 7h, opt 4h),
 #   a frozen base llama's fp32 RMSNorm (h). activation checkpointing keeps each layer's input (h), recomputes one.
-# - the rollout's KV cache is never alive with training activations: the peak holds the larger. no allocator slack.
+# - the KV cache and training activations are never alive together: the larger counts. no allocator slack, no runtime.
 
 
 def plan(method):
