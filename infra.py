@@ -927,20 +927,20 @@ class ConfigError(ValueError):
 def parse_args(config_cls, argv=None, description=None):
     """every field of the config dataclass as a --flag (its metadata["help"] the help line). -> an instance."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.default is None:  # a switch left to a rule: --x, --no-x, or neither (None)
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    for f in dataclasses.fields(config_cls):  # a bool: --x; a None default: --x, --no-x or neither (left to a rule)
+        kw = (dict(action="store_true") if f.type in (bool, "bool") else
+              dict(action=argparse.BooleanOptionalAction, default=None) if f.default is None else
+              dict(type=type(f.default), default=f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **kw)
     return config_cls(**vars(p.parse_args(argv)))
 
 
 def validate(cfg, methods):
     """one line per bad flag value, naming the flag and what it takes."""
-    checks = [
+    # every float finite first: nan compares false, inf passes every bound below
+    checks = [(math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number")
+              for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float)]
+    checks += [
         (cfg.method in methods, f"--method {cfg.method!r}: expected one of {', '.join(methods)}"),
         (cfg.stage in ("all", "sft", "ppo"), f"--stage {cfg.stage!r}: expected all, sft or ppo"),
         (cfg.score_norm in ("sft", "none"), f"--score-norm {cfg.score_norm!r}: expected sft or none"),
@@ -955,35 +955,29 @@ def validate(cfg, methods):
         (cfg.lora_alpha > 0, f"--lora-alpha {cfg.lora_alpha}: must be > 0 (0 makes the adapters, and PPO, a no-op)"),
         (cfg.score_clip > 0, f"--score-clip {cfg.score_clip}: must be > 0"),  # (--stop-kl <= 0: one minibatch)
     ]
-    # (first: nan compares false, inf passes every bound below)
-    checks[:0] = [(math.isfinite(v), f"--{k.replace('_', '-')} {v}: must be a finite number")
-                  for k, v in dataclasses.asdict(cfg).items() if isinstance(v, float)]
-    for name in ("sft_steps", "ppo_steps", "kl_horizon", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch",
-                 "max_new_tokens", "max_prompt", "max_response", "eval_prompts", "ckpt_every", "n_builtin"):
-        checks.append((getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1"))
-    checks.append((cfg.threads >= 0, f"--threads {cfg.threads}: must be >= 0"))
-    for name in ("sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs", "vf_coef"):
-        checks.append((getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 0"))
-    checks.append((cfg.rollout_batch % cfg.minibatch == 0,
-                   f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"))
-    checks.append((cfg.score_norm == "none" or cfg.rollout_batch >= 2,
-                   "--score-norm sft takes the std of the first rollout's scores: needs --rollout-batch >= 2 "
-                   f"(got {cfg.rollout_batch}), or pass --score-norm none"))
+    checks += [(getattr(cfg, k) >= 1, f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be >= 1") for k in (
+        "sft_steps", "ppo_steps", "kl_horizon", "sft_batch", "ppo_epochs", "rollout_batch", "minibatch",
+        "max_new_tokens", "max_prompt", "max_response", "eval_prompts", "ckpt_every", "n_builtin")]
+    checks += [(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be >= 0") for k in (
+        "threads", "sft_lr", "actor_lr", "critic_lr", "kl_coef", "target_kl", "rm_weight", "max_pairs", "vf_coef")]
+    checks += [(cfg.rollout_batch % cfg.minibatch == 0,
+                f"--rollout-batch {cfg.rollout_batch} must be a multiple of --minibatch {cfg.minibatch}"),
+               (cfg.score_norm == "none" or cfg.rollout_batch >= 2,
+                "--score-norm sft takes the std of the first rollout's scores: needs --rollout-batch >= 2 "
+                f"(got {cfg.rollout_batch}), or pass --score-norm none")]
     W = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun: every rank takes an equal share of each batch
-    for name in ("sft_batch", "minibatch"):
-        checks.append((getattr(cfg, name) % W == 0, f"--{name.replace('_', '-')} {getattr(cfg, name)} must be a "
-                       f"multiple of the {W} ranks (torchrun --nproc_per_node x nodes)"))
-    checks.append((not cfg.fsdp or "WORLD_SIZE" in os.environ, "--fsdp shards the model across processes: launch "
-                   "with torchrun, e.g. torchrun --nproc_per_node 2 hydra_ppo.py --fsdp"))
+    checks += [(getattr(cfg, k) % W == 0, f"--{k.replace('_', '-')} {getattr(cfg, k)} must be a multiple of the {W} "
+                "ranks (torchrun --nproc_per_node x nodes)") for k in ("sft_batch", "minibatch")]
+    checks += [(not cfg.fsdp or "WORLD_SIZE" in os.environ, "--fsdp shards the model across processes: launch with "
+                "torchrun, e.g. torchrun --nproc_per_node 2 hydra_ppo.py --fsdp")]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
 
 
 def check_window(cfg, c=None):
-    """prompt plus response within the model's positions (config dict c, else the model's if known without loading
-    it), both numbers named, before anything trains (past the window, learned positions index out of range and
-    rotary ones run where the model never trained)."""
+    """prompt plus response within the model's positions (config dict c, else the model's if known unloaded), before
+    anything trains: past them, learned positions index out of range and rotary ones run where it never trained."""
     try:
         c = c or model_config(cfg.model)
     except ConfigError:  # not known before it loads (or not at all: load_lm names what it cannot find)
@@ -1025,26 +1019,22 @@ def say(*args):
 
 
 def save_atomic(obj, path):
-    """write to a temporary name, then rename: a kill at any moment leaves the previous file intact. every rank
-    calls it (the others wait for rank 0, so that they see the file once it returns)."""
-    if not is_writer():
-        return barrier()
-    tmp = path + ".tmp"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """write, then rename into place (a kill leaves the old file whole). every rank calls it; returns once written."""
+    if is_writer():
+        tmp = path + ".tmp"
+        if path.endswith(".json"):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
     barrier()
 
 
 def swap_dir(tmp, path, keep_old=False):
-    """put the finished directory tmp at path: the old one aside, then the new one in, so that a kill at any moment
-    leaves a whole one at path or at path.old (a sharded checkpoint is looked for in both). keep_old: the old one
-    stays at path.old."""
+    """tmp to path, the old one moved to path.old first (kept with keep_old): a kill leaves a whole one at either."""
     import shutil
     old = path.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -1100,8 +1090,7 @@ def trim_metrics(out, stage, step):
 
 def update_summary(out, **kv):
     path = os.path.join(out, "summary.json")
-    s = load_file(path) if os.path.exists(path) else {}
-    s.update(kv)
+    s = {**(load_file(path) if os.path.exists(path) else {}), **kv}
     save_atomic(s, path)
     return s
 
@@ -1128,8 +1117,7 @@ def print_summary(s):
 
 
 def vm_hwm_kib():
-    """peak RSS of this process image. VmHWM starts afresh at exec; ru_maxrss (the fallback where there is no /proc)
-    is carried across fork + exec, so a child of a bigger process (pytest, a bench parent) would read its parent's."""
+    """peak RSS of this process image (VmHWM restarts at exec; ru_maxrss, without /proc, carries a parent's past it)."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -1141,8 +1129,7 @@ _RSS_BASELINE_KIB = vm_hwm_kib()  # after imports: what the run adds is ours
 
 
 def peak_memory_mib(device):
-    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline (the bench's memory phase has malloc
-    hand every freed block back, so that RSS tracks live memory)."""
+    """cuda: the allocator's peak. cpu: peak RSS above the post-import baseline."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return (vm_hwm_kib() - _RSS_BASELINE_KIB) / 1024
@@ -1158,23 +1145,16 @@ def glibc():
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-MMAP_THRESHOLD = 2**20  # bytes: a block this big or bigger is mmap'd by glibc's malloc and unmapped at free
-
-
 def fix_malloc_threshold():
-    """a CPU run's tensors live in malloc's memory. glibc raises its mmap threshold to the size of each large block
-    freed (up to 32 MiB), after which blocks of every batch shape are carved from the heap and kept when freed: RSS
-    grows past the live tensors, and past the memory plan. a fixed threshold keeps large blocks out of the heap (it
-    also stops that growth). left alone where the user set malloc's environment (MALLOC_*_, GLIBC_TUNABLES) or the
-    C library is not glibc. -> whether set."""
+    """blocks of 1 MiB and up mmap'd: glibc's own threshold rises with each large block freed, and freed blocks then
+    stay in its heap (RSS outgrows the tensors). not where MALLOC_*_ / GLIBC_TUNABLES are set. -> whether set."""
     if glibc() is None or any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False
-    return bool(glibc().mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    return bool(glibc().mallopt(-3, 2**20))  # M_MMAP_THRESHOLD, bytes
 
 
 def free_memory(device):
-    """drop what nothing references: python's cycles, the CUDA cache, and on the CPU the freed blocks malloc kept
-    (between stages, so that each stage's peak RSS starts from live memory)."""
+    """drop python's cycles, the CUDA cache and malloc's kept free blocks: a stage's peak starts from live memory."""
     import gc
     gc.collect()
     if device.type == "cuda":
@@ -1184,8 +1164,7 @@ def free_memory(device):
 
 
 def reset_peak_memory(device):
-    """start the peak reading afresh, so that each stage of a run is measured on its own (cuda: the allocator's
-    counter; linux: writing 5 to clear_refs sets VmHWM to the current RSS)."""
+    """start the peak reading afresh, each stage measured on its own (linux: 5 in clear_refs sets VmHWM to RSS)."""
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -1223,8 +1202,7 @@ MODELS = {
 
 
 def model_config(name, flag="--model"):
-    """built-in shapes ("-random" = random init of them), else config.json from a local dir or the HF cache, never
-    the net."""
+    """built-in shapes ("-random": random init of them), else config.json from a local dir or the HF cache (offline)."""
     from transformers import AutoConfig
     base = name.removesuffix("-random")
     if base in MODELS:
@@ -1237,8 +1215,7 @@ def model_config(name, flag="--model"):
 
 
 def shapes(cfg):
-    """-> dims, parameter count of the LM (embeddings + decoder + lm_head) and LoRA parameters per adapter set per
-    unit rank."""
+    """-> dims, the LM's parameter count (embeddings + decoder + lm_head), LoRA parameters per adapter set per rank."""
     h, L, nh = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or h // nh
     q, kv = nh * hd, (cfg.get("num_key_value_heads") or nh) * hd
@@ -1259,95 +1236,75 @@ def shapes(cfg):
                 layer=layer)
 
 
-# the analytic memory plan. bytes; d = bytes per element of the base dtype.
-# - structure from the role table: base copies = distinct bases, LoRA sets = distinct (base, adapter). a PPO row holds
-#   one forward's activations (B sequences): actor and critic backpropagate one at a time unless they share a forward
-#   (J-Hydra). an SFT row puts chosen and rejected through one forward (2B). a baseline's two SFT models are both on
-#   the device, trained in turn: the idle one adds its weights (idle_models).
-# - mixed precision as hydra_ppo does it: what trains is fp32 (a full copy: 4 weight + 4 grad + 8 AdamW per
-#   parameter; else LoRA and the scalar heads), a frozen base is stored in d. in d < 4 autocast saves a d-byte copy
-#   of each trained weight for backward ("casts"; with activation checkpointing only those outside the layers).
-#   the heads are fp32 in every copy; an untied LM head of the critic gets no gradient (no optimizer state).
-# - activations per token per layer (Korthikanti et al. 2022, recounted for transformers' blocks with
-#   saved_tensors_hooks: no dropout, SDPA flash attention, GQA keys/values saved expanded):
+# the analytic memory plan, in bytes (d: bytes per element of the base dtype)
+# - fp32: what trains (a full copy: 4 weight + 4 grad + 8 AdamW per parameter; else LoRA and the heads), every copy's
+#   heads, the logits; a frozen base is in d. in d < 4 autocast saves a d-byte copy of each trained weight ("casts").
+# - activations per token per layer, counted with saved_tensors_hooks (no dropout, SDPA flash attention, GQA
+#   keys/values saved expanded; micro models within 10%, tests):
 #     llama: norms' inputs and outputs, q, k, v, attn out, gate, up, silu, down input -> (10h full | 8h LoRA) + 4 ffn
 #     opt:   norms' inputs and outputs, q, k, v, attn out, fc2 input -> 8h + ffn (+ 2h SFT dropout: PPO turns it off)
 #   + r per wrapped Linear; in d < 4 a full copy's fp32 residual stream and per-matmul input casts (llama 7h, opt 4h),
-#   a frozen base llama's fp32 RMSNorm (h): fitted to saved_tensors_hooks counts on micro models (tests: within
-#   10%). activation checkpointing keeps each layer's input (h) and recomputes one layer.
-# - logits: fp32, 3 alive (log-softmax, its grad in and out) for one chunk of positions (response_logprobs),
-#   B x min(R, LOGIT_CHUNK / (B V)) x V, the actor's only.
-# - the rollout's KV cache, 2 L B' T kv d (B' = --rollout-batch: generate decodes it whole; B = --minibatch), never
-#   alive with training activations: total = weights + lora + grads + optimizer + max(activations + logits + casts,
-#   kv cache). no allocator slack, no runtime.
-# - lengths (check_memory_plan): SFT T = --max-prompt + --max-response, PPO T = --max-prompt + --max-new-tokens.
+#   a frozen base llama's fp32 RMSNorm (h). activation checkpointing keeps each layer's input (h), recomputes one.
+# - the KV cache and training activations are never alive together: the larger counts. no allocator slack, no runtime.
 
 
 def plan(method):
-    """method: "floor", "sft", "lora-sft", or a PPO method's role table (hydra_ppo.ROLES[name]). -> base copies, LoRA
-    sets, fully trained copies, sequences whose activations are alive at once (units of B)."""
-    if method == "floor":  # one LoRA set, one forward of B sequences
+    """method: "floor" (one LoRA set), "sft", "lora-sft" (chosen and rejected in one forward: 2B), or a role table
+    (hydra_ppo.ROLES[name]: one forward of B, actor and critic backpropagate in turn). -> base copies, LoRA sets
+    (distinct (base, adapter)), fully trained copies, sequences whose activations are alive at once (units of B)."""
+    if method == "floor":
         return dict(copies=1, sets=1, full=0, seqs=1)
     if method in ("sft", "lora-sft"):
-        lo = method == "lora-sft"
-        return dict(copies=1, sets=int(lo), full=int(not lo), seqs=2)
-    roles = method
-    train = {roles[r][:2] for r in ("actor", "critic")}
-    return dict(copies=len({b for b, _, _ in roles.values()}), sets=len({(b, a) for b, a, _ in roles.values() if a}),
+        return dict(copies=1, sets=int(method == "lora-sft"), full=int(method == "sft"), seqs=2)
+    train = {method[r][:2] for r in ("actor", "critic")}
+    return dict(copies=len({b for b, _, _ in method.values()}), sets=len({(b, a) for b, a, _ in method.values() if a}),
                 full=sum(a is None for _, a in train), seqs=1)
 
 
 def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16, response_len=None, grad_ckpt=False,
              rollout_batch=None, idle_models=0):
-    """analytic peak memory of one training step of `method`, in bytes per component (see the assumptions above).
-    seq_len = prompt + response tokens; the response (sampled, scored by the LM head) is half unless given.
-    batch_size: the sequences of one forward (PPO: the minibatch); rollout_batch: the prompts one generate decodes
-    at once, the KV cache's batch (default batch_size). idle_models (sft rows): SFT models held on the device beside
-    the one that trains (a baseline's second)."""
+    """analytic peak memory of one training step of `method` (as plan takes it), in bytes per component. seq_len:
+    prompt + response (half unless given); batch_size: one forward's (PPO: the minibatch); rollout_batch: the KV
+    cache's (default batch_size); idle_models (sft rows): SFT models beside the one that trains (a baseline's)."""
     s, p = shapes(config_dict), plan(method)
     B, T, R, d, h = batch_size, seq_len, response_len or seq_len // 2, dtype_bytes, s["h"]
     lora_n = p["sets"] * lora_r * s["lora_r1"]
-    full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # trained full params that get grads
+    full_n = p["full"] * s["params"] - max(0, p["full"] - 1) * s["untied"]  # (the critic's untied LM head: no grad)
     ppo = isinstance(method, dict)
-    # fp32 trained scalar head: the value head in ppo; the reward head's weight in sft (its bias gets no gradient)
-    head_n = 0 if method == "floor" else h + ppo
-    small_n = lora_n + head_n
+    head_n = 0 if method == "floor" else h + ppo  # ppo: the value head; sft: the reward weight (no bias grad)
+    trained = full_n + lora_n + head_n  # each with an fp32 grad and AdamW state
     low, full = d < 4, p["full"] > 0  # autocast to d; a fully trained copy (fp32 weights, fp32 residual stream)
     if s["gated"]:
-        per_tok = ((10 if full else 8) * h + 4 * s["ffn"]) * d
-        per_tok += ((7 if full else 1) * h * d) if low else 0
+        per_tok = ((10 if full else 8) * h + 4 * s["ffn"]) * d + ((7 if full else 1) * h * d if low else 0)
     else:
         per_tok = (8 * h + s["ffn"]) * d + (4 * h * d if full and low else 0)
         per_tok += 2 * h * d * (not ppo and config_dict.get("dropout", 0) > 0)  # SFT keeps opt's 2 dropouts (PPO: off)
     layer = per_tok + (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0) * d  # bytes one layer saves per token
     saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
-    # autocast's d-byte weight copies, saved for backward: all of them, or (checkpointing) those outside the layers
-    casts = (p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0
     heads = 2 * (h + 1) * 4  # reward + value head, fp32, in every copy
     # an idle SFT model: stored as the one that trains is (fp32 for full SFT, else d: --sft-lora merged its adapter)
     idle = idle_models * (s["params"] * (4 if full else d) + heads) if method in ("sft", "lora-sft") else 0
     out = dict(
-        weights=((p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * heads
-                 + idle),
+        weights=(p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * heads + idle,
         lora=lora_n * 4,
-        grads=(full_n + small_n) * 4,
-        optimizer=(full_n + small_n) * 8,
+        grads=trained * 4,
+        optimizer=trained * 8,
         activations=p["seqs"] * B * T * (saved + 2 * h * d),
-        # hydra_ppo.response_logprobs' chunk; the floor row's library loss makes fp32 logits at every position
+        # 3 alive (log-softmax, its grad in and out) in response_logprobs' chunk; the floor row's loss: every position
         logits=3 * B * (T if method == "floor" else min(R, max(1, LOGIT_CHUNK // (B * s["V"])))) * s["V"] * 4,
-        casts=casts,
+        # all of autocast's weight copies, or (checkpointing) those outside the layers
+        casts=(p["full"] * (s["params"] - s["L"] * s["layer"]) if grad_ckpt else full_n) * d if low else 0,
         kv_cache=2 * s["L"] * (rollout_batch or B) * T * s["kv"] * d if ppo else 0,
     )
     out["total"] = sum(out[k] for k in ("weights", "lora", "grads", "optimizer")) + max(
         out["activations"] + out["logits"] + out["casts"], out["kv_cache"])
-    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=full_n + lora_n + head_n)
+    out.update(base_copies=p["copies"], lora_sets=p["sets"], trainable_params=trained)
     return out
 
 
 def memory_plan(cfg, conf, d, roles, n_sft, gpu):
-    """the plan (estimate above) of the stages this run will run, per rank, for the model config conf and d bytes a
-    base weight. -> {"load", "sft" and "ppo" (those that run), "peak"} in bytes (gpu: the peak of the device, which
-    loading does not reach); KeyError: a config it cannot read."""
+    """the plan per rank of the stages this run will run, for model config conf and d bytes a base weight -> {"sft",
+    "ppo" (those that run), "load", "peak" (gpu: the device's, loading aside)} in bytes; KeyError: an unknown config."""
     W = world()[1]
     runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
 
@@ -1356,21 +1313,18 @@ def memory_plan(cfg, conf, d, roles, n_sft, gpu):
         # --skip-nonfinite: _snapshot's copy of the trained weights (fp32, as their grads) and AdamW state, every step
         held = shared + (e["grads"] + e["optimizer"]) * cfg.skip_nonfinite
         return (e["total"] - shared) / W + (held / W if cfg.fsdp else held)
-    # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response, and
-    # under --sft-lora each base's fixed SFT adapter (fp32)
-    plan = {"sft": per_rank(estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch,
-                                     cfg.max_prompt + cfg.max_response, d, cfg.lora_r, cfg.max_response,
-                                     cfg.grad_ckpt, idle_models=n_sft - 1)),
-            "ppo": per_rank(estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d,
-                                     cfg.lora_r, cfg.max_new_tokens, cfg.grad_ckpt, rollout_batch=cfg.rollout_batch))
-            + n_sft * cfg.lora_r * shapes(conf)["lora_r1"] * 4 * bool(cfg.sft_lora)}
-    plan = {k: v for k, v in plan.items() if runs[k]}
+    # SFT: prompt + data response, both SFT models of a baseline on the device; PPO: prompt + sampled response
+    sft = estimate(conf, "lora-sft" if cfg.sft_lora else "sft", cfg.sft_batch, cfg.max_prompt + cfg.max_response, d,
+                   cfg.lora_r, cfg.max_response, cfg.grad_ckpt, idle_models=n_sft - 1)
+    ppo = estimate(conf, roles, cfg.minibatch, cfg.max_prompt + cfg.max_new_tokens, d, cfg.lora_r, cfg.max_new_tokens,
+                   cfg.grad_ckpt, rollout_batch=cfg.rollout_batch)
+    adapters = n_sft * cfg.lora_r * shapes(conf)["lora_r1"] * 4 * bool(cfg.sft_lora)  # --sft-lora's fixed ones, fp32
+    plan = {k: v for k, v in (("sft", per_rank(sft)), ("ppo", per_rank(ppo) + adapters)) if runs[k]}
     # loading, on the host: the SFT models in their training dtype, the last beside its file's pages when the file
     # holds another dtype (mapped until the load ends: a float16 file loaded as fp32 peaks at 6 bytes per weight)
     n, store = shapes(conf)["params"], d if cfg.sft_lora else 4
     file_dtype = getattr(torch, str(conf.get("dtype") or conf.get("torch_dtype") or ""), None)
-    floating = isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point
-    file_d = torch.finfo(file_dtype).bits // 8 if floating else store
+    file_d = file_dtype.itemsize if isinstance(file_dtype, torch.dtype) and file_dtype.is_floating_point else store
     held = n_sft * n * store  # the SFT models' weights (all a run that trains nothing holds)
     plan["load"] = held + (n * file_d if file_d != store else 0)
     if gguf_file(cfg.model):  # load_lm's offline route
@@ -1384,34 +1338,31 @@ def memory_plan(cfg, conf, d, roles, n_sft, gpu):
 
 
 def check_memory_plan(cfg, device, dtype, roles, n_sft, free=None):
-    """before loading a real model: decide --sft-lora and --grad-ckpt where they were left to the plan (None), print
-    the plan of the stages this run will run, and on a GPU refuse early when nothing fits. free: the bytes a GPU has
-    (default: what the device says). -> (cfg with both decided, {"load", "sft", "ppo", "peak"} in bytes per rank, or
-    None for tiny or a shape the estimator cannot read)."""
+    """before loading a real model: decide --sft-lora and --grad-ckpt where left to the plan (None), print the plan,
+    and on a GPU refuse early when nothing fits. free: a GPU's free bytes (default: what the device says). -> (cfg
+    with both decided, memory_plan's dict, or None for tiny or a config the estimator cannot read)."""
     auto = [k for k in ("sft_lora", "grad_ckpt") if getattr(cfg, k) is None]
     # a resumed run keeps what its start chose and recorded (a GPU's free memory varies between invocations)
     path = os.path.join(cfg.out, "summary.json")
     was = {k: v for k, v in (load_file(path) if auto and not cfg.fresh and os.path.exists(path) else {}).items()
            if k in auto and v is not None}
-    off = dataclasses.replace(cfg, **{k: was.get(k, False) for k in auto})  # a CPU run's, and a GPU run's that fits
-    conf = None
-    if cfg.model != "tiny":
-        try:
-            conf = model_config(cfg.model)
-        except ConfigError as e:
-            say(f"memory plan: skipped ({e})")
-    if conf is None:
+    off = dataclasses.replace(cfg, **{k: was.get(k, False) for k in auto})  # as given: a CPU run, a GPU first try
+    if cfg.model == "tiny":
+        return off, None
+    try:
+        conf = model_config(cfg.model)
+    except ConfigError as e:
+        say(f"memory plan: skipped ({e})")
         return off, None
     d, gpu = torch.finfo(dtype).bits // 8, device.type == "cuda"
-    # on a GPU: the settings as given, then the cheapest change that fits, in this order: LoRA SFT, then activation
-    # checkpointing; a flag given (or recorded) is kept
-    tries = []
-    for kw in ((), ("sft_lora",), ("sft_lora", "grad_ckpt")) if gpu else ():
+    # on a GPU: as given, else the cheapest change that fits: LoRA SFT, then checkpointing too (a flag given stays)
+    tries = [off]
+    for kw in (("sft_lora",), ("sft_lora", "grad_ckpt")) if gpu else ():
         c = dataclasses.replace(cfg, **{k: was.get(k, k in kw) for k in auto})  # (sft_lr's rule follows sft_lora)
         tries += [c] * (c not in tries)
     free = (torch.cuda.mem_get_info(device)[0] if free is None else free) if gpu else math.inf
     try:
-        plans = [(c, memory_plan(c, conf, d, roles, n_sft, gpu)) for c in tries or [off]]
+        plans = [(c, memory_plan(c, conf, d, roles, n_sft, gpu)) for c in tries]
     except KeyError as e:  # the estimator reads llama- and opt-style configs (gpt-2 names its width n_embd)
         say(f"memory plan: skipped (the estimator does not know {conf.get('model_type')!r} configs: no {e})")
         return off, None
@@ -1425,10 +1376,9 @@ def check_memory_plan(cfg, device, dtype, roles, n_sft, free=None):
         + (f"{stages or 'no training stage'}); {free / 2**30:.1f} GiB free on {device}" if gpu else
            f"loading {plan['load'] / 2**30:.1f}, {stages or 'no training stage'})"))
     if plan["peak"] > free:  # what would help that this run does not do already
-        runs = {"sft": sft_will_run(cfg), "ppo": cfg.stage in ("all", "ppo")}
-        tips = (["--sft-lora"] * (runs["sft"] and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
-                + ["smaller --sft-batch/--max-response"] * runs["sft"]
-                + ["smaller --minibatch/--rollout-batch/--max-new-tokens"] * runs["ppo"]
+        tips = (["--sft-lora"] * ("sft" in plan and not cfg.sft_lora) + ["--grad-ckpt"] * (not cfg.grad_ckpt)
+                + ["smaller --sft-batch/--max-response"] * ("sft" in plan)
+                + ["smaller --minibatch/--rollout-batch/--max-new-tokens"] * ("ppo" in plan)
                 + ["--method hydra-ppo"] * (cfg.method in ("lora-ppo", "ppo")))  # one base where a baseline has 2 or 4
         raise ConfigError(f"--model {cfg.model} --method {cfg.method} needs about {plan['peak'] / 2**30:.1f} GiB "
                           f"({stages}{', with ' + flags if auto else ''}), {free / 2**30:.1f} GiB is free"
