@@ -8,7 +8,7 @@ named adapter sets ("actor", "critic", ...). One process-wide switch says which 
     with lora.adapter(None):     ...   # LoRA off: bit-identical to the frozen base (reference / reward)
 
 A finished LoRA-SFT adapter joins the base unmerged (fix()), since a bf16 weight would round most of it away;
-only merge_and_unload(), the export path, ever merges.
+nothing merges into a live model: an export folds copies (LoRALinear.merged_weight).
 """
 import contextlib
 import math
@@ -160,17 +160,4 @@ def cast_base(model, dtype):
     model.to(dtype)
     for p, d in keep:  # .to() put a cast copy in place: the fp32 tensor comes back
         p.data = d
-    return model
-
-
-@torch.no_grad()
-def merge_and_unload(model, name):
-    """export only: fold adapter `name` and the fixed sets into the base weights (summed in fp32) and remove every
-    LoRA wrapper, so no switch is left for a merged adapter to survive. safe to call twice."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
-                if child.applied(name):
-                    child.base.weight.copy_(child.merged_weight(name))
-                setattr(parent, child_name, child.base)
     return model

@@ -249,7 +249,9 @@ def test_lora_sft_in_bf16_leaves_ppos_reference_and_reward_the_model_sft_trained
             return H.response_logprobs(model, h[:, P - 1:-1], ids[:, P:])[0], model.score(h, mask)
     trained = reference(m, "sft")  # the model SFT trained: base + its live adapter
     merged = copy.deepcopy(m)
-    lora.merge_and_unload(merged.lm, "sft")  # the old path: the adapter folded into the bf16 weights
+    with torch.no_grad():
+        for layer in lora.lora_layers(merged.lm):  # the old path: the adapter folded into the bf16 weights
+            layer.base.weight.copy_(layer.merged_weight("sft"))
     lora.fix(m.lm, "sft")
     H.prepare_ppo({"hydra": m}, "hydra-ppo", H.Config(lora_r=4, lora_alpha=8, sft_lora=True), torch.device("cpu"))
     assert all(p.dtype == torch.float32 for n, p in m.lm.named_parameters() if ".lora_" in n)
