@@ -834,7 +834,7 @@ def start(cfg):
     if cfg.sft_batch > len(train_pairs):
         raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_pairs)} training pairs")
     cfg, plan = infra.check_memory_plan(cfg, device, dtype, ROLES[cfg.method], len(sft_models(cfg.method)))
-    infra.check_resume(cfg)  # (with --sft-lora/--grad-ckpt decided) every refusal before the first write into OUT
+    infra.check_resume(cfg)  # every refusal before the first write into OUT (then --wandb starts, config resolved)
     models, tok = build_sft_models(cfg, dtype, device)
     infra.check_window(cfg, next(iter(models.values())).lm.config.to_dict())  # (a model the cache did not hold)
     W = world()[1]

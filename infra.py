@@ -1,8 +1,9 @@
 """
 What a real hydra run needs that is not RLHF. hydra_ppo.py and eval.py import it; it imports data.py and lora.py only.
 
-  ranks and sharding  all_sum, my_rows, average_gradients, shard, distribute; the captured CUDA-graph decoder
-  checkpoints         run_meta (a run's identity), start_run, load_ckpt, save_checkpoint, Loop (the step loop), STOP
+  ranks and sharding  all_sum, my_rows, average_gradients, shard; the model's plumbing (distribute, no_dropout)
+  decoding            StaticDecoder: generate's one-token step captured as a CUDA graph
+  a run and its files run_meta (its identity), start_run, check_resume; checkpoints; Loop (the step loop), STOP
   loading             load_lm (tiny, SmolLM2 offline, a local dir or the Hugging Face cache); exports' checks
   flags and files     parse_args, validate, say, save_atomic, log_metrics, update_summary
   memory              peak readings per stage, and the analytic plan printed before a real model loads
@@ -169,6 +170,10 @@ def shard(model, device):
         dist.broadcast(y, src=0)
         b.data.copy_(y)
     return model
+
+
+# -----------------------------------------------------------------------------
+# the model's plumbing: activation checkpointing that replays the switch, dropout off, transformers' versions
 
 
 def enable_checkpointing(lm):
@@ -345,18 +350,8 @@ def static_decoder(model, batch, length):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints, resume, stopping: a kill at any moment leaves the last complete checkpoint
-
-
-def full_state(sd, clone=False):
-    """a state dict made whole (sharded tensors gathered) and put on the CPU, for a checkpoint. every rank takes
-    part in the gathers; only rank 0, the writer, keeps the result."""
-    out = {}
-    for k, v in sd.items():
-        v = to_full(v.detach()) if torch.is_tensor(v) else v
-        if is_writer():
-            out[k] = (v.to("cpu", copy=True) if clone else v.cpu()) if torch.is_tensor(v) else v
-    return out
+# a run's identity and its directory: the flags that make it this run, OUT locked (and cleared by --fresh), the
+# refusals that read OUT before anything is written into it
 
 
 def run_meta(cfg, stage="ppo"):
@@ -395,7 +390,7 @@ def check_meta(meta, cfg, path, stage="ppo", resumable=(), than=None):
 
 
 def start_run(cfg):
-    """devices (joining torchrun's group), threads, OUT (locked; cleared with --fresh), wandb. -> (device, dtype)"""
+    """devices (joining torchrun's group), threads, OUT (locked; cleared with --fresh). -> (device, dtype)"""
     device = init_distributed(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cpu":
@@ -405,12 +400,6 @@ def start_run(cfg):
     make_out(cfg.out)
     if is_writer():
         lock_out(cfg.out)  # before --fresh deletes: never another live run's files
-    if cfg.wandb and is_writer():
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
-        wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
     if cfg.fresh and is_writer():
         # every file the old run wrote, half-written ones (.tmp) and swap_dir's .old included: none may be read with
         # the new run's. other files in OUT are not ours
@@ -472,7 +461,7 @@ def unlock_out():
 
 def check_resume(cfg):
     """the refusals that read OUT, before anything is written into it: --stage ppo without sft.pt, an sft.pt or a
-    checkpoint of another run, an OUT/hf that --export may not replace."""
+    checkpoint of another run, an OUT/hf that --export may not replace; then --wandb's run."""
     path = os.path.join(cfg.out, "sft.pt")
     if os.path.exists(path):  # (--fresh removed it at start-up, but under --stage ppo)
         check_meta(load_file(path, mmap=True)["meta"], cfg, path, "sft")
@@ -481,6 +470,12 @@ def check_resume(cfg):
     load_ckpt(cfg)
     if cfg.export:  # (not at the end of the run)
         check_export_out(os.path.join(cfg.out, "hf"))
+    if cfg.wandb and is_writer():  # started once nothing can refuse: it logs the config as resolved
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
+        wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
 
 
 def sft_will_run(cfg):
@@ -514,6 +509,11 @@ def load_sft_state(model, sd, path):
     if any(".lora_A.sft" in k for k in model.state_dict()) and not any(".lora_A.sft" in k for k in sd):
         raise ConfigError(f"{path} holds a LoRA-SFT model merged by an older hydra; rerun SFT with --fresh")
     model.load_state_dict(sd)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: torch.distributed.checkpoint's format, for one process as for sharded ranks; a kill at any moment
+# leaves the last complete one
 
 
 def load_ckpt(cfg):
@@ -571,6 +571,17 @@ def resume_point(ck, stage, cfg):
         return None
     say(f"resuming {stage} from {ck['path']} at step {ck['step']}")
     return ck
+
+
+def full_state(sd, clone=False):
+    """a state dict made whole (sharded tensors gathered) and put on the CPU, for a checkpoint. every rank takes
+    part in the gathers; only rank 0, the writer, keeps the result."""
+    out = {}
+    for k, v in sd.items():
+        v = to_full(v.detach()) if torch.is_tensor(v) else v
+        if is_writer():
+            out[k] = (v.to("cpu", copy=True) if clone else v.cpu()) if torch.is_tensor(v) else v
+    return out
 
 
 def _state(model, what):
@@ -641,6 +652,10 @@ def save_models(path, models, cfg, what):
     dtype = str(next(iter(models.values())).compute_dtype).removeprefix("torch.")  # what --dtype auto chose
     save_atomic({"models": state, "meta": run_meta(cfg, "sft" if what == "all" else "ppo"),
                  "config": dataclasses.asdict(cfg), "compute_dtype": dtype}, path)
+
+
+# -----------------------------------------------------------------------------
+# the step loop: resume, per-step seeds, a faulty step undone, metrics, checkpoints, a stop on a signal
 
 
 class Loop:
@@ -764,10 +779,6 @@ def check_finite(x, what, step):
     if all_sum((~torch.isfinite(to_full(x))).sum()).item():
         raise NumericalFault(f"non-finite {what} at step {step}; nothing was written for this step, the last good "
                              "checkpoint is kept")
-
-
-# -----------------------------------------------------------------------------
-# seeds and data order: every random draw is a pure function of (seed, stage, step, row)
 
 
 def step_seed(seed, stage, step, part=0):
@@ -1113,7 +1124,7 @@ def print_summary(s):
 
 
 # -----------------------------------------------------------------------------
-# memory: the peak a stage reached, and the analytic plan printed before a real model loads
+# memory readings: the peak a stage reached, each stage measured on its own
 
 
 def vm_hwm_kib():
@@ -1173,9 +1184,6 @@ def reset_peak_memory(device):
             f.write("5")
 
 
-LOGIT_CHUNK = 2**24  # logits elements (B x positions x V) alive at once in hydra_ppo.response_logprobs: 64 MiB fp32
-
-
 def stage_peak(device):
     """-> the peak MiB of this stage on the largest rank, and on each rank; the next stage is measured afresh."""
     mine = peak_memory_mib(device)
@@ -1184,7 +1192,10 @@ def stage_peak(device):
     return got
 
 
-# model shapes: config dicts only, no weights. the estimator reads them; eval.py's bench builds random-init models
+# -----------------------------------------------------------------------------
+# the memory plan: model shapes (config dicts only: eval.py's bench builds random-init models of them), the
+# analytic estimate, and the plan printed before a real model loads
+
 MODELS = {
     "micro": dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True),
@@ -1246,6 +1257,9 @@ def shapes(cfg):
 #   + r per wrapped Linear; in d < 4 a full copy's fp32 residual stream and per-matmul input casts (llama 7h, opt 4h),
 #   a frozen base llama's fp32 RMSNorm (h). activation checkpointing keeps each layer's input (h), recomputes one.
 # - the KV cache and training activations are never alive together: the larger counts. no allocator slack, no runtime.
+
+
+LOGIT_CHUNK = 2**24  # logits elements (B x positions x V) alive at once in hydra_ppo.response_logprobs: 64 MiB fp32
 
 
 def plan(method):
