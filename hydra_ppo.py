@@ -682,11 +682,11 @@ def train_sft(name, model, lm_w, rm_w, train_rows, cfg, tok, device, start=None,
     return state["loss"], state["skipped"]
 
 
-def train_sft_models(models, train_rows, held_rows, cfg, tok, device):
-    """stage 1: every SFT model of the method, in turn, then OUT/sft.pt. a stopped run resumes inside the model it
-    was training, keeping the ones it had finished. -> {name: {loss, skipped_steps, seconds[, rm_accuracy]}}."""
+def train_sft_models(models, train_rows, held_rows, cfg, tok, device, ck=None):
+    """stage 1: every SFT model of the method, in turn, then OUT/sft.pt. a stopped run (ck: its checkpoint) resumes
+    inside the model it was training, keeping the ones it had finished. -> {name: {loss, skipped_steps, seconds[,
+    rm_accuracy]}}."""
     sft_stats, finished = {}, {}
-    ck = infra.load_ckpt(cfg)
     earlier = ck["state"]["finished"] if ck and ck["stage"].startswith("sft-") else {}
     names = sft_models(cfg.method)
     for name in names:
@@ -814,6 +814,7 @@ class Run:
     train_rows: list = None  # (prompt, chosen, rejected) token ids
     held_rows: list = None
     held_prompts: list = None  # (text, ids) of the first --eval-prompts held-out pairs
+    ck: dict = None  # OUT's checkpoint as the run found it (infra.load_ckpt), or None
     sft_ran: bool = False  # this invocation trained the SFT models (else they come from OUT/sft.pt)
     peaks: dict = field(default_factory=dict)  # stage -> peak MiB of the largest rank
     ranks: dict = field(default_factory=dict)  # stage -> peak MiB of each rank
@@ -834,14 +835,14 @@ def start(cfg):
     if cfg.sft_batch > len(train_pairs):
         raise ConfigError(f"--sft-batch {cfg.sft_batch} is larger than the {len(train_pairs)} training pairs")
     cfg, plan = infra.check_memory_plan(cfg, device, dtype, ROLES[cfg.method], len(sft_models(cfg.method)))
-    infra.check_resume(cfg)  # every refusal before the first write into OUT (then --wandb starts, config resolved)
+    ck = infra.check_resume(cfg)  # every refusal before the first write into OUT (then --wandb starts)
     models, tok = build_sft_models(cfg, dtype, device)
     infra.check_window(cfg, next(iter(models.values())).lm.config.to_dict())  # (a model the cache did not hold)
     W = world()[1]
     n_params = sum(p.numel() for p in next(iter(models.values())).lm.parameters())
     say(f"model: {cfg.model} ({n_params / 1e6:.1f}M params) on {device}, matmuls in {dtype}; method {cfg.method}"
         + (f"; {W} ranks, {'FSDP2-sharded' if cfg.fsdp else 'data parallel'}" if W > 1 else ""))
-    r = Run(cfg, device, dtype, tok, train_pairs, held_pairs, gold_fn, t0)
+    r = Run(cfg, device, dtype, tok, train_pairs, held_pairs, gold_fn, t0, ck=ck)
     r.peak("load")
     r.train_rows, cut1 = data.encode_pairs(train_pairs, tok, cfg)
     r.held_rows, cut2 = data.encode_pairs(held_pairs, tok, cfg)
@@ -865,7 +866,7 @@ def sft_stage(r, models):
         if r.gold_fn and not cfg.fsdp:  # (under --fsdp the ranks but 0 have no weights until SFT shards the models)
             res, _ = evaluate(models, sft_roles(cfg.method), r.held_prompts, r.tok, cfg, r.gold_fn, policies=("sft",))
             infra.update_summary(cfg.out, gold_init=res["gold_sft"])
-        sft = train_sft_models(models, r.train_rows, r.held_rows, cfg, r.tok, r.device)
+        sft = train_sft_models(models, r.train_rows, r.held_rows, cfg, r.tok, r.device, r.ck)
         rm_name, lm_name = (sft_roles(cfg.method)[k][0] for k in ("reward", "reference"))
         s = infra.update_summary(cfg.out, rm_accuracy=sft[rm_name]["rm_accuracy"], sft=sft,
                                  sft_loss=sft[lm_name]["loss"], peak_memory_mib_sft=r.peak("sft"),
@@ -904,7 +905,8 @@ def ppo_stage(r, bases):
         say(f"{cut} of {len(prompts)} PPO prompts were longer than --max-prompt {cfg.max_prompt} and were cut from "
             "the left")
     infra.update_summary(cfg.out, truncated_prompts=cut)
-    start = infra.resume_point(infra.load_ckpt(cfg), "ppo", cfg)  # read again: an SFT stage in this run rewrote it
+    ck = infra.load_ckpt(cfg) if r.sft_ran else r.ck  # (an SFT stage in this run wrote newer ones)
+    start = infra.resume_point(ck, "ppo", cfg)
     t0 = time.time()
     stats = train_ppo(bases, cfg.method, prompts, r.tok, cfg, r.device, start)
     stats["ppo_seconds"] = time.time() - t0

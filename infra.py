@@ -461,13 +461,13 @@ def unlock_out():
 
 def check_resume(cfg):
     """the refusals that read OUT, before anything is written into it: --stage ppo without sft.pt, an sft.pt or a
-    checkpoint of another run, an OUT/hf that --export may not replace; then --wandb's run."""
+    checkpoint of another run, an OUT/hf that --export may not replace; then --wandb's run. -> load_ckpt's"""
     path = os.path.join(cfg.out, "sft.pt")
     if os.path.exists(path):  # (--fresh removed it at start-up, but under --stage ppo)
         check_meta(load_file(path, mmap=True)["meta"], cfg, path, "sft")
     elif cfg.stage == "ppo":
         raise ConfigError(f"--stage ppo needs {path}; run --stage sft (or all) with this --out first")
-    load_ckpt(cfg)
+    ck = load_ckpt(cfg)
     if cfg.export:  # (not at the end of the run)
         check_export_out(os.path.join(cfg.out, "hf"))
     if cfg.wandb and is_writer():  # started once nothing can refuse: it logs the config as resolved
@@ -476,6 +476,7 @@ def check_resume(cfg):
         except ImportError:
             raise ConfigError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag")
         wandb.init(project="hydra", config=dataclasses.asdict(cfg), dir=cfg.out)
+    return ck
 
 
 def sft_will_run(cfg):
@@ -531,7 +532,7 @@ def load_ckpt(cfg):
         except ConfigError as e:
             if path == found[-1]:
                 raise ConfigError(f"{e}{'' if len(found) > 1 else ' (there is no checkpoint before it)'}")
-            say_once(f"{e.args[0].split(';')[0]}; resuming from the one before it, {found[-1]}")
+            say(f"{e.args[0].split(';')[0]}; resuming from the one before it, {found[-1]}")
     if "state" not in ck:
         raise ConfigError(f"{path} was written by an older hydra (another checkpoint format); pass --fresh")
     # checked on the flags its state depends on (an SFT checkpoint's are sft.pt's). a resume may run its stage on to
@@ -558,11 +559,6 @@ def check_dcp(path):
     if short:
         raise ConfigError(f"{path} is damaged: {short[0]} is cut short or missing; delete {path} to start its stage "
                           "over, or pass --fresh")
-
-
-@functools.lru_cache(maxsize=None)
-def say_once(msg):  # (load_ckpt is called at start-up and again where a stage loads it)
-    say(msg)
 
 
 def resume_point(ck, stage, cfg):

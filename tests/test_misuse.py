@@ -169,7 +169,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_it_and_says_so(copy, 
     _cut(os.path.join(copy, "ckpt", "extra.pt"))
     code, err, out = _exit(H.main, ["--out", copy] + TINY[:2] + ["--ppo-steps", "3"] + TINY[4:], capsys)
     assert code == 0
-    assert f"{copy}/ckpt/extra.pt is damaged" in out and f"resuming from the one before it, {copy}/ckpt.old" in out
+    assert f"{copy}/ckpt/extra.pt is damaged" in out
+    assert out.count(f"resuming from the one before it, {copy}/ckpt.old") == 1  # the checkpoint is read once
 
 
 def test_a_cut_checkpoint_shard_with_none_before_it_is_one_line(copy, capsys):
