@@ -1292,7 +1292,8 @@ def estimate(config_dict, method, batch_size, seq_len, dtype_bytes=2, lora_r=16,
     layer = per_tok + (7 if s["gated"] else 6) * lora_r * (p["sets"] > 0) * d  # bytes one layer saves per token
     saved = s["L"] * h * d + layer if grad_ckpt else s["L"] * layer
     heads = 2 * (h + 1) * 4  # reward + value head, fp32, in every copy
-    # an idle SFT model: stored as the one that trains is (fp32 for full SFT, else d: --sft-lora merged its adapter)
+    # an idle SFT model: stored as the one that trains is (fp32 for full SFT, else d; its fixed --sft-lora adapter,
+    # fp32 and ~1% of a d-byte base, is not counted)
     idle = idle_models * (s["params"] * (4 if full else d) + heads) if method in ("sft", "lora-sft") else 0
     out = dict(
         weights=(p["copies"] - p["full"]) * s["params"] * d + p["full"] * s["params"] * 4 + p["copies"] * heads + idle,
